@@ -1,0 +1,76 @@
+"""Small shared helpers: atomic file writes, seeding, device and thread selection."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "seed_everything", "resolve_device",
+           "default_cache_dir"]
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file next to ``path``; on success rename it over ``path``.
+
+    The target is therefore either the old complete file or the new complete file, never a
+    half-written one (a killed run cannot leave a truncated results.json or checkpoint).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> None:
+    """Write ``obj`` as JSON atomically (valid JSON at every moment)."""
+    kwargs.setdefault("indent", 2)
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, **kwargs)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/"auto" -> cuda if available else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_cache_dir() -> Path:
+    """User cache dir for generated data and cached initialisations (``$STELLA_CACHE`` overrides)."""
+    env = os.environ.get("STELLA_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "stella_avalanche"
