@@ -1,0 +1,294 @@
+"""Decoding of frames and audio, with typed errors that name the offending path.
+
+- Frames come either from a **frames directory** (``frame_{i}.jpg`` or ``.png``, frame i shows
+  time i/fps, the official pre-extracted layout) or from a **video file** decoded with decord
+  (the frame nearest each requested time). Both paths end with the same short-side resize +
+  centre crop to the square source size (``benchmarks-and-metrics.md`` §1.5), so they agree up to
+  JPEG loss.
+- Audio is decoded with ``decord.AudioReader`` (wav, flac, mp3 and a video file's own AAC track),
+  resampled by FFmpeg, mixed down to mono, cut to the first seconds and mean-removed (§1.6).
+  ``torchaudio.load`` is deliberately not used (it needs a system FFmpeg, environment.md §6).
+
+Every decoder object is deleted explicitly: a decord reader alive at interpreter exit prints a
+spurious exception.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MediaError",
+    "MissingMediaError",
+    "CorruptMediaError",
+    "ShortVideoError",
+    "SilentAudioError",
+    "ShortAudioError",
+    "read_frames",
+    "read_audio",
+    "frame_indices",
+    "frames_dir_complete",
+    "resize_crop_square",
+    "is_frames_dir",
+]
+
+log = logging.getLogger(__name__)
+
+_FRAME_EXTS = (".jpg", ".png")
+_warned_resize = False  # the non-square / non-source-size frames warning is given once
+
+
+# ---------------------------------------------------------------------- errors
+class MediaError(RuntimeError):
+    """A media file could not be used. ``kind`` is a short machine-readable reason (used as the key
+    of skip counters); the message always contains the path.
+
+    :param path: the offending file or directory.
+    :param reason: human-readable explanation.
+    """
+
+    kind = "media"
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(str(path), reason)  # args stay picklable (DataLoader workers)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class MissingMediaError(MediaError):
+    """The file or frames directory does not exist."""
+
+    kind = "missing"
+
+
+class CorruptMediaError(MediaError):
+    """The file exists but cannot be decoded (or decodes to non-finite samples)."""
+
+    kind = "corrupt"
+
+
+class ShortVideoError(CorruptMediaError):
+    """A frames directory or video lacks frames a window needs (incomplete extraction)."""
+
+    kind = "incomplete_frames"
+
+
+class SilentAudioError(MediaError):
+    """The audio is all zeros or below the silence threshold."""
+
+    kind = "silent_audio"
+
+
+class ShortAudioError(MediaError):
+    """The audio is empty or shorter than the configured minimum (one fbank patch by default)."""
+
+    kind = "short_audio"
+
+
+# ---------------------------------------------------------------------- helpers
+def is_frames_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory (the pre-extracted frames layout)."""
+    return os.path.isdir(path)
+
+
+def frame_indices(times_s: Sequence[float], fps: float) -> list[int]:
+    """Index of the frame nearest each time when frame i shows time i/fps (ties round up)."""
+    return [int(math.floor(t * fps + 0.5 + 1e-6)) for t in times_s]
+
+
+def _frame_file(directory: str, index: int) -> str | None:
+    for ext in _FRAME_EXTS:
+        p = os.path.join(directory, f"frame_{index}{ext}")
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def frames_dir_complete(directory: str | os.PathLike, max_index: int) -> bool:
+    """Cheap completeness check: the frame with the highest index a window needs exists."""
+    return _frame_file(str(directory), max_index) is not None
+
+
+def resize_crop_square(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize so the short side is ``size`` (bilinear, antialiased), then centre-crop ``size²``.
+
+    :param frames: uint8 ``(T, 3, h, w)``.
+    :returns: uint8 ``(T, size, size, 3)``.
+    """
+    _, _, h, w = frames.shape
+    if (h, w) != (size, size):
+        short = min(h, w)
+        nh, nw = max(size, round(h * size / short)), max(size, round(w * size / short))
+        x = F.interpolate(frames.float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=True)
+        y0, x0 = (nh - size) // 2, (nw - size) // 2
+        frames = x[:, :, y0:y0 + size, x0:x0 + size].round_().clamp_(0, 255).to(torch.uint8)
+    return frames.permute(0, 2, 3, 1).contiguous()
+
+
+def _cfg_value(cfg: Any, name: str, value: Any) -> Any:
+    if value is not None:
+        return value
+    if cfg is None:
+        raise TypeError(f"read_frames needs cfg or an explicit {name}")
+    return getattr(cfg, name if name != "size" else "source_size")
+
+
+# ---------------------------------------------------------------------- frames
+def read_frames(path: str | os.PathLike, times_s: Sequence[float], cfg: Any = None, *,
+                fps: float | None = None, size: int | None = None) -> torch.Tensor:
+    """Frames of a clip at the given times.
+
+    :param path: frames directory (``frame_{i}.jpg`` / ``.png``) or a video file.
+    :param times_s: T times in seconds from the clip start.
+    :param cfg: a :class:`~.features.FeatureConfig` supplying ``frames_fps`` and ``source_size``
+        (explicit ``fps`` / ``size`` take precedence).
+    :param fps: frame rate of a frames directory (ignored for video files, which carry their own).
+    :param size: side of the square output (short-side resize + centre crop when needed).
+    :returns: uint8 ``(T, size, size, 3)`` RGB.
+    :raises MissingMediaError: ``path`` does not exist.
+    :raises ShortVideoError: a needed frame is absent (incomplete directory / too short video).
+    :raises CorruptMediaError: an image or the video cannot be decoded.
+    """
+    global _warned_resize
+    size = int(_cfg_value(cfg, "size", size))
+    p = str(path)
+    if not os.path.exists(p):
+        raise MissingMediaError(p, "frames directory or video file not found")
+    if os.path.isdir(p):
+        frames = _read_frames_dir(p, times_s, float(_cfg_value(cfg, "frames_fps", fps)))
+        if frames.shape[-2:] != (size, size) and not _warned_resize:
+            _warned_resize = True
+            log.warning("frames in %s are %dx%d, not %dx%d: applying resize + centre crop "
+                        "(warned once; other clips are not reported)", p, frames.shape[-1],
+                        frames.shape[-2], size, size)
+    else:
+        frames = _read_video_file(p, times_s)
+    return resize_crop_square(frames, size)
+
+
+def _read_frames_dir(directory: str, times_s: Sequence[float], fps: float) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    out = []
+    for idx in frame_indices(times_s, fps):
+        fp = _frame_file(directory, idx)
+        if fp is None:
+            raise ShortVideoError(directory, f"frame_{idx}.jpg/.png is missing (frames directory "
+                                             f"incomplete: needed frame {idx} at {fps:g} fps)")
+        try:
+            data = torch.from_numpy(np.fromfile(fp, dtype=np.uint8))
+            out.append(decode_image(data, mode=ImageReadMode.RGB))
+        except (RuntimeError, ValueError) as e:
+            raise CorruptMediaError(fp, f"cannot decode image ({e})") from None
+    if len({tuple(f.shape) for f in out}) > 1:
+        raise CorruptMediaError(directory, "frames have different sizes")
+    return torch.stack(out)
+
+
+def _read_video_file(path: str, times_s: Sequence[float]) -> torch.Tensor:
+    import decord
+
+    try:
+        vr = decord.VideoReader(path, num_threads=1)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise CorruptMediaError(path, f"cannot open video ({_short(e)})") from None
+    try:
+        n = len(vr)
+        fps = float(vr.get_avg_fps())
+        if n == 0 or not math.isfinite(fps) or fps <= 0:
+            raise CorruptMediaError(path, f"video has {n} frames at {fps} fps")
+        idx = frame_indices(times_s, fps)
+        if max(idx) >= n:
+            # tolerate a last frame rounding past the end (within one frame), not a short clip
+            if max(times_s) > n / fps:
+                raise ShortVideoError(path, f"video is {n / fps:.2f} s long, frame at "
+                                            f"{max(times_s):.3f} s requested")
+            idx = [min(i, n - 1) for i in idx]
+        try:
+            arr = vr.get_batch(idx).asnumpy()
+        except (decord.DECORDError, RuntimeError) as e:
+            raise CorruptMediaError(path, f"cannot decode frames {idx} ({_short(e)})") from None
+    finally:
+        del vr
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return (msg[-1] if msg else type(e).__name__)[:200]
+
+
+# ---------------------------------------------------------------------- audio
+def _source_channels(path: str) -> int:
+    """Channel count of the first audio stream (container header only, no decoding)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise CorruptMediaError(path, "no audio stream")
+            return int(container.streams.audio[0].layout.nb_channels)
+    except av.FFmpegError as e:
+        raise CorruptMediaError(path, f"cannot open audio ({_short(e)})") from None
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float | None = 10.0, *,
+               min_seconds: float = 0.025, silence_threshold: float = 1e-4) -> torch.Tensor:
+    """Mono waveform of the first ``seconds`` of an audio file or of a video file's audio track.
+
+    Channels are averaged (decord's own downmix gives (L+R)/sqrt 2 for stereo and its multi-channel
+    output is unreliable, so the stereo case is rescaled to the exact average; layouts with more
+    channels keep FFmpeg's standard downmix).
+
+    :param path: wav / flac / mp3 / mp4 (AAC) ...
+    :param sample_rate: output rate in Hz (FFmpeg resampling).
+    :param seconds: keep samples ``[0, seconds * sample_rate)``; None keeps everything.
+    :param min_seconds: shorter audio raises :class:`ShortAudioError` (default: one 25 ms window).
+    :param silence_threshold: peak |x| after mean removal below which :class:`SilentAudioError`.
+    :returns: float32 ``(N,)`` in about [-1, 1], mean removed.
+    """
+    import decord
+
+    p = str(path)
+    if not os.path.isfile(p):
+        raise MissingMediaError(p, "audio file not found" if not os.path.exists(p) else "not a file")
+    if os.path.getsize(p) == 0:
+        raise ShortAudioError(p, "empty file (0 bytes)")
+    channels = _source_channels(p)
+    try:
+        reader = decord.AudioReader(p, sample_rate=int(sample_rate), mono=True)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
+    try:
+        total = int(reader.shape[1])
+        n = total if seconds is None else min(total, int(round(seconds * sample_rate)))
+        wav = reader[0:n].asnumpy()[0] if n > 0 else np.zeros(0, np.float32)
+    except (decord.DECORDError, RuntimeError, IndexError) as e:
+        raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
+    finally:
+        del reader
+    wav = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    if channels == 2:
+        wav = wav * (1.0 / math.sqrt(2.0))
+    if not bool(torch.isfinite(wav).all()):
+        raise CorruptMediaError(p, "audio contains non-finite samples")
+    min_n = int(math.ceil(min_seconds * sample_rate))
+    if wav.numel() < max(min_n, 1):
+        raise ShortAudioError(p, f"audio has {wav.numel()} samples at {sample_rate} Hz, "
+                                 f"fewer than the minimum {min_n} ({min_seconds:g} s)")
+    wav = wav - wav.mean()
+    peak = float(wav.abs().max())
+    if peak < silence_threshold:
+        raise SilentAudioError(p, f"audio is silent (peak {peak:.2e} < {silence_threshold:.0e})")
+    return wav

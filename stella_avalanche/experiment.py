@@ -1,0 +1,229 @@
+"""One experiment = one strategy on one benchmark with one seed, end to end.
+
+``experiments/run_stella.py`` is a thin CLI over :func:`run_experiment`; ``experiments/compare.py``
+calls it for strategies x seeds. Configuration is a nested dict (YAML presets under
+``experiments/configs/`` plus ``key=value`` overrides, merged with OmegaConf).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from stella_avalanche.utils import atomic_write_json, resolve_device, seed_everything
+
+__all__ = ["load_config", "run_experiment", "CONFIG_DIR", "default_config_path"]
+
+log = logging.getLogger("stella_avalanche")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+_DEFAULT_CONFIGS = {"synthetic": "synthetic_tiny.yaml", "vggsound": "vggsound_paper.yaml",
+                    "audioset": "audioset_paper.yaml"}
+
+
+def default_config_path(benchmark: str) -> Path:
+    """The preset YAML used when ``--config`` is not given."""
+    if benchmark not in _DEFAULT_CONFIGS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(_DEFAULT_CONFIGS)}")
+    return CONFIG_DIR / _DEFAULT_CONFIGS[benchmark]
+
+
+def load_config(path: Optional[str | Path] = None, *, benchmark: str = "synthetic",
+                overrides: Optional[list[str]] = None) -> dict:
+    """Load a YAML preset and apply dotted ``key=value`` overrides (values parsed as YAML)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path) if path else default_config_path(benchmark)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    cfg = OmegaConf.create(yaml.safe_load(path.read_text()) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True, force_add=True)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ---------------------------------------------------------------------------------------------
+def _build_benchmark(cfg: dict):
+    b = cfg["benchmark"]
+    name = b["name"]
+    if name == "synthetic":
+        from stella_avalanche.benchmarks.synthetic import synthetic_benchmark
+
+        return synthetic_benchmark(b.get("root"), seed=int(b.get("data_seed", 0)),
+                                   preset=b.get("preset", "default"))
+    if not b.get("root"):
+        raise ValueError(f"benchmark {name!r} needs a data root (--data-root or benchmark.root=...)")
+    if name == "vggsound":
+        from stella_avalanche.benchmarks.vggsound import vggsound_benchmark
+
+        return vggsound_benchmark(b["root"], **(b.get("kwargs") or {}))
+    if name == "audioset":
+        from stella_avalanche.benchmarks.audioset import audioset_benchmark
+
+        return audioset_benchmark(b["root"], **(b.get("kwargs") or {}))
+    raise ValueError(f"unknown benchmark {name!r}")
+
+
+def _model_config(cfg: dict, features: Any):
+    from stella_avalanche.models.cav import MODEL_PRESETS
+
+    m = cfg["model"]
+    if m["preset"] not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {m['preset']!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    base = MODEL_PRESETS[m["preset"]]
+    geometry = {}
+    if features is not None:  # the input geometry comes from the benchmark's preprocessing
+        geometry = {"num_frames": features.num_frames, "img_size": features.frame_size,
+                    "audio_length": features.target_length, "mel_bins": features.mel_bins}
+    import dataclasses
+
+    return dataclasses.replace(base, **geometry, **(m.get("overrides") or {}))
+
+
+def _resolve_init(cfg: dict, model_cfg: Any, device: torch.device, need_avm: bool) -> dict:
+    """Paths of the stage-1 backbone and stage-2 AVM checkpoints ("auto" builds the synthetic ones)."""
+    init = cfg.get("init", {})
+    ckpt, avm_ckpt = init.get("checkpoint", "none"), init.get("avm_checkpoint", "none")
+    out: dict[str, Optional[str]] = {"backbone": None, "avm": None}
+    auto = ckpt == "auto" or (need_avm and avm_ckpt == "auto")
+    if auto:
+        if cfg["benchmark"]["name"] != "synthetic":
+            raise ValueError("init 'auto' exists only for the synthetic benchmark; pass --init-checkpoint "
+                             "and --avm-checkpoint for real data")
+        from stella_avalanche.training.pretrain import synthetic_initialisation
+
+        built = synthetic_initialisation(model_cfg, preset=cfg["benchmark"].get("preset", "default"),
+                                         seed=int(cfg["benchmark"].get("data_seed", 0)), device=device)
+        if ckpt == "auto":
+            out["backbone"] = str(built["backbone"])
+        if avm_ckpt == "auto":
+            out["avm"] = str(built["avm"])
+    if ckpt not in ("auto", "none", None):
+        out["backbone"] = ckpt
+    if avm_ckpt not in ("auto", "none", None):
+        out["avm"] = avm_ckpt
+    return out
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    """A project checkpoint, a CAV-MAE pre-training checkpoint or an ImageNet-MAE checkpoint."""
+    from stella_avalanche.training.pretrain import load_backbone_checkpoint
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "model" in obj and "meta" in obj:
+        load_backbone_checkpoint(model, path)
+        return
+    from stella_avalanche.models import weights
+
+    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
+    keys = list(state)
+    if any(k.replace("module.", "").startswith(("blocks_a.", "patch_embed_a.")) for k in keys):
+        report = weights.load_cavmae_checkpoint(model, state)
+    else:
+        report = weights.load_imagenet_mae(model, state)
+    log.info("loaded %s: %s", path, report)
+
+
+def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str = "auto",
+                   progress: bool = True) -> dict:
+    """Train one strategy over a benchmark's stream, evaluate retrieval after every task, and write
+    ``results.json`` (after every task, atomically), ``summary.md`` and the plots into ``out_dir``.
+
+    :returns: the results dict (architecture.md §3 layout).
+    """
+    from stella_avalanche.evaluation import metrics as M
+    from stella_avalanche.evaluation import report as R
+    from stella_avalanche.evaluation.loggers import make_loggers
+    from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.training.pretrain import load_avm_checkpoint
+    from stella_avalanche.training.strategies import make_strategy
+    from stella_avalanche.training.template import make_adam
+    from avalanche.training.plugins import EvaluationPlugin
+
+    cfg = copy.deepcopy(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"results directory is not writable: {out_dir}")
+    dev = resolve_device(device)
+    tr = cfg["train"]
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    name = cfg["strategy"]["name"]
+    t0 = time.perf_counter()
+
+    bm = _build_benchmark(cfg)
+    features = getattr(bm, "features", None)
+    model_cfg = _model_config(cfg, features)
+    need_avm = name in ("stella", "stella_plus")
+    init = _resolve_init(cfg, model_cfg, dev, need_avm)
+
+    seed_everything(seed)
+    model = CAVMAE(model_cfg)
+    if init["backbone"]:
+        _load_weights(model, init["backbone"])
+    avm = None
+    if need_avm:
+        avm = build_avm(model)
+        if init["avm"]:
+            load_avm_checkpoint(avm, init["avm"])
+        else:
+            log.warning("STELLA without a stage-2 AVM checkpoint: the AVM starts from random weights "
+                        "(the paper always loads one; see stella-method.md D6)")
+
+    gallery = cfg.get("eval", {}).get("gallery", "pooled")
+    ks = tuple(cfg.get("eval", {}).get("ks", (1, 5, 10)))
+    tracker = M.RecallMatrixPlugin(ks=ks, gallery=gallery, num_tasks=len(bm.task_names))
+    evaluator = EvaluationPlugin(*M.retrieval_metrics(ks=ks, gallery=gallery),
+                                 loggers=make_loggers(out_dir, interactive=progress))
+    strategy = make_strategy(
+        name if name != "multitask" else "multitask", model=model, avm=avm,
+        plugin_kwargs=cfg["strategy"].get("params") or {},
+        plugins=[tracker],
+        optimizer=make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
+                            weight_decay=float(tr["weight_decay"])),
+        train_mb_size=int(tr["batch_size"]), train_epochs=int(tr["epochs"]),
+        eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev, evaluator=evaluator,
+        amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
+        num_workers=int(tr.get("num_workers", 0)))
+
+    results_path = out_dir / "results.json"
+
+    def write(done: bool) -> dict:
+        cost = strategy.cost()
+        plugin = next((p for p in strategy.plugins if hasattr(p, "buffer_bytes_per_item")), None)
+        cost["buffer_bytes"] = int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)
+        cost["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        res = R.build_results(strategy=name, benchmark=cfg["benchmark"]["name"], seed=seed,
+                              tasks=list(bm.task_names), recall_matrix=tracker.as_lists(),
+                              config=cfg, cost=cost)
+        res["complete"] = done
+        res["init"] = init
+        R.write_results_json(results_path, res)
+        return res
+
+    if name == "multitask":
+        from stella_avalanche.benchmarks.common import multitask_experience
+
+        exp = multitask_experience(bm)
+        strategy.train(exp, eval_streams=[])
+        strategy.eval(bm.retrieval_stream)
+        results = write(done=True)
+    else:
+        for exp in bm.train_stream:
+            strategy.train(exp, eval_streams=[])
+            strategy.eval(bm.retrieval_stream)
+            results = write(done=False)
+        results = write(done=True)
+    R.write_report(results, out_dir)
+    return results

@@ -1,0 +1,185 @@
+"""Stages 1 and 2 of the paper's pipeline, outside the continual stream.
+
+- Stage 1, :func:`pretrain_backbone`: MAE + contrastive pre-training of the backbone on
+  initialisation data (the paper starts every continual run from such a model).
+- Stage 2, :func:`pretrain_avm`: train the AVM with the backbone frozen (matching loss only).
+- :func:`synthetic_initialisation`: both stages on the synthetic benchmark's ``init`` split
+  (fresh clips every step, never repeated), cached under the user cache dir and keyed by the
+  generator version, the model configuration and the schedule, so ``run_stella.py`` builds it once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from stella_avalanche.training.template import make_adam
+from stella_avalanche.utils import atomic_torch_save, default_cache_dir
+
+__all__ = ["pretrain_backbone", "pretrain_avm", "synthetic_initialisation", "InitSchedule",
+           "load_backbone_checkpoint", "load_avm_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSchedule:
+    """Optimisation schedule of the synthetic initialisation (stage 1 and stage 2).
+
+    The tiny model needs a larger learning rate than the paper's 1e-4 to get anywhere in a few
+    minutes of CPU (``synthetic-calibration.md``: lr 1e-3 with 50 warm-up steps, ~1300 steps).
+    """
+
+    backbone_steps: int = 1300
+    avm_steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    avm_lr: float = 1e-3
+
+
+def _batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
+    while True:  # an IterableDataset of fresh clips never ends; a map-style one is cycled
+        for b in loader:
+            yield {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+
+def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, lr: float = 1e-4,
+                      warmup_steps: int = 0, device: str | torch.device = "cpu",
+                      progress: bool = True) -> list[dict]:
+    """Stage 1: MAE + contrastive pre-training with random masking.
+
+    :param model: the backbone (``pretrain_forward``).
+    :param loader: yields dict batches with ``video`` and ``audio``.
+    :param steps: optimizer steps.
+    :param lr: peak learning rate (linear warm-up over ``warmup_steps``, then constant).
+    :returns: a loss history (one dict per step).
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    opt = make_adam(model, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    history: list[dict] = []
+    it = _batches(loader, device)
+    bar = tqdm(range(steps), desc="stage 1: backbone init", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = next(it)
+        out = model(video=batch["video"], audio=batch["audio"])
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at initialisation step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rec = {k: float(out[k]) for k in ("loss", "loss_mae_audio", "loss_mae_video", "loss_nce") if k in out}
+        history.append(rec)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", nce=f"{rec.get('loss_nce', math.nan):.3f}")
+    return history
+
+
+def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, steps: int,
+                 lr: float = 1e-4, device: str | torch.device = "cpu", progress: bool = True,
+                 generator: Optional[torch.Generator] = None) -> list[float]:
+    """Stage 2: train the AVM on matched / mismatched pairs with the backbone frozen.
+
+    :returns: the matching-loss history.
+    """
+    device = torch.device(device)
+    model.to(device).eval()
+    avm.to(device).train()
+    opt = make_adam(avm, lr=lr)
+    it = _batches(loader, device)
+    history = []
+    bar = tqdm(range(steps), desc="stage 2: AVM", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = next(it)
+        with torch.no_grad():
+            u_a = model.encode_modality(model.patchify_audio(batch["audio"]), None, "audio")
+            u_v = model.encode_modality(model.patchify_video(batch["video"]), None, "video")
+        loss = avm.matching_loss(model, u_a, u_v, generator=generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(vam=f"{history[-1]:.3f}")
+    return history
+
+
+def load_backbone_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint written by :func:`synthetic_initialisation` / ``pretrain_init.py``
+    (or a bare state dict) into ``model``; returns the metadata stored with it."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model: missing {missing[:5]}..., "
+                           f"unexpected {unexpected[:5]}...")
+    return obj.get("meta", {}) if isinstance(obj, dict) else {}
+
+
+def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
+    """Load an AVM checkpoint (``{"avm": state, "meta": ...}`` or a bare state dict)."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    state = obj.get("avm", obj) if isinstance(obj, dict) else obj
+    avm.load_state_dict(state, strict=True)
+    return obj.get("meta", {}) if isinstance(obj, dict) else {}
+
+
+def _init_key(model_cfg: object, preset: str, seed: int, schedule: InitSchedule) -> str:
+    from stella_avalanche.data import synthetic
+
+    payload = json.dumps({"generator": getattr(synthetic, "GENERATOR_VERSION", "0"), "preset": preset,
+                          "seed": seed, "model": dataclasses.asdict(model_cfg),
+                          "schedule": dataclasses.asdict(schedule)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def synthetic_initialisation(model_cfg: object, *, preset: str = "default", seed: int = 0,
+                             schedule: InitSchedule = InitSchedule(), cache_dir: Optional[Path] = None,
+                             device: str | torch.device = "cpu", force: bool = False,
+                             num_workers: int = 1, progress: bool = True) -> dict[str, Path]:
+    """Build (once) and return the cached stage-1 backbone and stage-2 AVM for the synthetic benchmark.
+
+    :returns: ``{"backbone": path, "avm": path}``.
+    """
+    from stella_avalanche.data.synthetic import SyntheticInitDataset
+    from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.cav import CAVMAE
+
+    key = _init_key(model_cfg, preset, seed, schedule)
+    root = Path(cache_dir or default_cache_dir() / "init") / f"synthetic-{preset}-{key}"
+    paths = {"backbone": root / "backbone.pt", "avm": root / "avm.pt"}
+    if not force and all(p.exists() for p in paths.values()):
+        return paths
+    log.info("building the synthetic initialisation in %s (cached for later runs)", root)
+    torch.manual_seed(seed)
+    model = CAVMAE(model_cfg)
+    data = SyntheticInitDataset(preset=preset, seed=seed)
+    loader = DataLoader(data, batch_size=schedule.batch_size, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    meta = {"key": key, "preset": preset, "seed": seed, "schedule": dataclasses.asdict(schedule)}
+    if force or not paths["backbone"].exists():
+        hist = pretrain_backbone(model, loader, steps=schedule.backbone_steps, lr=schedule.lr,
+                                 warmup_steps=schedule.warmup_steps, device=device, progress=progress)
+        atomic_torch_save({"model": model.state_dict(), "meta": {**meta, "history": hist[-50:]}},
+                          paths["backbone"])
+    else:
+        load_backbone_checkpoint(model, paths["backbone"])
+    avm = build_avm(model)
+    hist = pretrain_avm(model, avm, loader, steps=schedule.avm_steps, lr=schedule.avm_lr, device=device,
+                        progress=progress, generator=torch.Generator().manual_seed(seed))
+    atomic_torch_save({"avm": avm.state_dict(), "meta": {**meta, "history": hist[-50:]}}, paths["avm"])
+    return paths

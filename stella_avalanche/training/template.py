@@ -1,0 +1,260 @@
+"""``AudioVideoPretraining``: Avalanche's ``SupervisedTemplate`` adapted to self-supervised
+audio-video pre-training on dict mini-batches.
+
+What changes with respect to the stock template (see ``avalanche-notes.md`` §3, §11, §13):
+
+- mini-batches are dicts (``video``, ``audio``, ``category``, ``label``, ``index``), moved to the
+  device key by key; ``mb_y`` / ``mb_task_id`` are the task ids so Avalanche's bookkeeping works;
+- the training loader honours the dataset's collate function and is seeded per experience;
+- ``forward`` calls the backbone's pre-training forward (MAE + contrastive) in training and the
+  retrieval embedding in evaluation; ``criterion`` returns the loss the model computed, so plugins
+  add their terms in ``before_backward``;
+- AMP (bf16, or fp16 with a ``GradScaler``) on CUDA, fp32 on CPU; optional gradient clipping;
+- one optimizer for the whole stream: Avalanche's per-experience optimizer reset is disabled;
+- plugins may register extra optimizers (e.g. the AVM's) in ``extra_optimizers``: they are
+  stepped together with the main one, through the same scaler;
+- a non-finite loss stops training with :class:`NonFiniteLossError` instead of corrupting weights;
+- no evaluation before training (``eval_every=-1`` by default).
+"""
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+
+__all__ = ["AudioVideoPretraining", "NonFiniteLossError", "make_adam", "unwrap_model",
+           "MODEL_INPUT_KEYS"]
+
+#: batch keys forwarded to ``model.pretrain_forward``
+MODEL_INPUT_KEYS = ("video", "audio", "video_keep", "audio_keep", "video_patches", "audio_patches")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the bare backbone under a DDP / DataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def make_adam(model: nn.Module, *, lr: float = 1e-4, betas: tuple[float, float] = (0.95, 0.999),
+              weight_decay: float = 5e-7) -> torch.optim.Adam:
+    """The paper's optimizer: Adam with L2 weight decay on matrices only.
+
+    Biases, norms and positional / modality / mask tokens are excluded from weight decay; the model
+    may name extra exclusions through ``no_weight_decay()``.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+class AudioVideoPretraining(SupervisedTemplate):
+    """Self-supervised continual audio-video pre-training (the ``finetune`` strategy on its own).
+
+    :param model: a backbone with ``pretrain_forward`` (also its ``forward``) and ``embed``
+        (see ``docs/contracts.md``).
+    :param optimizer: defaults to :func:`make_adam` with the paper's hyperparameters.
+    :param train_mb_size: current-batch size N.
+    :param train_epochs: epochs per experience.
+    :param eval_mb_size: evaluation batch size.
+    :param device: "cpu", "cuda", ... ("auto" picks CUDA when available).
+    :param plugins: Avalanche plugins (e.g. ``STELLAPlugin``, baselines, ``LRSchedulerPlugin``).
+    :param evaluator: an ``EvaluationPlugin``; the default one logs nothing (never Avalanche's
+        default evaluator, whose accuracy metric crashes on embeddings).
+    :param eval_every: Avalanche periodic evaluation (-1: none). The initial evaluation that
+        Avalanche runs before each ``train()`` is disabled.
+    :param amp: "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU), "bf16", "fp16" or None.
+    :param grad_clip: max gradient norm, or None.
+    :param seed: seeds the training loader's shuffling (per experience).
+    :param num_workers: training-loader workers.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 train_mb_size: int = 32, train_epochs: int = 1, eval_mb_size: int = 64,
+                 device: str | torch.device = "cpu", plugins: Optional[Sequence[Any]] = None,
+                 evaluator: Optional[EvaluationPlugin] = None, eval_every: int = -1,
+                 amp: Optional[str] = "auto", grad_clip: Optional[float] = None, seed: int = 0,
+                 num_workers: int = 0, **kwargs: Any) -> None:
+        device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
+                              else ("cpu" if str(device) == "auto" else device))
+        model = model.to(device)
+        if optimizer is None:
+            optimizer = make_adam(model)
+        if evaluator is None:
+            evaluator = EvaluationPlugin(loggers=[])
+        super().__init__(model=model, optimizer=optimizer, criterion=nn.Identity(),
+                         train_mb_size=train_mb_size, train_epochs=train_epochs,
+                         eval_mb_size=eval_mb_size, device=device, plugins=plugins,
+                         evaluator=evaluator, eval_every=eval_every, **kwargs)
+        for p in self.plugins:  # never evaluate before training starts
+            if type(p).__name__ == "PeriodicEval":
+                p.do_initial = False
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.grad_clip = grad_clip
+        self.extra_optimizers: list[torch.optim.Optimizer] = []
+        self.amp_dtype = self._resolve_amp(amp, self.device)
+        use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        # cost accounting for results.json
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        self._t_exp: float | None = None
+
+    # ------------------------------------------------------------------ properties
+    @staticmethod
+    def _resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+        if amp is None or device.type != "cuda":
+            return None
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The unwrapped model (DDP-safe access to ``encode_modality``, ``embed``, ...)."""
+        return unwrap_model(self.model)
+
+    @property
+    def mb_x(self) -> dict:
+        return self.mbatch
+
+    @property
+    def mb_y(self) -> torch.Tensor:
+        return self.mbatch["category"]
+
+    @property
+    def mb_task_id(self) -> torch.Tensor:
+        return self.mbatch["category"]
+
+    # ------------------------------------------------------------------ data
+    def _unpack_minibatch(self) -> None:
+        self.mbatch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                       for k, v in self.mbatch.items()}
+
+    def make_train_dataloader(self, num_workers: Optional[int] = None, shuffle: bool = True,
+                              pin_memory: Optional[bool] = None, persistent_workers: bool = False,
+                              drop_last: Optional[bool] = None, **kwargs: Any) -> None:
+        """Avalanche's loader drops the collate function and seeding (#1531): build our own."""
+        ds = self.adapted_dataset
+        workers = self.num_workers if num_workers is None else num_workers
+        if drop_last is None:  # InfoNCE needs >1 sample: drop a ragged tail if there is a full batch
+            drop_last = len(ds) > self.train_mb_size
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + self.clock.train_exp_counter)
+        self.dataloader = DataLoader(
+            ds, batch_size=self.train_mb_size, shuffle=shuffle, num_workers=workers,
+            drop_last=drop_last, collate_fn=getattr(ds, "collate_fn", None), generator=gen,
+            pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
+            persistent_workers=persistent_workers and workers > 0,
+            worker_init_fn=_seed_worker if workers > 0 else None)
+
+    # ------------------------------------------------------------------ optimisation
+    def check_model_and_optimizer(self, reset_optimizer_state: bool = False, **kwargs: Any) -> None:
+        """One optimizer for the whole stream: no per-experience reset or re-population.
+
+        (Avalanche's first ``make_optimizer`` would reset the state and put every parameter in
+        group 0, losing the no-weight-decay group and any resumed optimizer state.)
+        """
+        self.model = self.model.to(self.device)
+
+    def make_optimizer(self, **kwargs: Any) -> None:  # see check_model_and_optimizer
+        return None
+
+    def forward(self) -> dict:
+        batch = self.mbatch
+        if self.is_training:
+            inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+            if "video_patches" in inputs:
+                inputs.pop("video", None)
+            if "audio_patches" in inputs:
+                inputs.pop("audio", None)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                return self.model(**inputs)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            z_audio, z_video = self.backbone.embed(batch["video"], batch["audio"])
+        return {"z_audio": z_audio.float(), "z_video": z_video.float(),
+                "loss": torch.zeros((), device=self.device)}
+
+    def criterion(self) -> torch.Tensor:
+        return self.mb_output["loss"]
+
+    def _all_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer, *self.extra_optimizers]
+
+    def backward(self) -> None:
+        if not torch.isfinite(self.loss).all():
+            parts = {k: float(v) for k, v in self.mb_output.items()
+                     if torch.is_tensor(v) and v.ndim == 0}
+            raise NonFiniteLossError(
+                f"non-finite training loss {self.loss.detach().flatten().tolist()} at iteration "
+                f"{self.clock.train_iterations} (experience {self.clock.train_exp_counter}); "
+                f"loss terms: {parts}. Training stopped; the last checkpoint is untouched.")
+        self.scaler.scale(self.loss.sum()).backward()
+
+    def optimizer_step(self) -> None:
+        for opt in self._all_optimizers():
+            self.scaler.unscale_(opt)
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        for opt in self._all_optimizers():
+            self.scaler.step(opt)
+        self.scaler.update()
+        for opt in self.extra_optimizers:  # the main one is zeroed by Avalanche's loop
+            opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ cost accounting
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        super()._before_training_exp(**kwargs)
+        self._t_exp = time.perf_counter()
+
+    def _after_training_iteration(self, **kwargs: Any) -> None:
+        self.train_samples += int(self._current_batch_size)
+        super()._after_training_iteration(**kwargs)
+
+    def _before_forward(self, **kwargs: Any) -> None:
+        # number of *current* samples (plugins may append replay rows in before_forward)
+        self._current_batch_size = len(self.mbatch["category"])
+        super()._before_forward(**kwargs)
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        if self._t_exp is not None:
+            self.train_seconds += time.perf_counter() - self._t_exp
+            self._t_exp = None
+        super()._after_training_exp(**kwargs)
+
+    def cost(self) -> dict:
+        """Training cost so far: seconds, current samples per second, peak memory in bytes."""
+        if self.device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        sps = self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
+        return {"train_seconds": round(self.train_seconds, 3), "samples_per_second": round(sps, 3),
+                "peak_memory_bytes": peak}
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
