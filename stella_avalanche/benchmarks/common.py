@@ -14,7 +14,9 @@ augmentation happens inside the dataset.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from torch.utils.data import Dataset
 
@@ -24,7 +26,8 @@ if TYPE_CHECKING:  # Avalanche's import costs seconds; only needed when a scenar
 
     from stella_avalanche.data.features import FeatureConfig
 
-__all__ = ["wrap_dataset", "make_av_scenario", "multitask_train_dataset"]
+__all__ = ["wrap_dataset", "make_av_scenario", "multitask_train_dataset", "resolve_tasks",
+           "scenario_from_split_csvs"]
 
 
 def wrap_dataset(dataset: Dataset) -> "AvalancheDataset":
@@ -91,3 +94,81 @@ def multitask_train_dataset(scenario: Any) -> "AvalancheDataset":
     if not sets:
         raise ValueError("scenario has an empty train_stream")
     return AvalancheDataset(sets, collate_fn=collate_av)
+
+
+def resolve_tasks(tasks: Sequence[str] | None, valid: Sequence[str], *, benchmark: str) -> list[str]:
+    """Check a user task selection against a benchmark's task list.
+
+    :param tasks: ``None`` (all tasks, paper order) or a subset of ``valid``; the given order is the
+        stream order.
+    :raises ValueError: unknown or repeated task names (the valid names are listed).
+    """
+    if tasks is None:
+        return list(valid)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = [str(t) for t in tasks]
+    unknown = [t for t in tasks if t not in valid]
+    if unknown:
+        raise ValueError(f"{benchmark}: unknown task name(s) {unknown}; valid names: {list(valid)}")
+    if len(set(tasks)) != len(tasks) or not tasks:
+        raise ValueError(f"{benchmark}: tasks must be a non-empty list without repeats, got {tasks}")
+    return tasks
+
+
+def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.PathLike | None,
+                             files: Mapping[str, str], all_tasks: Sequence[str],
+                             tasks: Sequence[str] | None, features: "FeatureConfig | None",
+                             cache: Any, on_error: str, multi_label: bool, name: str,
+                             seed: int = 0) -> "CLScenario":
+    """Scenario over prepared STELLA split CSVs (the shared body of the real-data factories).
+
+    Reads the label table and the train / test / retrieval CSVs with :mod:`stella_avalanche.data.manifests`
+    (validated against **all** task names of the benchmark, so a bad ``category`` is caught even when
+    only some tasks are selected), keeps the rows with ``category == task`` for each selected task, and
+    builds one :class:`~stella_avalanche.data.datasets.AudioVideoDataset` per (split, task); task ids are
+    positions in the selected ``tasks`` list.
+
+    :param root: data root the CSV paths are relative to.
+    :param split_dir: folder of the CSVs (default ``root``).
+    :param files: role -> file name for ``train``, ``test``, ``retrieval``, ``labels``.
+    :param all_tasks: the benchmark's task names in paper order.
+    :param tasks: selected tasks (see :func:`resolve_tasks`).
+    :param features: preprocessing config (default ``FeatureConfig.paper()``).
+    :param cache: optional ``FeatureCache`` shared by all datasets.
+    :param on_error: passed to ``AudioVideoDataset`` (``"raise"`` by default: never substitute a sample).
+    :param multi_label: AudioSet (comma-joined mids -> multi-hot label).
+    :param name: benchmark name.
+    :param seed: base seed of the training datasets' augmentation streams.
+    :raises ValueError: unknown task, or a selected task with zero clips in a split (names task + file).
+    """
+    from stella_avalanche.data.datasets import AudioVideoDataset
+    from stella_avalanche.data.features import FeatureConfig
+    from stella_avalanche.data.manifests import read_label_csv, read_split_csv
+
+    selected = resolve_tasks(tasks, all_tasks, benchmark=name)
+    root = Path(root)
+    split_dir = Path(split_dir) if split_dir is not None else root
+    features = features if features is not None else FeatureConfig.paper()
+    label_path = split_dir / files["labels"]
+    label_table = read_label_csv(label_path)
+    per_split: dict[str, list[Dataset]] = {}
+    for split, train in (("train", True), ("test", False), ("retrieval", False)):
+        path = split_dir / files[split]
+        records = read_split_csv(path, data_root=root, task_names=list(all_tasks), label_table=label_table,
+                                 multi_label=multi_label)
+        by_task: dict[str, list] = {t: [] for t in selected}
+        for rec in records:
+            if rec.category in by_task:
+                by_task[rec.category].append(rec)
+        empty = [t for t in selected if not by_task[t]]
+        if empty:
+            raise ValueError(f"{name}: task(s) {empty} have no clips in {path} (rows with category == task); "
+                             f"re-run the prepare step or drop the task via tasks=")
+        per_split[split] = [
+            AudioVideoDataset(by_task[t], features=features, train=train, task_names=selected,
+                              label_table=label_table, cache=cache, on_error=on_error, seed=seed + k)
+            for k, t in enumerate(selected)
+        ]
+    return make_av_scenario(train=per_split["train"], test=per_split["test"], retrieval=per_split["retrieval"],
+                            task_names=selected, features=features, name=name)

@@ -31,6 +31,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from stella_avalanche.data.manifests import (ManifestError, normalise_display_name, read_cavmae_json,
+                                             split_vggsound_video_id, write_split_csv)
 from stella_avalanche.utils import atomic_write, atomic_write_json
 
 __all__ = [
@@ -97,29 +99,9 @@ _CLIP_SECONDS = 10
 _MAX_LISTED = 20
 
 
-class _PrepareError(ValueError):
-    """Raised by the prepare step; ``problems`` lists each offending file/entry (like ManifestError)."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
-        self.problems = list(problems)
-        shown = "\n  ".join(self.problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(self.problems) - _MAX_LISTED} more" if len(self.problems) > _MAX_LISTED else ""
-        super().__init__(f"{message}\n  {shown}{more}" if self.problems else message)
-
-
-def _error(message: str, problems: Sequence[str] = ()) -> ValueError:
-    """Build a ``ManifestError`` when the data package provides it (one error type for all manifests)."""
-    try:
-        from stella_avalanche.data.manifests import ManifestError
-    except ImportError:  # pragma: no cover - data package not importable
-        return _PrepareError(message, problems)
-    err = _PrepareError(message, problems)
-    try:
-        out = ManifestError(str(err))
-    except TypeError:  # pragma: no cover - different constructor
-        return err
-    out.problems = list(problems)
-    return out
+def _error(source: str | os.PathLike, message: str, problems: Sequence[str] = ()) -> ManifestError:
+    """One error type for every manifest problem: ``ManifestError`` naming the file(s)."""
+    return ManifestError(source, list(problems) or [message])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,22 +128,9 @@ class SplitRow:
     key: str
 
 
-def normalise_display_name(name: str) -> str:
-    """Display name used for lookups: CAV-MAE stores commas as ``_`` (``bee_ wasp_ etc. buzzing``)."""
-    return " ".join(str(name).replace("_", ",").split()).strip().lower()
-
-
-def parse_vggsound_video_id(video_id: str) -> tuple[str, int]:
-    """Split a VGGSound ``video_id`` ``<ytid>_<start>`` on the **last** underscore.
-
-    YouTube ids may themselves contain ``_`` and ``-``; the start second may be zero-padded.
-
-    :raises ValueError: no underscore, or a start that is not a non-negative integer.
-    """
-    ytid, sep, start = str(video_id).rpartition("_")
-    if not sep or not ytid or not start.isdigit():
-        raise ValueError(f"VGGSound video_id {video_id!r} is not '<ytid>_<start second>'")
-    return ytid, int(start)
+#: ``<ytid>_<start>`` -> (ytid, start second), split on the **last** underscore (YouTube ids may
+#: contain ``_``; the start may be zero-padded). Same function as the manifest reader's.
+parse_vggsound_video_id = split_vggsound_video_id
 
 
 def vggsound_clip_key(ytid: str, start_s: int) -> str:
@@ -337,19 +306,6 @@ def read_segments_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) ->
 # I/O helpers
 # --------------------------------------------------------------------------------------------------
 
-def _read_json_entries(path: str | os.PathLike) -> list[dict]:
-    """CAV-MAE json datafile -> list of entries (``{"data": [...]}``)."""
-    try:
-        from stella_avalanche.data.manifests import read_cavmae_json
-    except ImportError:  # pragma: no cover - data package not importable
-        read_cavmae_json = None
-    if read_cavmae_json is not None:
-        return list(read_cavmae_json(path))
-    with open(path, encoding="utf-8") as fh:  # pragma: no cover
-        obj = json.load(fh)
-    return list(obj["data"])
-
-
 def _entry_labels(entry: Mapping, path: Path, i: int) -> list[str]:
     raw = entry.get("labels", "")
     if isinstance(raw, (list, tuple)):
@@ -493,7 +449,7 @@ def _load_vggsound_json(path: Path, split: str, media: _MediaIndex, mid_to_task:
                         raw_subdir: str, allow_raw_video: bool,
                         dropped: list[tuple[str, str, str, str]]) -> _Entries:
     out, problems, seen = _Entries(), [], set()
-    for i, e in enumerate(_read_json_entries(path)):
+    for i, e in enumerate(read_cavmae_json(path)):
         where = f"{path}: data[{i}]"
         try:
             ytid, start = parse_vggsound_video_id(e.get("video_id", ""))
@@ -687,7 +643,7 @@ def _load_audioset_json(path: Path, split: str, segments: Mapping[str, list], me
                         allow_raw_video: bool, dropped: list[tuple[str, str, str, str]],
                         mismatches: Counter) -> list[SplitRow]:
     rows, problems, seen = [], [], set()
-    for i, e in enumerate(_read_json_entries(path)):
+    for i, e in enumerate(read_cavmae_json(path)):
         where = f"{path}: data[{i}]"
         ytid = str(e.get("video_id", "")).strip()
         if not ytid:

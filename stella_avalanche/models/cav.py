@@ -567,10 +567,6 @@ class CAVMAE(nn.Module):
                              "fuse_unimodal(..., final_norm=False) and pool(..., normed=False)")
         return ln(tokens.mean(dim=1))
 
-    @torch.no_grad()
-    def _noop(self) -> None:  # pragma: no cover - keeps torch.jit happy about empty classes
-        return None
-
     def embed(self, video: Tensor | None, audio: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Retrieval embeddings of unmasked clips (§1.6).
 

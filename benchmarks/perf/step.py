@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Training-step cost of every strategy, measured side by side at the same batch and replay size.
+
+Each strategy runs in its own subprocess (so peak memory is its own) on in-memory random clips
+(no data loading: this measures the step, not the loader). Reported per strategy: samples/s
+(current samples per second of training step), peak memory (CUDA: max allocated; CPU: max RSS),
+replay-buffer bytes per item at the measured size, and ratios to finetune and to DER++.
+
+    python benchmarks/perf/step.py                                   # tiny model on CPU, all strategies
+    python benchmarks/perf/step.py --strategies finetune derpp stella stella_plus --steps 20
+    python benchmarks/perf/step.py --model base --device cuda --batch-size 12   # paper size on a GPU
+
+Also prints the buffer bytes per item computed for the paper's input size (4x3x224x224 video,
+1024x128 fbank, base model) without allocating it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ALL = ("finetune", "er", "derpp", "lump", "mir", "gmed", "clser", "esmer", "stella", "stella_plus")
+
+
+def _one(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    import torch
+    from avalanche.benchmarks import benchmark_from_datasets
+    from avalanche.benchmarks.utils import AvalancheDataset
+    from avalanche.training.plugins import SupervisedPlugin
+    from torch.utils.data import Dataset, default_collate
+
+    from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.cav import MODEL_PRESETS, CAVMAE
+    from stella_avalanche.training.strategies import make_strategy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = MODEL_PRESETS[args.model]
+    model = CAVMAE(cfg)
+
+    class Clips(Dataset):
+        def __init__(self, n: int, cat: int):
+            g = torch.Generator().manual_seed(cat)
+            self.v = torch.randn(n, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g)
+            self.a = torch.randn(n, 1, cfg.audio_length, cfg.mel_bins, generator=g)
+            self.cat = cat
+
+        def __len__(self) -> int:
+            return len(self.v)
+
+        def __getitem__(self, i: int) -> dict:
+            return {"video": self.v[i], "audio": self.a[i], "category": self.cat, "label": 0, "index": i}
+
+    n_warm = args.batch_size * args.warmup
+    n_meas = args.batch_size * args.steps
+    wrap = lambda ds: AvalancheDataset([ds], collate_fn=default_collate)  # noqa: E731
+    bm = benchmark_from_datasets(train=[wrap(Clips(n_warm, 0)), wrap(Clips(n_meas, 1))])
+
+    class Timer(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+            self.samples = 0
+
+        def before_training_iteration(self, strategy, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def after_training_iteration(self, strategy, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if strategy.clock.train_exp_counter == 1:  # measure only once the buffer holds items
+                self.times.append(time.perf_counter() - self.t)
+                self.samples += strategy._current_batch_size
+
+    timer = Timer()
+    avm = build_avm(model) if args.strategy.startswith("stella") else None
+    pk = {} if args.strategy == "finetune" else {"mem_size": args.mem_size}
+    strategy = make_strategy(args.strategy, model=model, avm=avm, plugins=[timer], plugin_kwargs=pk,
+                             train_mb_size=args.batch_size, train_epochs=1, device=device, amp=args.amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+    plugin = next((p for p in strategy.plugins if hasattr(p, "buffer_bytes_per_item")), None)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    steady = timer.times[1:] or timer.times  # the first measured step may include lazy init
+    return {"strategy": args.strategy, "device": str(device), "model": args.model,
+            "batch_size": args.batch_size, "mem_size": args.mem_size,
+            "samples_per_second": args.batch_size * len(steady) / sum(steady),
+            "step_seconds": sum(steady) / len(steady), "peak_memory_bytes": int(peak),
+            "buffer_bytes_per_item": int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)}
+
+
+def paper_buffer_bytes() -> dict:
+    """Bytes per item of the compact STELLA / STELLA+ buffers at the paper's input size."""
+    from stella_avalanche.models.cav import MODEL_PRESETS
+    from stella_avalanche.training import buffer as B
+
+    cfg = MODEL_PRESETS["base"]
+    out = {}
+    for name, fn in (("stella", getattr(B, "stella_fields", None)), ("stella_plus", getattr(B, "stella_plus_fields", None)),
+                     ("replay (ER/DER++)", getattr(B, "replay_fields", None))):
+        if fn is None:
+            continue
+        try:
+            out[name] = B.field_bytes(fn(cfg))
+        except Exception as exc:  # pragma: no cover - reported, not hidden
+            out[name] = f"n/a ({exc})"
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategies", nargs="*", default=list(ALL))
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mem-size", type=int, default=200)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3, help="steps of a first experience that fills the buffer")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", default="auto")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        args.strategy = args.one
+        print(json.dumps(_one(args)))
+        return 0
+    rows = []
+    for s in args.strategies:
+        cmd = [sys.executable, __file__, "--one", s, "--model", args.model, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--mem-size", str(args.mem_size), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--amp", args.amp]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if r.returncode != 0:
+            print(f"{s}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"  measured {s}", file=sys.stderr)
+    by = {r["strategy"]: r for r in rows}
+    print(f"\nstep cost, model={args.model}, batch={args.batch_size}, replay memory={args.mem_size}, "
+          f"device={rows[0]['device'] if rows else '?'}")
+    print(f"| strategy | samples/s | step (s) | peak memory (MB) | buffer bytes/item | "
+          f"samples/s ÷ finetune | memory ÷ finetune | samples/s ÷ DER++ | memory ÷ DER++ |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        def ratio(ref: str, key: str) -> str:
+            return f"{r[key] / by[ref][key]:.2f}" if ref in by else "-"
+        print(f"| {r['strategy']} | {r['samples_per_second']:.1f} | {r['step_seconds']:.3f} | "
+              f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['buffer_bytes_per_item']:,} | "
+              f"{ratio('finetune', 'samples_per_second')} | {ratio('finetune', 'peak_memory_bytes')} | "
+              f"{ratio('derpp', 'samples_per_second')} | {ratio('derpp', 'peak_memory_bytes')} |")
+    print("\nbuffer bytes per item at the paper's input size (base model, 4x3x224x224 video, 1024x128 fbank):")
+    for k, v in paper_buffer_bytes().items():
+        print(f"  {k}: {v:,} B ({v / 1e6:.3f} MB, {v / 2**20:.3f} MiB)" if isinstance(v, int) else f"  {k}: {v}")
+    print("(CPU peak memory is the process's max RSS: it includes the Python/torch runtime, ~0.5-1 GB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

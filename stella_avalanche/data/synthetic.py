@@ -1,0 +1,828 @@
+"""Procedural audio-visual benchmark: class vocabulary, clip rendering, media + manifest writer.
+
+The generator makes the STELLA problem real at small scale (``benchmarks-and-metrics.md`` §7 and the
+Round-2 recipe of ``synthetic-calibration.md``):
+
+* **Classes** = visual identity (shape x texture x palette colour) + sound identity (1-3 harmonic
+  partial bands with an amplitude-modulation timbre), grouped into tasks. Class ``j`` of task ``t``
+  shares its *visual* identity with class ``j`` of task ``t + twin_offset`` but has a different sound,
+  so learning the later pairing overwrites the earlier one (multimodal correlation overwriting).
+* **Clip** = ``num_segments`` segments of ``segment_seconds``; the sounding object (20-32 px, straight
+  path) is visible in a random 1..S-1 of the segments, and its sound is on in exactly those segments.
+  Instance cues shared by both modalities: the on/off pattern, pitch shift by the object's mean height,
+  loudness by its size. A faint full-frame tint marks the sounding frames.
+* **Clutter**: an optional static silent distractor (another class's visual), a dark gradient
+  background, pixel noise; an audio noise floor with a random spectral tilt and occasional off-screen
+  sounds (a band with no visual counterpart).
+
+Media are written in the prepared-VGGSound layout (``frames/<key>/frame_<i>.jpg`` + ``audio/<key>.wav``
++ header-less 6-field split CSVs + a label CSV), so the real loading path runs end to end. Audio and
+video are time-aligned: the loader's window starts at 0 and spans the whole clip (see
+``FeatureConfig.synthetic()``). Only the frames the loader reads are stored: frame ``i`` shows time
+``i / frames_fps``, and the loader samples the start of each segment.
+
+Everything is deterministic in ``(seed, split, class, clip index)``: every clip draws from its own
+``numpy.random.Generator`` seeded with a ``SeedSequence`` of those values (disjoint per split), JPEG (PIL)
+and PCM wav are deterministic encoders, and the ground truth is written as sorted JSON, so the same seed
+gives byte-identical files.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import wave
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+__all__ = [
+    "SYNTHETIC_VERSION",
+    "SyntheticPreset",
+    "PRESETS",
+    "get_preset",
+    "VisualIdentity",
+    "SoundIdentity",
+    "ClassSpec",
+    "Vocabulary",
+    "build_vocabulary",
+    "RenderedClip",
+    "render_clip",
+    "clip_rng",
+    "frame_indices",
+    "generate_synthetic",
+    "synthetic_root",
+    "is_complete",
+    "load_ground_truth",
+    "SPLITS",
+    "SyntheticInitDataset",
+    "SyntheticInitRetrievalDataset",
+]
+
+#: Bump when the rendering changes: part of the cache directory name, so old caches are not reused.
+SYNTHETIC_VERSION = "v1"
+
+#: On-disk splits: training clips, per-task validation clips, retrieval pool.
+SPLITS: tuple[str, ...] = ("train", "test", "retrieval")
+#: Split codes feed the per-clip seed; the init splits are never written to disk.
+_SPLIT_CODES = {"train": 1, "test": 2, "retrieval": 3, "init": 4, "init_retrieval": 5}
+_MARKER = "COMPLETE.json"
+LABEL_CSV = "class_labels_indices.csv"
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
+TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker")
+#: Saturated palette colours in [0, 1] RGB.
+PALETTE: tuple[tuple[float, float, float], ...] = (
+    (1.0, 0.15, 0.15),  # red
+    (0.15, 0.9, 0.2),  # green
+    (0.2, 0.35, 1.0),  # blue
+    (1.0, 0.9, 0.1),  # yellow
+    (0.95, 0.2, 0.95),  # magenta
+    (0.1, 0.95, 0.95),  # cyan
+    (1.0, 0.55, 0.05),  # orange
+    (0.95, 0.95, 0.95),  # white
+)
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
+#: Amplitude-modulation timbres: (rate Hz, depth). Rate 0 = steady tone.
+TIMBRES: tuple[tuple[float, float], ...] = ((0.0, 0.0), (4.0, 0.8), (8.0, 0.6), (13.0, 0.9), (19.0, 0.7))
+
+
+@dataclass(frozen=True)
+class SyntheticPreset:
+    """All sizes and difficulty knobs of the generator (pixel values in [0, 1] units).
+
+    :param name: preset name (part of the cache directory).
+    :param num_tasks: number of tasks (experiences), in a fixed order.
+    :param classes_per_task: classes per task.
+    :param twin_offset: class ``j`` of task ``t`` shares its visual identity with class ``j`` of task
+        ``t + twin_offset`` (different sound); ``0`` disables the reuse.
+    :param train_per_class: training clips per class.
+    :param test_per_class: per-task validation clips per class.
+    :param retrieval_per_class: retrieval-pool clips per class.
+    :param init_classes: number of initialisation classes (distinct identities, same families).
+    :param init_retrieval_per_class: clips per init class in the fixed held-out init retrieval pool.
+    :param image_size: frame side in pixels (square frames).
+    :param num_segments: segments per clip = frames read per clip.
+    :param segment_seconds: length of one segment; the loader samples a frame at each segment start.
+    :param frames_fps: frame rate of the stored frame numbering (frame ``i`` shows ``i / frames_fps`` s).
+    :param sample_rate: audio sample rate in Hz.
+    :param mel_bins: mel bins used to place the sound bands (Kaldi mel scale, 20 Hz to Nyquist).
+    :param object_size: (min, max) side of the sounding object in pixels.
+    :param distractor_size: (min, max) side of the silent distractor in pixels.
+    :param p_distractor: probability of one static silent distractor.
+    :param max_speed: maximum object speed in pixels per sampled frame (per axis).
+    :param tint: full-frame tint strength (x class colour) on sounding frames.
+    :param background_level: per-channel background level is uniform in [0, background_level].
+    :param background_gradient: amplitude of the random linear background gradient (+/-).
+    :param pixel_noise: standard deviation of Gaussian pixel noise.
+    :param max_pitch_shift: pitch shift in mel bins of a clip whose object is at the top.
+    :param loudness: (min, max) event amplitude, mapped linearly from the object size.
+    :param event_level: peak amplitude of a full-loudness event in the waveform.
+    :param ramp_seconds: raised-cosine on/off ramp of each audio event.
+    :param noise_rms: (min, max) RMS of the tilted audio noise floor.
+    :param p_offscreen: probability of an off-screen sound (a band with no visual counterpart).
+    :param offscreen_level: (min, max) level of the off-screen sound relative to ``event_level``.
+    :param jpeg_quality: JPEG quality of the stored frames.
+    """
+
+    name: str = "default"
+    num_tasks: int = 8
+    classes_per_task: int = 3
+    twin_offset: int = 4
+    train_per_class: int = 200
+    test_per_class: int = 10
+    retrieval_per_class: int = 10
+    init_classes: int = 12
+    init_retrieval_per_class: int = 10
+    image_size: int = 64
+    num_segments: int = 4
+    segment_seconds: float = 0.64
+    frames_fps: float = 25.0
+    sample_rate: int = 16000
+    mel_bins: int = 64
+    object_size: tuple[int, int] = (20, 32)
+    distractor_size: tuple[int, int] = (16, 24)
+    p_distractor: float = 0.5
+    max_speed: float = 2.0
+    tint: float = 0.08
+    background_level: float = 0.05
+    background_gradient: float = 0.1
+    pixel_noise: float = 0.02
+    max_pitch_shift: float = 8.0
+    loudness: tuple[float, float] = (0.6, 1.0)
+    event_level: float = 0.3
+    ramp_seconds: float = 0.03
+    noise_rms: tuple[float, float] = (0.002, 0.006)
+    p_offscreen: float = 0.3
+    offscreen_level: tuple[float, float] = (0.15, 0.3)
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.num_segments < 2:
+            raise ValueError("num_segments must be >= 2 (the object is on in 1..num_segments-1 segments)")
+        if not 0 <= self.twin_offset < self.num_tasks:
+            raise ValueError(f"twin_offset={self.twin_offset} must be in [0, num_tasks={self.num_tasks})")
+        if self.object_size[1] + 3 * self.max_speed > self.image_size:
+            raise ValueError("object_size/max_speed too large for image_size")
+
+    @property
+    def clip_seconds(self) -> float:
+        """Clip length in seconds (= num_segments * segment_seconds)."""
+        return self.num_segments * self.segment_seconds
+
+    @property
+    def num_samples(self) -> int:
+        """Waveform length in samples."""
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of benchmark (task) classes."""
+        return self.num_tasks * self.classes_per_task
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in training order: ``task0``, ``task1``, ..."""
+        return [f"task{t}" for t in range(self.num_tasks)]
+
+    def per_class(self, split: str) -> int:
+        """Clips per class of an on-disk split."""
+        return {"train": self.train_per_class, "test": self.test_per_class,
+                "retrieval": self.retrieval_per_class}[split]
+
+
+PRESETS: dict[str, SyntheticPreset] = {
+    # 24 classes x (200 + 10 + 10) clips: the CPU default (generation well under a minute on 2 cores).
+    "default": SyntheticPreset(name="default"),
+    # GPU runs: more training clips per class at the same resolution (the tiny/base model presets
+    # assume 64 px synthetic frames).
+    "large": SyntheticPreset(name="large", train_per_class=1000, test_per_class=20),
+    # Tests: a handful of clips per class.
+    "tiny": SyntheticPreset(name="tiny", train_per_class=4, test_per_class=2, retrieval_per_class=3,
+                            init_retrieval_per_class=2),
+}
+
+
+def get_preset(preset: str | SyntheticPreset) -> SyntheticPreset:
+    """Resolve a preset name (``default``, ``large``, ``tiny``) or pass a preset through."""
+    if isinstance(preset, SyntheticPreset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(PRESETS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisualIdentity:
+    """Shape x texture x palette colour (indices into SHAPES, TEXTURES, PALETTE)."""
+
+    shape: int
+    texture: int
+    colour: int
+
+    @property
+    def description(self) -> str:
+        return f"{COLOUR_NAMES[self.colour]} {TEXTURES[self.texture]} {SHAPES[self.shape]}"
+
+
+@dataclass(frozen=True)
+class SoundIdentity:
+    """Harmonic partial bands: frequencies ``f0 * h`` for ``h`` in ``harmonics``, AM timbre.
+
+    :param f0: fundamental in Hz (before the instance pitch shift).
+    :param harmonics: harmonic numbers of the 1-3 bands.
+    :param weights: relative amplitude of each band.
+    :param timbre: index into TIMBRES (amplitude-modulation rate and depth).
+    """
+
+    f0: float
+    harmonics: tuple[int, ...]
+    weights: tuple[float, ...]
+    timbre: int
+
+    @property
+    def description(self) -> str:
+        rate, _ = TIMBRES[self.timbre]
+        bands = "+".join(str(h) for h in self.harmonics)
+        return f"{self.f0:.0f} Hz x{bands} am{rate:g}"
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class: identities plus its place in the benchmark (``task = -1`` for init classes)."""
+
+    class_id: int
+    task: int
+    mid: str
+    visual: VisualIdentity
+    sound: SoundIdentity
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.visual.description} / {self.sound.description}"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The classes of one seed: benchmark classes (row order = class id) and init classes."""
+
+    classes: tuple[ClassSpec, ...]
+    init_classes: tuple[ClassSpec, ...]
+    task_names: tuple[str, ...]
+
+
+def _hz_to_mel(f: np.ndarray | float) -> np.ndarray | float:
+    return 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(m: np.ndarray | float) -> np.ndarray | float:
+    return 700.0 * np.expm1(np.asarray(m, dtype=np.float64) / 1127.0)
+
+
+def _mel_step(preset: SyntheticPreset) -> float:
+    """Width of one mel bin (Kaldi layout: mel_bins + 2 equally spaced edges from 20 Hz to Nyquist)."""
+    lo, hi = _hz_to_mel(20.0), _hz_to_mel(preset.sample_rate / 2)
+    return float(hi - lo) / (preset.mel_bins + 1)
+
+
+def build_vocabulary(preset: SyntheticPreset, seed: int) -> Vocabulary:
+    """Draw the class identities of a seed.
+
+    Visual identities: ``num_tasks - twin_offset`` tasks' worth of distinct combinations (each reused
+    by the twin task), colours distinct within a task; init classes get further distinct combinations.
+    Sound identities: all distinct (fundamental on a mel grid at least 3 bins apart from any other class
+    with the same harmonics and timbre).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC1A55, 1]))
+    n_tasks, k = preset.num_tasks, preset.classes_per_task
+    n_unique_tasks = n_tasks - preset.twin_offset if preset.twin_offset else n_tasks
+    combos = [(s, t, c) for s in range(len(SHAPES)) for t in range(len(TEXTURES)) for c in range(len(PALETTE))]
+    order = rng.permutation(len(combos))
+    used: set[tuple[int, int, int]] = set()
+
+    def draw_visuals(n: int, distinct_colours: bool) -> list[VisualIdentity]:
+        out: list[VisualIdentity] = []
+        colours: set[int] = set()
+        for i in order:
+            combo = combos[int(i)]
+            if combo in used or (distinct_colours and combo[2] in colours and len(colours) < len(PALETTE)):
+                continue
+            used.add(combo)
+            colours.add(combo[2])
+            out.append(VisualIdentity(*combo))
+            if len(out) == n:
+                return out
+        raise ValueError("not enough distinct visual identities for this preset")
+
+    task_visuals = [draw_visuals(k, distinct_colours=True) for _ in range(n_unique_tasks)]
+    init_visuals = draw_visuals(preset.init_classes, distinct_colours=False)
+
+    # Sounds: fundamentals on a mel grid so that the highest band stays below ~6 kHz.
+    step = _mel_step(preset)
+    mel_lo = float(_hz_to_mel(20.0))
+    sounds: list[SoundIdentity] = []
+    taken: list[tuple[float, tuple[int, ...], int]] = []
+    n_sounds = preset.num_classes + preset.init_classes
+    attempts = 0
+    while len(sounds) < n_sounds:
+        attempts += 1
+        if attempts > 100_000:
+            raise ValueError("could not draw distinct sound identities")
+        n_bands = int(rng.integers(1, 4))
+        harmonics = tuple(sorted(int(h) for h in rng.choice([1, 2, 3, 4], size=n_bands, replace=False)))
+        # Fundamental bin between 6 and 40 (about 150 Hz to 2.4 kHz at 64 bins / 16 kHz); the top
+        # harmonic (plus the largest pitch shift) must stay below 0.8 * Nyquist.
+        f0_bin = float(rng.integers(6, 41))
+        f0 = float(_mel_to_hz(mel_lo + f0_bin * step))
+        f0_max = float(_mel_to_hz(mel_lo + (f0_bin + preset.max_pitch_shift) * step))
+        if f0_max * max(harmonics) > 0.8 * preset.sample_rate / 2:
+            continue
+        timbre = int(rng.integers(len(TIMBRES)))
+        if any(h == harmonics and t == timbre and abs(b - f0_bin) < 3 for b, h, t in taken):
+            continue
+        taken.append((f0_bin, harmonics, timbre))
+        weights = tuple(float(w) for w in np.round(rng.uniform(0.5, 1.0, size=n_bands), 3))
+        sounds.append(SoundIdentity(f0=round(f0, 3), harmonics=harmonics, weights=weights, timbre=timbre))
+
+    classes: list[ClassSpec] = []
+    for t in range(n_tasks):
+        vis_task = t - preset.twin_offset if (preset.twin_offset and t >= n_unique_tasks) else t
+        for j in range(k):
+            cid = t * k + j
+            classes.append(ClassSpec(class_id=cid, task=t, mid=f"syn_t{t}_c{j}",
+                                     visual=task_visuals[vis_task][j], sound=sounds[cid]))
+    init = tuple(
+        ClassSpec(class_id=i, task=-1, mid=f"syn_init_c{i}", visual=init_visuals[i],
+                  sound=sounds[preset.num_classes + i])
+        for i in range(preset.init_classes)
+    )
+    return Vocabulary(classes=tuple(classes), init_classes=init, task_names=tuple(preset.task_names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+def clip_rng(seed: int, split: str, class_id: int, index: int) -> np.random.Generator:
+    """The generator of one clip: a SeedSequence of (seed, split code, class, clip index).
+
+    Different splits use different codes, so their streams are disjoint by construction.
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODES[split], class_id, index]))
+
+
+def frame_indices(preset: SyntheticPreset) -> list[int]:
+    """Stored frame numbers: the start of each segment at ``frames_fps`` (0, 16, 32, 48 by default)."""
+    return [int(round(s * preset.segment_seconds * preset.frames_fps)) for s in range(preset.num_segments)]
+
+
+@dataclass
+class RenderedClip:
+    """One rendered clip.
+
+    :param frames: uint8 (S, H, W, 3), one frame per segment start.
+    :param waveform: float32 (N,) in [-1, 1], already quantised to 16-bit levels (matches the wav).
+    :param truth: ground truth (JSON-serialisable): pattern, boxes, size, pitch shift, loudness, ...
+    """
+
+    frames: np.ndarray
+    waveform: np.ndarray
+    truth: dict[str, Any] = field(default_factory=dict)
+
+
+def _shape_mask(shape: int, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape centred in its square."""
+    c = (size - 1) / 2.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dy, dx = (yy - c) / (size / 2.0), (xx - c) / (size / 2.0)
+    r = np.sqrt(dx * dx + dy * dy)
+    name = SHAPES[shape]
+    if name == "circle":
+        m = r <= 1.0
+    elif name == "square":
+        m = (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
+    elif name == "triangle":
+        # apex at the top, base at the bottom
+        m = (dy <= 0.9) & (np.abs(dx) <= (dy + 1.0) / 2.0)
+    elif name == "diamond":
+        m = np.abs(dx) + np.abs(dy) <= 1.0
+    elif name == "cross":
+        m = ((np.abs(dx) <= 0.3) | (np.abs(dy) <= 0.3)) & (np.abs(dx) <= 1.0) & (np.abs(dy) <= 1.0)
+    elif name == "ring":
+        m = (r <= 1.0) & (r >= 0.5)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(name)
+    return m
+
+
+def _sprite(visual: VisualIdentity, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask (s,s) bool, rgb (s,s,3) float32) of a textured coloured shape."""
+    mask = _shape_mask(visual.shape, size)
+    yy, xx = np.mgrid[0:size, 0:size]
+    tex = TEXTURES[visual.texture]
+    if tex == "solid":
+        level = np.ones((size, size), np.float32)
+    elif tex == "hstripes":
+        level = np.where((yy // 3) % 2 == 0, 1.0, 0.45).astype(np.float32)
+    elif tex == "vstripes":
+        level = np.where((xx // 3) % 2 == 0, 1.0, 0.45).astype(np.float32)
+    else:  # checker
+        level = np.where(((yy // 4) + (xx // 4)) % 2 == 0, 1.0, 0.45).astype(np.float32)
+    rgb = level[..., None] * np.asarray(PALETTE[visual.colour], np.float32)
+    return mask, rgb
+
+
+def _box_of(mask: np.ndarray, x: int, y: int) -> list[int]:
+    """[x0, y0, x1, y1) pixel box of the mask's True pixels placed at top-left (x, y)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return [int(x + cols[0]), int(y + rows[0]), int(x + cols[-1] + 1), int(y + rows[-1] + 1)]
+
+
+def _paste(canvas: np.ndarray, mask: np.ndarray, rgb: np.ndarray, x: int, y: int) -> None:
+    s = mask.shape[0]
+    region = canvas[y:y + s, x:x + s]
+    region[mask] = rgb[mask]
+
+
+def _band_waveform(t: np.ndarray, freqs: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sum of narrow partial clusters (3 partials +/-1.5 % around each band frequency), random phases.
+
+    :param t: (N,) time in seconds. :param freqs: (B,) band frequencies. :param weights: (B,).
+    :returns: (N,) float64 with unit peak-ish scale (sum of weights / sqrt(3) per band).
+    """
+    detune = np.array([0.985, 1.0, 1.015])
+    partials = (freqs[:, None] * detune[None, :]).reshape(-1)  # (3B,)
+    amps = np.repeat(weights, 3) / math.sqrt(3.0)
+    phases = rng.uniform(0, 2 * math.pi, size=partials.shape[0])
+    return (amps[None, :] * np.sin(2 * math.pi * t[:, None] * partials[None, :] + phases[None, :])).sum(axis=1)
+
+
+def _segment_envelope(preset: SyntheticPreset, pattern: np.ndarray) -> np.ndarray:
+    """(N,) envelope: 1 inside active segments, raised-cosine ramps inside each segment's edges."""
+    n = preset.num_samples
+    seg_len = n // preset.num_segments
+    ramp = max(1, int(round(preset.ramp_seconds * preset.sample_rate)))
+    one = np.ones(seg_len)
+    r = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+    one[:ramp] = r
+    one[-ramp:] = r[::-1]
+    env = np.zeros(n)
+    for s in np.nonzero(pattern)[0]:
+        env[s * seg_len:(s + 1) * seg_len] = one
+    # Merge adjacent active segments into one event (no dip at the shared boundary).
+    for s in range(preset.num_segments - 1):
+        if pattern[s] and pattern[s + 1]:
+            a = (s + 1) * seg_len
+            env[a - ramp:a + ramp] = 1.0
+    return env
+
+
+def _tilted_noise(n: int, rms: float, tilt: float, rng: np.random.Generator) -> np.ndarray:
+    """White noise reshaped by a spectral tilt ``(f / 1 kHz) ** tilt`` and scaled to ``rms``."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, d=1.0 / 16000.0)
+    spec *= np.power(np.maximum(f, 50.0) / 1000.0, tilt)
+    x = np.fft.irfft(spec, n=n)
+    return x * (rms / (x.std() + 1e-12))
+
+
+def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPreset,
+                distractor_pool: Sequence[VisualIdentity], sound_pool: Sequence[SoundIdentity]) -> RenderedClip:
+    """Render one clip of class ``spec`` from its own generator.
+
+    :param spec: the clip's class.
+    :param rng: the clip's generator (see :func:`clip_rng`).
+    :param preset: sizes and difficulty knobs.
+    :param distractor_pool: visual identities a silent distractor is drawn from (own visual excluded here).
+    :param sound_pool: sound identities an off-screen sound is drawn from (own sound excluded here).
+    :returns: frames uint8 (S, H, W, 3), waveform float32 (N,), JSON-able ground truth.
+    """
+    H = W = preset.image_size
+    S = preset.num_segments
+    # --- instance parameters ---------------------------------------------------------------------
+    n_on = int(rng.integers(1, S))
+    pattern = np.zeros(S, dtype=bool)
+    pattern[rng.choice(S, size=n_on, replace=False)] = True
+    size = int(rng.integers(preset.object_size[0], preset.object_size[1] + 1))
+    vx, vy = (float(v) for v in rng.uniform(-preset.max_speed, preset.max_speed, size=2))
+    span = S - 1
+
+    def start_range(v: float) -> tuple[float, float]:
+        return max(0.0, -v * span), (W - size) - max(0.0, v * span)
+
+    x0 = float(rng.uniform(*start_range(vx)))
+    y0 = float(rng.uniform(*start_range(vy)))
+    xs = np.clip(np.round(x0 + vx * np.arange(S)).astype(int), 0, W - size)
+    ys = np.clip(np.round(y0 + vy * np.arange(S)).astype(int), 0, H - size)
+
+    # --- video -----------------------------------------------------------------------------------
+    base = rng.uniform(0.0, preset.background_level, size=3)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    proj = ((xx / (W - 1) - 0.5) * math.cos(angle) + (yy / (H - 1) - 0.5) * math.sin(angle)) * 2.0  # [-1.4, 1.4]
+    grad_amp = rng.uniform(-preset.background_gradient, preset.background_gradient, size=3)
+    background = base[None, None, :] + np.clip(proj, -1, 1)[..., None] * grad_amp[None, None, :]
+    frames = np.broadcast_to(background, (S, H, W, 3)).astype(np.float32).copy()
+
+    distractor: dict[str, Any] | None = None
+    if distractor_pool and rng.random() < preset.p_distractor:
+        d_vis = distractor_pool[int(rng.integers(len(distractor_pool)))]
+        d_size = int(rng.integers(preset.distractor_size[0], preset.distractor_size[1] + 1))
+        d_mask, d_rgb = _sprite(d_vis, d_size)
+        # Prefer a place that does not overlap the object's path (a few tries, then accept).
+        obj_box = (int(xs.min()), int(ys.min()), int(xs.max()) + size, int(ys.max()) + size)
+        for _ in range(8):
+            dx, dy = (int(v) for v in rng.integers(0, W - d_size + 1, size=2))
+            if dx + d_size <= obj_box[0] or dx >= obj_box[2] or dy + d_size <= obj_box[1] or dy >= obj_box[3]:
+                break
+        for s in range(S):
+            _paste(frames[s], d_mask, d_rgb, dx, dy)
+        distractor = {"box": _box_of(d_mask, dx, dy), "shape": d_vis.shape, "texture": d_vis.texture,
+                      "colour": d_vis.colour}
+
+    mask, rgb = _sprite(spec.visual, size)
+    boxes: list[list[int] | None] = []
+    colour = np.asarray(PALETTE[spec.visual.colour], np.float32)
+    for s in range(S):
+        if pattern[s]:
+            _paste(frames[s], mask, rgb, int(xs[s]), int(ys[s]))
+            frames[s] += preset.tint * colour  # faint full-frame tint marks sounding frames
+            boxes.append(_box_of(mask, int(xs[s]), int(ys[s])))
+        else:
+            boxes.append(None)
+    frames += rng.normal(0.0, preset.pixel_noise, size=frames.shape).astype(np.float32)
+    frames_u8 = np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+
+    # --- audio -----------------------------------------------------------------------------------
+    sr, n = preset.sample_rate, preset.num_samples
+    t = np.arange(n) / sr
+    on_rows = (ys + size / 2.0)[pattern]
+    mean_cy = float(on_rows.mean())
+    # Higher on screen (small y) -> higher pitch: 0 .. max_pitch_shift mel bins.
+    lo_c, hi_c = preset.object_size[0] / 2.0, H - preset.object_size[0] / 2.0
+    height = 1.0 - float(np.clip((mean_cy - lo_c) / (hi_c - lo_c), 0.0, 1.0))
+    pitch_shift = preset.max_pitch_shift * height
+    lo_s, hi_s = preset.object_size
+    loud = preset.loudness[0] + (preset.loudness[1] - preset.loudness[0]) * (size - lo_s) / max(1, hi_s - lo_s)
+
+    snd = spec.sound
+    step = _mel_step(preset)
+    f0 = float(_mel_to_hz(_hz_to_mel(snd.f0) + pitch_shift * step))
+    freqs = f0 * np.asarray(snd.harmonics, np.float64)
+    tone = _band_waveform(t, freqs, np.asarray(snd.weights), rng)
+    rate, depth = TIMBRES[snd.timbre]
+    if rate > 0:
+        am_phase = rng.uniform(0, 2 * math.pi)
+        tone *= 1.0 - depth * (0.5 - 0.5 * np.cos(2 * math.pi * rate * t + am_phase))
+    tone /= np.abs(tone).max() + 1e-9
+    wav = preset.event_level * loud * tone * _segment_envelope(preset, pattern)
+
+    noise_rms = float(rng.uniform(*preset.noise_rms))
+    tilt = float(rng.uniform(-1.0, 0.3))
+    wav = wav + _tilted_noise(n, noise_rms, tilt, rng)
+
+    offscreen: dict[str, Any] | None = None
+    if sound_pool and rng.random() < preset.p_offscreen:
+        o_snd = sound_pool[int(rng.integers(len(sound_pool)))]
+        h = int(rng.choice(o_snd.harmonics))
+        o_shift = float(rng.uniform(0, preset.max_pitch_shift))
+        o_f = float(_mel_to_hz(_hz_to_mel(o_snd.f0) + o_shift * step)) * h
+        o_pattern = np.zeros(S, dtype=bool)
+        o_pattern[rng.choice(S, size=int(rng.integers(1, 3)), replace=False)] = True
+        o_tone = _band_waveform(t, np.array([o_f]), np.array([1.0]), rng)
+        o_tone /= np.abs(o_tone).max() + 1e-9
+        level = float(rng.uniform(*preset.offscreen_level))
+        wav = wav + preset.event_level * level * o_tone * _segment_envelope(preset, o_pattern)
+        offscreen = {"frequency": round(o_f, 3), "pattern": [bool(v) for v in o_pattern], "level": round(level, 4)}
+
+    wav = np.clip(wav, -1.0, 1.0)
+    # Quantise to the 16-bit levels of the stored wav, so in-memory clips equal decoded files.
+    pcm = np.round(wav * 32767.0).astype(np.int16)
+    waveform = (pcm.astype(np.float32) / 32768.0)
+
+    truth = {
+        "class_id": spec.class_id,
+        "task": spec.task,
+        "pattern": [bool(v) for v in pattern],
+        "boxes": boxes,
+        "size": size,
+        "velocity": [round(vx, 4), round(vy, 4)],
+        "mean_center_y": round(mean_cy, 4),
+        "pitch_shift": round(pitch_shift, 4),
+        "loudness": round(loud, 4),
+        "f0": round(f0, 3),
+        "distractor": distractor,
+        "offscreen": offscreen,
+    }
+    rc = RenderedClip(frames=frames_u8, waveform=waveform, truth=truth)
+    rc.pcm = pcm  # type: ignore[attr-defined]  # kept for the writer (exact wav bytes)
+    return rc
+
+
+def _jpeg_bytes(frame: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def jpeg_roundtrip(frames: np.ndarray, quality: int) -> np.ndarray:
+    """Encode + decode uint8 frames (S, H, W, 3) as JPEG, so in-memory clips match stored ones."""
+    out = np.empty_like(frames)
+    for i, f in enumerate(frames):
+        out[i] = np.asarray(Image.open(io.BytesIO(_jpeg_bytes(f, quality))).convert("RGB"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the data set
+# ----------------------------------------------------------------------------------------------
+def synthetic_root(seed: int, preset: str | SyntheticPreset, root: str | os.PathLike | None = None) -> Path:
+    """Where a generated data set lives: ``root`` if given, else the user cache directory."""
+    if root is not None:
+        return Path(root)
+    from stella_avalanche.utils import default_cache_dir
+
+    p = get_preset(preset)
+    return default_cache_dir() / "synthetic" / f"{SYNTHETIC_VERSION}-{p.name}-seed{seed}"
+
+
+def _marker_payload(preset: SyntheticPreset, seed: int) -> dict[str, Any]:
+    return {"version": SYNTHETIC_VERSION, "seed": seed, "preset": dataclasses.asdict(preset)}
+
+
+def is_complete(root: str | os.PathLike, *, seed: int, preset: str | SyntheticPreset) -> bool:
+    """True when ``root`` holds a finished generation of exactly this (version, preset, seed)."""
+    marker = Path(root) / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        got = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    want = json.loads(json.dumps(_marker_payload(get_preset(preset), seed)))
+    return {k: got.get(k) for k in want} == want
+
+
+def clip_key(split: str, spec: ClassSpec, index: int) -> str:
+    """Unique clip key (= frames directory and wav stem): ``syn_<split>_<mid>_<index>``."""
+    return f"syn_{split}_{spec.mid.removeprefix('syn_')}_{index:05d}"
+
+
+def _job(args: tuple[str, SyntheticPreset, int, str, int, int, int]) -> list[tuple[str, int, dict[str, Any]]]:
+    """Worker: render and write clips [start, stop) of one class; return (key, class, truth) rows."""
+    out_dir, preset, seed, split, class_id, start, stop = args
+    vocab = build_vocabulary(preset, seed)
+    spec = vocab.classes[class_id]
+    d_pool = [c.visual for c in vocab.classes if c.visual != spec.visual]
+    d_pool = list(dict.fromkeys(d_pool))  # unique, order-preserving
+    s_pool = [c.sound for c in vocab.classes if c.class_id != class_id]
+    idx = frame_indices(preset)
+    rows = []
+    root = Path(out_dir)
+    for i in range(start, stop):
+        clip = render_clip(spec, clip_rng(seed, split, class_id, i), preset, d_pool, s_pool)
+        key = clip_key(split, spec, i)
+        fdir = root / "frames" / key
+        fdir.mkdir(parents=True, exist_ok=True)
+        for k, f in zip(idx, clip.frames):
+            (fdir / f"frame_{k}.jpg").write_bytes(_jpeg_bytes(f, preset.jpeg_quality))
+        (root / "audio" / f"{key}.wav").write_bytes(_wav_bytes(clip.pcm, preset.sample_rate))  # type: ignore[attr-defined]
+        rows.append((key, class_id, clip.truth))
+    return rows
+
+
+def _write_csv(path: Path, rows: list[list[str]], header: list[str] | None = None) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+def generate_synthetic(root: str | os.PathLike | None = None, *, seed: int = 0,
+                       preset: str | SyntheticPreset = "default", workers: int = 2,
+                       force: bool = False, verbose: bool = False) -> Path:
+    """Generate (or reuse) the synthetic data set and return its root.
+
+    Layout under the root (all CSV paths relative to it):
+    ``frames/<key>/frame_<i>.jpg``, ``audio/<key>.wav``, ``train.csv``, ``test.csv``, ``retrieval.csv``
+    (6 fields, no header: index, vid, frames_path, wav, label mid, task name),
+    ``class_labels_indices.csv`` (``index,mid,display_name,category``), ``ground_truth/<split>.json``
+    (per clip: on/off pattern, object box per frame, size, pitch shift, loudness, distractor, off-screen
+    sound) and ``COMPLETE.json`` written last. Generation happens in a temporary sibling directory that
+    is renamed into place, so a killed run never leaves a half-written data set behind.
+
+    :param root: target directory; default ``default_cache_dir()/synthetic/<version>-<preset>-seed<seed>``.
+    :param seed: data seed (vocabulary and every clip).
+    :param preset: preset name or object.
+    :param workers: worker processes (1 = in-process).
+    :param force: regenerate even if a complete data set exists.
+    :param verbose: print the generation time.
+    """
+    p = get_preset(preset)
+    target = synthetic_root(seed, p, root)
+    if not force and is_complete(target, seed=seed, preset=p):
+        return target
+    if target.exists() and any(target.iterdir()) and not (target / _MARKER).exists():
+        # A directory we did not write (or an interrupted non-atomic copy): refuse to clobber it.
+        raise FileExistsError(f"{target} exists, is not empty and holds no synthetic {_MARKER}; "
+                              f"remove it or pass another root")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    t_start = time.perf_counter()
+    try:
+        (tmp / "frames").mkdir()
+        (tmp / "audio").mkdir()
+        (tmp / "ground_truth").mkdir()
+        vocab = build_vocabulary(p, seed)
+        jobs = []
+        chunk = 50
+        for split in SPLITS:
+            for spec in vocab.classes:
+                n = p.per_class(split)
+                for a in range(0, n, chunk):
+                    jobs.append((str(tmp), p, seed, split, spec.class_id, a, min(n, a + chunk)))
+        if workers > 1 and len(jobs) > 1:
+            with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+                results = pool.map(_job, jobs, chunksize=1)
+        else:
+            results = [_job(j) for j in jobs]
+        by_split: dict[str, list[tuple[str, int, dict[str, Any]]]] = {s: [] for s in SPLITS}
+        for job, rows in zip(jobs, results):
+            by_split[job[3]].extend(rows)
+        for split, rows in by_split.items():
+            csv_rows = []
+            truth: dict[str, Any] = {}
+            for i, (key, cid, tr) in enumerate(rows):
+                spec = vocab.classes[cid]
+                csv_rows.append([str(i), key, f"frames/{key}", f"audio/{key}.wav", spec.mid,
+                                 vocab.task_names[spec.task]])
+                truth[key] = tr
+            _write_csv(tmp / f"{split}.csv", csv_rows)
+            (tmp / "ground_truth" / f"{split}.json").write_text(json.dumps(truth, sort_keys=True))
+        _write_csv(tmp / LABEL_CSV,
+                   [[str(c.class_id), c.mid, c.display_name, vocab.task_names[c.task]] for c in vocab.classes],
+                   header=["index", "mid", "display_name", "category"])
+        info = {"image_size": p.image_size, "frame_indices": frame_indices(p), "task_names": list(vocab.task_names),
+                "twins": [[c.class_id, c.class_id + p.twin_offset * p.classes_per_task]
+                          for c in vocab.classes if p.twin_offset and c.task < p.num_tasks - p.twin_offset]}
+        (tmp / "info.json").write_text(json.dumps(info, sort_keys=True, indent=1))
+        (tmp / _MARKER).write_text(json.dumps(_marker_payload(p, seed), sort_keys=True, indent=1))
+        if target.exists():
+            if is_complete(target, seed=seed, preset=p) and not force:
+                shutil.rmtree(tmp)  # a concurrent generator finished first
+                return target
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if is_complete(target, seed=seed, preset=p):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return target
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(f"synthetic[{p.name}, seed {seed}]: generated in {time.perf_counter() - t_start:.1f} s -> {target}")
+    return target
+
+
+def load_ground_truth(root: str | os.PathLike, split: str) -> dict[str, dict[str, Any]]:
+    """Per-clip ground truth of a split: ``{clip key: truth dict}`` (see :func:`render_clip`).
+
+    Boxes are ``[x0, y0, x1, y1)`` in stored-frame pixels, ``None`` where the object is not visible.
+    """
+    path = Path(root) / "ground_truth" / f"{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no ground truth for split {split!r}: {path}")
+    return json.loads(path.read_text())

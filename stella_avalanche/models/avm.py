@@ -1,0 +1,188 @@
+"""Audio-video matching (AVM) module and its matching objective (stella-method.md §3).
+
+One bidirectional cross-attention layer over the joint-pass pre-norm features E_a, E_v of a clip,
+followed by a matching head that scores whether audio and video belong together. STELLA uses its
+attention logits for patch importance (§4) and trains it with the matching loss (VAM).
+
+Parameter names follow the official module: ``norm_a``, ``norm_v``, ``to_{a,v}_{q,k,v}``,
+``matching_score.pooler.dense``, ``matching_score.fc``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["AVMatching", "matching_pairs"]
+
+
+def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Labels and video partners for the matching objective (§3.2 steps 1-2), fully vectorised.
+
+    ``floor(B/2)`` rows are positives (label 1, own video) and the rest negatives, chosen by a random
+    permutation; with ``B <= 2`` every row is positive. Negatives are paired by a derangement of the
+    negative set built without rejection loops: the negatives, in the random order π of the
+    permutation, map π_k -> π_{(k+1) mod m} (a single random cycle; an allowed deviation from the
+    official uniform derangement).
+
+    :param batch_size: B.
+    :param device: device of the returned tensors.
+    :param generator: randomness source (on CPU or on ``device``).
+    :returns: labels (B,) float32 in {0, 1}; video_index (B,) int64, the video row paired with
+        each audio row (``video_index[n] == n`` iff label 1); negatives (ceil(B/2),) int64 (empty when
+        B <= 2), the rows with label 0.
+    """
+    device = torch.device(device)
+    idx = torch.arange(batch_size, device=device)
+    if batch_size <= 2:
+        return torch.ones(batch_size, device=device), idx, idx[:0]
+    gdev = generator.device if generator is not None else device
+    perm = torch.rand(batch_size, generator=generator, device=gdev).argsort().to(device)
+    n_pos = batch_size // 2
+    neg = perm[n_pos:]  # >= 2 entries, in random order
+    labels = torch.ones(batch_size, device=device)
+    labels[neg] = 0.0
+    video_index = idx.clone()
+    video_index[neg] = neg.roll(-1)
+    return labels, video_index, neg
+
+
+class _Pooler(nn.Module):
+    """``dense`` + tanh (name kept for checkpoint compatibility)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.dense(x))
+
+
+class _MatchingHead(nn.Module):
+    """pooler (Linear 2D->2D, tanh) then ``fc`` (Linear 2D->1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.pooler = _Pooler(dim)
+        self.fc = nn.Linear(dim, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc(self.pooler(h)).squeeze(-1)
+
+
+class AVMatching(nn.Module):
+    """Bidirectional cross-attention + matching head (§3.1).
+
+    :param dim: feature width D of the backbone.
+    :param num_heads: attention heads H (12 for the paper; d_h = D / H).
+    :param legacy_pooling: reproduce the official head/token merge bug (D1) for bit-for-bit parity
+        with official AVM weights; the default merges heads correctly.
+    :param norm_eps: LayerNorm eps (1e-5, D15).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, legacy_pooling: bool = False, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"AVMatching: dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.legacy_pooling = legacy_pooling
+        self.norm_a = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_v = nn.LayerNorm(dim, eps=norm_eps)
+        self.to_a_q = nn.Linear(dim, dim, bias=False)
+        self.to_a_k = nn.Linear(dim, dim, bias=False)
+        self.to_a_v = nn.Linear(dim, dim, bias=False)
+        self.to_v_q = nn.Linear(dim, dim, bias=False)
+        self.to_v_k = nn.Linear(dim, dim, bias=False)
+        self.to_v_v = nn.Linear(dim, dim, bias=False)
+        self.matching_score = _MatchingHead(2 * dim)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: object, **kwargs: object) -> "AVMatching":
+        """AVM sized for a backbone config (``embed_dim``, ``num_heads``, ``norm_eps``)."""
+        kwargs.setdefault("norm_eps", getattr(config, "norm_eps"))
+        return cls(getattr(config, "embed_dim"), getattr(config, "num_heads"), **kwargs)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Linear N(0, 0.02) with zero bias; LayerNorm weight 1, bias 0 (§3.1)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project(self, E_a: Tensor, E_v: Tensor) -> dict[str, Tensor]:
+        """Per-head projections of the normed joint features.
+
+        :param E_a: (B, L_A, D) joint-pass pre-norm audio features; ``E_v``: (B, L_V, D).
+        :returns: dict ``q_a, k_a, v_a`` (B, H, L_A, d_h) from ``norm_a(E_a)`` and ``q_v, k_v, v_v``
+            (B, H, L_V, d_h) from ``norm_v(E_v)``. Raw logits are ``q_a @ k_v^T / sqrt(d_h)`` (S_av) and
+            ``q_v @ k_a^T / sqrt(d_h)`` (S_va).
+        """
+        xa, xv = self.norm_a(E_a), self.norm_v(E_v)
+        return {
+            "q_a": self._heads(self.to_a_q(xa)), "k_a": self._heads(self.to_a_k(xa)),
+            "v_a": self._heads(self.to_a_v(xa)),
+            "q_v": self._heads(self.to_v_q(xv)), "k_v": self._heads(self.to_v_k(xv)),
+            "v_v": self._heads(self.to_v_v(xv)),
+        }
+
+    def _merge_mean(self, z: Tensor) -> Tensor:
+        """(B, H, L, d_h) -> token mean of the merged (B, L, D) features."""
+        b, h, n, dh = z.shape
+        if self.legacy_pooling:
+            # D1: the official code reshapes without moving the head axis, interleaving heads and tokens
+            return z.reshape(b, n, h * dh).mean(dim=1)
+        # correct merge: (B, L, H, d_h) -> (B, L, D); mean over tokens commutes with the merge
+        return z.mean(dim=2).reshape(b, h * dh)
+
+    def forward(self, E_a: Tensor, E_v: Tensor) -> Tensor:
+        """Matching logit per clip.
+
+        :param E_a: (B, L_A, D); ``E_v``: (B, L_V, D).
+        :returns: logit (B,).
+        """
+        p = self.project(E_a, E_v)
+        z_a = F.scaled_dot_product_attention(p["q_a"], p["k_v"], p["v_v"])  # audio queries over video
+        z_v = F.scaled_dot_product_attention(p["q_v"], p["k_a"], p["v_a"])  # video queries over audio
+        h = torch.cat([self._merge_mean(z_v), self._merge_mean(z_a)], dim=-1)  # video first
+        return self.matching_score(h)
+
+    def matching_loss(self, backbone: nn.Module, U_a: Tensor, U_v: Tensor, *,
+                      joint: tuple[Tensor, Tensor] | None = None,
+                      generator: torch.Generator | None = None, weight: float = 1.0) -> Tensor:
+        """VAM loss (§3.2): BCE-with-logits on matched / deranged audio-video pairs.
+
+        The backbone's joint fusion runs under ``torch.no_grad`` and its outputs are detached, so the
+        gradient reaches only this module's parameters (D7).
+
+        :param backbone: a :class:`~stella_avalanche.models.cav.CAVMAE` (``fuse_joint`` is used).
+        :param U_a: (B, L_A, D) unimodal codes of unmasked clips; ``U_v`` (B, L_V, D).
+        :param joint: optional (E_a, E_v) already computed from (U_a, U_v); reused for the positive
+            rows so only the negatives go through the fusion blocks again (D12).
+        :param generator: source of labels and derangement.
+        :param weight: λ_m.
+        :returns: scalar loss.
+        """
+        b = U_a.shape[0]
+        labels, vidx, neg = matching_pairs(b, device=U_a.device, generator=generator)
+        with torch.no_grad():
+            if joint is None:
+                E_a, E_v = backbone.fuse_joint(U_a, None, U_v[vidx], None)
+            else:
+                E_a, E_v = joint[0].clone(), joint[1].clone()
+                if neg.numel():  # size known on the host: no device sync
+                    Ea_n, Ev_n = backbone.fuse_joint(U_a[neg], None, U_v[vidx[neg]], None)
+                    E_a[neg] = Ea_n.to(E_a.dtype)
+                    E_v[neg] = Ev_n.to(E_v.dtype)
+        logit = self(E_a.detach(), E_v.detach())
+        return weight * F.binary_cross_entropy_with_logits(logit.float(), labels)
