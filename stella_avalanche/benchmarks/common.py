@@ -144,7 +144,7 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
     """
     from stella_avalanche.data.datasets import AudioVideoDataset
     from stella_avalanche.data.features import FeatureConfig
-    from stella_avalanche.data.manifests import read_label_csv, read_split_csv
+    from stella_avalanche.data.manifests import check_disjoint_keys, read_label_csv, read_split_csv
 
     selected = resolve_tasks(tasks, all_tasks, benchmark=name)
     root = Path(root)
@@ -152,11 +152,15 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
     features = features if features is not None else FeatureConfig.paper()
     label_path = split_dir / files["labels"]
     label_table = read_label_csv(label_path)
-    per_split: dict[str, list[Dataset]] = {}
-    for split, train in (("train", True), ("test", False), ("retrieval", False)):
+    # Read and filter every split before building any dataset, so that a missing task is reported
+    # before any media is touched.
+    grouped: dict[str, dict[str, list]] = {}
+    all_records: dict[str, list] = {}
+    for split in ("train", "test", "retrieval"):
         path = split_dir / files[split]
         records = read_split_csv(path, data_root=root, task_names=list(all_tasks), label_table=label_table,
                                  multi_label=multi_label)
+        all_records[split] = records
         by_task: dict[str, list] = {t: [] for t in selected}
         for rec in records:
             if rec.category in by_task:
@@ -164,11 +168,17 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
         empty = [t for t in selected if not by_task[t]]
         if empty:
             raise ValueError(f"{name}: task(s) {empty} have no clips in {path} (rows with category == task); "
-                             f"re-run the prepare step or drop the task via tasks=")
-        per_split[split] = [
-            AudioVideoDataset(by_task[t], features=features, train=train, task_names=selected,
-                              label_table=label_table, cache=cache, on_error=on_error, seed=seed + k)
-            for k, t in enumerate(selected)
-        ]
+                             f"re-run the prepare step or leave the task out via tasks=")
+        grouped[split] = by_task
+    # Train must not share clips with eval or retrieval; eval vs retrieval overlap is expected (both
+    # come from the test split).
+    check_disjoint_keys({"train": all_records["train"], "test": all_records["test"]})
+    check_disjoint_keys({"train": all_records["train"], "retrieval": all_records["retrieval"]})
+    per_split = {
+        split: [AudioVideoDataset(grouped[split][t], features=features, train=split == "train", task_names=selected,
+                                  label_table=label_table, cache=cache, on_error=on_error, seed=seed + k)
+                for k, t in enumerate(selected)]
+        for split in ("train", "test", "retrieval")
+    }
     return make_av_scenario(train=per_split["train"], test=per_split["test"], retrieval=per_split["retrieval"],
                             task_names=selected, features=features, name=name)

@@ -148,7 +148,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise _error(f"cannot read table {path}: {exc}") from exc
+        raise _error(path, f"{path}: cannot read table ({exc})") from exc
     drop = [c for c in df.columns if c == "" or str(c).startswith("Unnamed:")]
     return df.drop(columns=drop)
 
@@ -156,7 +156,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 def _require_columns(df: pd.DataFrame, cols: Sequence[str], path: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise _error(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+        raise _error(path, f"{path}:1: missing column(s) {missing}; found {list(df.columns)}")
 
 
 def load_vggsound_categories(path: str | os.PathLike | None = None) -> dict[str, str]:
@@ -170,7 +170,7 @@ def load_vggsound_categories(path: str | os.PathLike | None = None) -> dict[str,
     _require_columns(df, ("display_name", "task"), path)
     bad = sorted(set(df["task"]) - set(VGGSOUND_TASKS))
     if bad:
-        raise _error(f"{path}: unknown task name(s) {bad}; valid: {list(VGGSOUND_TASKS)}")
+        raise _error(path, f"{path}: unknown task name(s) {bad}; valid: {list(VGGSOUND_TASKS)}")
     return {normalise_display_name(n): t for n, t in zip(df["display_name"], df["task"])}
 
 
@@ -185,10 +185,10 @@ def load_audioset_tasks(path: str | os.PathLike | None = None) -> pd.DataFrame:
     _require_columns(df, ("task", "display_name", "mid"), path)
     bad = sorted(set(df["task"]) - set(AUDIOSET_TASKS))
     if bad:
-        raise _error(f"{path}: unknown task name(s) {bad}; valid: {list(AUDIOSET_TASKS)}")
+        raise _error(path, f"{path}: unknown task name(s) {bad}; valid: {list(AUDIOSET_TASKS)}")
     dup = df["mid"][df["mid"].duplicated()].tolist()
     if dup:
-        raise _error(f"{path}: duplicate mid(s) {dup[:_MAX_LISTED]}")
+        raise _error(path, f"{path}: duplicate mid(s) {dup[:_MAX_LISTED]}")
     out = pd.DataFrame({
         "index": np.arange(len(df)), "mid": df["mid"], "display_name": df["display_name"],
         "category": df["task"], "role": df["role"] if "role" in df.columns else "",
@@ -211,7 +211,7 @@ def assign_vggsound_tasks(display_names: Sequence[str], categories: Mapping[str,
             problems.append(f"{source}: row {row + 2}: display_name {name!r} not in vggsound_categories.csv")
         tasks.append(task)
     if problems:
-        raise _error(f"{source}: {len(problems)} class(es) have no VGGSound category", problems)
+        raise _error(source, "class(es) without a VGGSound category", problems)
     return tasks
 
 
@@ -280,7 +280,7 @@ def read_segments_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) ->
         try:
             fh = open(p, newline="", encoding="utf-8")
         except OSError as exc:
-            raise _error(f"cannot read segments file {p}: {exc}") from exc
+            raise _error(p, f"{p}: cannot read segments file ({exc})") from exc
         with fh:
             for lineno, fields in enumerate(csv.reader(fh, skipinitialspace=True), start=1):
                 if not fields or fields[0].lstrip().startswith("#"):
@@ -288,12 +288,12 @@ def read_segments_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) ->
                 if fields[0].strip() == "YTID":  # header without '#'
                     continue
                 if len(fields) < 3:
-                    raise _error(f"{p}: line {lineno}: expected YTID, start_seconds, end_seconds[, labels]; "
+                    raise _error(p, f"{p}:{lineno}: expected YTID, start_seconds, end_seconds[, labels]; "
                                  f"got {fields!r}")
                 try:
                     start, end = float(fields[1]), float(fields[2])
                 except ValueError as exc:
-                    raise _error(f"{p}: line {lineno}: bad segment bounds {fields[1:3]!r}") from exc
+                    raise _error(p, f"{p}:{lineno}: bad segment bounds {fields[1:3]!r}") from exc
                 labels = tuple(m.strip() for m in ",".join(fields[3:]).split(",") if m.strip())
                 seg = (start, end, labels)
                 segs = out[fields[0].strip()]
@@ -365,18 +365,15 @@ class _MediaIndex:
 
 
 def _write_split(path: Path, rows: Sequence[SplitRow], *, shuffle_seed: int | None) -> None:
-    """Write a STELLA split CSV: no header, ``index, vid, frames_path, wav, label, category``.
+    """Write a STELLA split CSV (no header; ``index, vid, frames_path, wav, label, category``).
 
     Rows are shuffled with ``np.random.default_rng(shuffle_seed)`` (the official script shuffles without a
     seed); the leading index is then 0..N-1 as in files written after a shuffle.
     """
     order = (np.random.default_rng(shuffle_seed).permutation(len(rows)) if shuffle_seed is not None
              else np.arange(len(rows)))
-    with atomic_write(path, "w") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        for i, j in enumerate(order):
-            r = rows[j]
-            w.writerow([i, r.vid, r.frames_path, r.wav, r.label, r.category])
+    write_split_csv(path, [{"vid": rows[j].vid, "frames_path": rows[j].frames_path, "wav": rows[j].wav,
+                            "label": rows[j].label, "category": rows[j].category} for j in order])
 
 
 def _write_dropped(path: Path, dropped: Sequence[tuple[str, str, str, str]]) -> None:
@@ -450,7 +447,7 @@ def _load_vggsound_json(path: Path, split: str, media: _MediaIndex, mid_to_task:
                         dropped: list[tuple[str, str, str, str]]) -> _Entries:
     out, problems, seen = _Entries(), [], set()
     for i, e in enumerate(read_cavmae_json(path)):
-        where = f"{path}: data[{i}]"
+        where = f"{path}: entry {i}"
         try:
             ytid, start = parse_vggsound_video_id(e.get("video_id", ""))
         except ValueError as exc:
@@ -477,18 +474,18 @@ def _load_vggsound_json(path: Path, split: str, media: _MediaIndex, mid_to_task:
         out.rows.append(SplitRow(ytid, video, audio, mid, task, key))
         out.mids.append(mid)
     if problems:
-        raise _error(f"{path}: {len(problems)} malformed entr(y/ies)", problems)
+        raise _error(path, "malformed entries", problems)
     return out
 
 
-def _check_disjoint(named: Mapping[str, Iterable[str]], pairs: Sequence[tuple[str, str]]) -> None:
+def _check_disjoint(named: Mapping[str, Iterable[str]], pairs: Sequence[tuple[str, str]], source: str) -> None:
     keys = {k: set(v) for k, v in named.items()}
     problems = []
     for a, b in pairs:
         both = sorted(keys[a] & keys[b])
         problems += [f"clip key {k} is in both the {a} and the {b} list" for k in both]
     if problems:
-        raise _error(f"{len(problems)} clip(s) shared between splits that must be disjoint", problems)
+        raise _error(source, "clips shared between splits that must be disjoint", problems)
 
 
 def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.PathLike,
@@ -528,7 +525,7 @@ def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.P
     table = _read_table(label_csv)
     _require_columns(table, ("index", "mid", "display_name"), label_csv)
     if table["mid"].duplicated().any():
-        raise _error(f"{label_csv}: duplicate mid(s) {table['mid'][table['mid'].duplicated()].tolist()[:_MAX_LISTED]}")
+        raise _error(label_csv, f"{label_csv}: duplicate mid(s) {table['mid'][table['mid'].duplicated()].tolist()[:_MAX_LISTED]}")
     tasks = assign_vggsound_tasks(table["display_name"].tolist(), categories, source=str(label_csv))
     mid_to_task = dict(zip(table["mid"], tasks))
     selected = select_vggsound_classes(tasks, classes_per_task=classes_per_task)
@@ -543,7 +540,8 @@ def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.P
                                dropped)
     # Retrieval clips come from the test split, so they may lie inside eval; never inside train.
     _check_disjoint({"train": [r.key for r in train.rows], "test": [r.key for r in test.rows],
-                     "retrieval": [r.key for r in retr.rows]}, [("train", "test"), ("train", "retrieval")])
+                     "retrieval": [r.key for r in retr.rows]}, [("train", "test"), ("train", "retrieval")],
+                    source=f"{train_json}, {test_json}, {retrieval_json}")
 
     is_trained = np.fromiter((m in trained_mids for m in train.mids), bool, len(train.mids))
     keep = is_trained & cap_per_class(np.where(is_trained, np.asarray(train.mids, dtype=object), ""),
@@ -644,7 +642,7 @@ def _load_audioset_json(path: Path, split: str, segments: Mapping[str, list], me
                         mismatches: Counter) -> list[SplitRow]:
     rows, problems, seen = [], [], set()
     for i, e in enumerate(read_cavmae_json(path)):
-        where = f"{path}: data[{i}]"
+        where = f"{path}: entry {i}"
         ytid = str(e.get("video_id", "")).strip()
         if not ytid:
             problems.append(f"{where}: empty video_id")
@@ -688,7 +686,7 @@ def _load_audioset_json(path: Path, split: str, segments: Mapping[str, list], me
             mismatches[split] += 1
         rows.append(SplitRow(ytid, video, audio, ",".join(in_table), task, key))
     if problems:
-        raise _error(f"{path}: {len(problems)} malformed entr(y/ies)", problems)
+        raise _error(path, "malformed entries", problems)
     return rows
 
 
@@ -739,7 +737,8 @@ def prepare_audioset_splits(train_json: str | os.PathLike, eval_json: str | os.P
                                          {k: v for k, v in folder_task.items() if v}, allow_raw_video,
                                          dropped, mismatches)
     _check_disjoint({s: [r.key for r in rows] for s, rows in out.items()},
-                    [("train", "test"), ("train", "retrieval")])
+                    [("train", "test"), ("train", "retrieval")],
+                    source=f"{train_json}, {eval_json}, {retrieval_json}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {role: out_dir / name for role, name in AUDIOSET_FILES.items()}

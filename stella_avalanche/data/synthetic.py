@@ -41,12 +41,15 @@ import wave
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
+
+if TYPE_CHECKING:
+    from stella_avalanche.data.features import FeatureConfig
 
 __all__ = [
     "SYNTHETIC_VERSION",
@@ -69,6 +72,10 @@ __all__ = [
     "SPLITS",
     "SyntheticInitDataset",
     "SyntheticInitRetrievalDataset",
+    "default_features",
+    "clip_key",
+    "jpeg_roundtrip",
+    "LABEL_CSV",
 ]
 
 #: Bump when the rendering changes: part of the cache directory name, so old caches are not reused.
@@ -826,3 +833,171 @@ def load_ground_truth(root: str | os.PathLike, split: str) -> dict[str, dict[str
     if not path.is_file():
         raise FileNotFoundError(f"no ground truth for split {split!r}: {path}")
     return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation data (rendered in memory, never written)
+# ----------------------------------------------------------------------------------------------
+def _sample_from_clip(clip: RenderedClip, features: "FeatureConfig", *, train: bool, jpeg_quality: int | None,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dataset transform of a stored clip, applied to an in-memory one.
+
+    Frames go through a JPEG round trip (as if stored) and :func:`video_from_frames`; the waveform
+    (already at 16-bit levels) is mean-removed as :func:`load_waveform` does, then :func:`compute_fbank`
+    and, in training, :func:`augment_fbank` - the same functions ``AudioVideoDataset`` applies.
+
+    :returns: video float32 (T, 3, S, S), audio float32 (1, A, F).
+    """
+    from stella_avalanche.data.features import augment_fbank, compute_fbank, video_from_frames
+
+    frames = jpeg_roundtrip(clip.frames, jpeg_quality) if jpeg_quality else clip.frames
+    video = video_from_frames(torch.from_numpy(frames), features, train=train, generator=generator)
+    wav = torch.from_numpy(clip.waveform)
+    n = features.audio_samples
+    wav = wav[:n] - wav[:n].mean()
+    fbank = compute_fbank(wav, features)
+    if train and (features.noise or features.roll):
+        fbank = augment_fbank(fbank, features, generator)
+    return video, fbank.unsqueeze(0)
+
+
+def _check_features(preset: SyntheticPreset, features: "FeatureConfig") -> None:
+    """Raise if ``features`` would read frames / audio the generator does not produce."""
+    from stella_avalanche.data.features import cache_frame_times
+    from stella_avalanche.data.media import frame_indices as media_frame_indices
+
+    problems = []
+    needed = set(media_frame_indices(cache_frame_times(features), features.frames_fps))
+    stored = set(frame_indices(preset))
+    if features.frames_fps != preset.frames_fps:
+        problems.append(f"features.frames_fps={features.frames_fps} != preset.frames_fps={preset.frames_fps}")
+    elif not needed <= stored:
+        problems.append(f"features read frames {sorted(needed)} but the preset stores {sorted(stored)} "
+                        f"(use FeatureConfig.synthetic(): {preset.num_segments} frames "
+                        f"{preset.segment_seconds} s apart, window == clip)")
+    if features.sample_rate != preset.sample_rate:
+        problems.append(f"features.sample_rate={features.sample_rate} != preset.sample_rate={preset.sample_rate}")
+    if features.source_size != preset.image_size:
+        problems.append(f"features.source_size={features.source_size} != preset.image_size={preset.image_size}")
+    if problems:
+        raise ValueError(f"FeatureConfig does not fit synthetic preset {preset.name!r}: " + "; ".join(problems))
+
+
+def default_features(preset: str | SyntheticPreset = "default") -> "FeatureConfig":
+    """``FeatureConfig.synthetic()`` adapted to the preset's image size."""
+    from stella_avalanche.data.features import FeatureConfig
+
+    p = get_preset(preset)
+    cfg = FeatureConfig.synthetic()
+    if cfg.source_size != p.image_size:
+        cfg = dataclasses.replace(cfg, source_size=p.image_size, frame_size=p.image_size)
+    return cfg
+
+
+def _init_pools(vocab: Vocabulary, class_id: int) -> tuple[list[VisualIdentity], list[SoundIdentity]]:
+    spec = vocab.init_classes[class_id]
+    visuals = list(dict.fromkeys(c.visual for c in vocab.init_classes if c.visual != spec.visual))
+    sounds = [c.sound for c in vocab.init_classes if c.class_id != class_id]
+    return visuals, sounds
+
+
+class SyntheticInitDataset(IterableDataset):
+    """Endless, non-repeating stream of initialisation clips (the ``init`` split), rendered in memory.
+
+    Clip ``i`` belongs to init class ``i % C`` (balanced) and is drawn from ``clip_rng(seed, "init",
+    class, i // C)``, so the stream is deterministic and identical for any number of DataLoader
+    workers (worker ``w`` of ``W`` yields clips ``w, w + W, ...``). Samples are the dicts of
+    ``AudioVideoDataset``: ``video`` float32 (T, 3, S, S), ``audio`` float32 (1, A, F), ``category``
+    int64 () = 0, ``label`` int64 () = init class id, ``index`` int64 () = clip number ``i``.
+
+    :param preset: synthetic preset (sizes, difficulty, number of init classes).
+    :param seed: data seed (the vocabulary is the benchmark's vocabulary of this seed).
+    :param features: preprocessing config (default: :func:`default_features`).
+    :param train: training transform (random crop, fbank noise + roll) or evaluation transform.
+    :param start: first clip number (resume a stream).
+    :param length: stop after this many clips (``None``: endless).
+    :param jpeg: JPEG round trip of the frames, so init frames carry the same artefacts as stored ones.
+    """
+
+    def __init__(self, *, preset: str | SyntheticPreset = "default", seed: int = 0,
+                 features: "FeatureConfig | None" = None, train: bool = True, start: int = 0,
+                 length: int | None = None, jpeg: bool = True) -> None:
+        super().__init__()
+        self.preset = get_preset(preset)
+        self.seed = int(seed)
+        self.features = features if features is not None else default_features(self.preset)
+        _check_features(self.preset, self.features)
+        self.train = train
+        self.start = int(start)
+        self.length = length
+        self.jpeg = jpeg
+        self.vocab = build_vocabulary(self.preset, self.seed)
+        self.num_classes = len(self.vocab.init_classes)
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("endless SyntheticInitDataset has no length (pass length=...)")
+        return self.length
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        """Clip number ``i`` as a dict sample (deterministic in ``(seed, i)``)."""
+        c = i % self.num_classes
+        spec = self.vocab.init_classes[c]
+        visuals, sounds = _init_pools(self.vocab, c)
+        clip = render_clip(spec, clip_rng(self.seed, "init", c, i // self.num_classes), self.preset,
+                           visuals, sounds)
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 0x1A17, i]).generate_state(1)[0]))
+        video, audio = _sample_from_clip(clip, self.features, train=self.train,
+                                         jpeg_quality=self.preset.jpeg_quality if self.jpeg else None, generator=g)
+        return {"video": video, "audio": audio, "category": torch.tensor(0, dtype=torch.int64),
+                "label": torch.tensor(c, dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        stop = None if self.length is None else self.start + self.length
+        i = self.start + wid
+        while stop is None or i < stop:
+            yield self.sample(i)
+            i += nw
+
+
+class SyntheticInitRetrievalDataset(Dataset):
+    """Fixed held-out retrieval pool of the init classes (monitoring the initialisation).
+
+    ``init_retrieval_per_class`` clips per init class from the ``init_retrieval`` seed stream (disjoint
+    from the init training stream), evaluation transform, rendered once in the constructor.
+    Samples as :class:`SyntheticInitDataset` (``category`` 0, ``label`` = init class, ``index``).
+
+    :param preset: synthetic preset.
+    :param seed: data seed.
+    :param features: preprocessing config (default: :func:`default_features`).
+    :param jpeg: JPEG round trip of the frames.
+    """
+
+    def __init__(self, *, preset: str | SyntheticPreset = "default", seed: int = 0,
+                 features: "FeatureConfig | None" = None, jpeg: bool = True) -> None:
+        self.preset = get_preset(preset)
+        self.features = features if features is not None else default_features(self.preset)
+        _check_features(self.preset, self.features)
+        vocab = build_vocabulary(self.preset, seed)
+        videos, audios, labels = [], [], []
+        for c, spec in enumerate(vocab.init_classes):
+            visuals, sounds = _init_pools(vocab, c)
+            for k in range(self.preset.init_retrieval_per_class):
+                clip = render_clip(spec, clip_rng(seed, "init_retrieval", c, k), self.preset, visuals, sounds)
+                v, a = _sample_from_clip(clip, self.features, train=False,
+                                         jpeg_quality=self.preset.jpeg_quality if jpeg else None, generator=None)
+                videos.append(v)
+                audios.append(a)
+                labels.append(c)
+        self.video = torch.stack(videos)  # (N, T, 3, S, S)
+        self.audio = torch.stack(audios)  # (N, 1, A, F)
+        self.label = torch.tensor(labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.label.numel())
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"video": self.video[i], "audio": self.audio[i], "category": torch.tensor(0, dtype=torch.int64),
+                "label": self.label[i], "index": torch.tensor(int(i), dtype=torch.int64)}

@@ -24,13 +24,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
 __all__ = ["AudioVideoPretraining", "NonFiniteLossError", "make_adam", "unwrap_model",
-           "MODEL_INPUT_KEYS"]
+           "MODEL_INPUT_KEYS", "EpochSampler"]
 
 #: batch keys forwarded to ``model.pretrain_forward``
 MODEL_INPUT_KEYS = ("video", "audio", "video_keep", "audio_keep", "video_patches", "audio_patches")
@@ -61,6 +61,52 @@ def make_adam(model: nn.Module, *, lr: float = 1e-4, betas: tuple[float, float] 
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or ordered) indices whose order depends only on (seed, experience, epoch).
+
+    Each epoch's permutation is drawn from a generator seeded by those three numbers instead of a
+    generator that advances across epochs, so a run resumed in the middle of an epoch reproduces
+    the uninterrupted order exactly (``skip`` drops the samples already consumed). Under DDP each
+    rank takes every ``num_replicas``-th index of the padded permutation (as ``DistributedSampler``).
+
+    :param length: dataset size.
+    :param seed: run seed.
+    :param experience: experience counter (a new order per experience).
+    :param shuffle: shuffle or keep the dataset order.
+    :param num_replicas: world size.
+    :param rank: this process's rank.
+    """
+
+    def __init__(self, length: int, *, seed: int, experience: int, shuffle: bool = True,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        self.length, self.seed, self.experience, self.shuffle = length, seed, experience, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.skip = 0  # samples of this rank's share to drop at the start of the current epoch
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            order = torch.arange(self.length)
+        else:
+            g = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.experience * 10_007 + self.epoch) % (2**63 - 1))
+            order = torch.randperm(self.length, generator=g)
+        if self.num_replicas > 1:  # pad to a multiple of the world size, then shard
+            per_rank = -(-self.length // self.num_replicas)
+            pad = per_rank * self.num_replicas - self.length
+            order = torch.cat([order, order[:pad]])[self.rank::self.num_replicas]
+        return order
+
+    def __iter__(self):
+        return iter(self._order()[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, -(-self.length // self.num_replicas) - self.skip)
 
 
 class AudioVideoPretraining(SupervisedTemplate):
@@ -115,6 +161,13 @@ class AudioVideoPretraining(SupervisedTemplate):
         self.train_seconds = 0.0
         self.train_samples = 0
         self._t_exp: float | None = None
+        # position inside the current experience (for checkpoints and resume)
+        self.epoch_in_exp = 0
+        self.batches_in_epoch = 0
+        self._resume_position: Optional[tuple[int, int]] = None  # (epoch, batches already done)
+        self.sampler: Optional[EpochSampler] = None
+        self.world_size = 1
+        self.rank = 0
 
     # ------------------------------------------------------------------ properties
     @staticmethod
@@ -150,18 +203,48 @@ class AudioVideoPretraining(SupervisedTemplate):
     def make_train_dataloader(self, num_workers: Optional[int] = None, shuffle: bool = True,
                               pin_memory: Optional[bool] = None, persistent_workers: bool = False,
                               drop_last: Optional[bool] = None, **kwargs: Any) -> None:
-        """Avalanche's loader drops the collate function and seeding (#1531): build our own."""
+        """Avalanche's loader drops the collate function and seeding (#1531): build our own.
+
+        The order comes from :class:`EpochSampler` (a function of seed, experience and epoch), so a
+        resumed run sees the same batches; under DDP the sampler shards the data across ranks.
+        """
         ds = self.adapted_dataset
         workers = self.num_workers if num_workers is None else num_workers
         if drop_last is None:  # InfoNCE needs >1 sample: drop a ragged tail if there is a full batch
-            drop_last = len(ds) > self.train_mb_size
-        gen = torch.Generator().manual_seed(self.seed * 1000003 + self.clock.train_exp_counter)
+            drop_last = len(ds) // self.world_size > self.train_mb_size
+        self.sampler = EpochSampler(len(ds), seed=self.seed, experience=self.clock.train_exp_counter,
+                                    shuffle=shuffle, num_replicas=self.world_size, rank=self.rank)
         self.dataloader = DataLoader(
-            ds, batch_size=self.train_mb_size, shuffle=shuffle, num_workers=workers,
-            drop_last=drop_last, collate_fn=getattr(ds, "collate_fn", None), generator=gen,
+            ds, batch_size=self.train_mb_size, sampler=self.sampler, num_workers=workers,
+            drop_last=drop_last, collate_fn=getattr(ds, "collate_fn", None),
             pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
-            persistent_workers=persistent_workers and workers > 0,
-            worker_init_fn=_seed_worker if workers > 0 else None)
+            persistent_workers=False, worker_init_fn=_seed_worker if workers > 0 else None)
+
+    def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
+        """Avalanche's epoch loop, able to start in the middle of an experience (resume)."""
+        if eval_streams is None:
+            eval_streams = [experience]
+        for i, exp in enumerate(eval_streams):
+            if not isinstance(exp, (list, tuple)) and not hasattr(exp, "__iter__"):
+                eval_streams[i] = [exp]
+        start_epoch, skip_batches = self._resume_position or (0, 0)
+        self._resume_position = None
+        for epoch in range(start_epoch, self.train_epochs):
+            self.epoch_in_exp = epoch
+            skip = skip_batches if epoch == start_epoch else 0
+            self.batches_in_epoch = skip
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch, skip * self.train_mb_size)
+            self._before_training_epoch(**kwargs)
+            if self._stop_training:  # early stopping
+                self._stop_training = False
+                break
+            self.training_epoch(**kwargs)
+            self._after_training_epoch(**kwargs)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next ``train()`` call start at ``epoch`` after ``batches_done`` batches."""
+        self._resume_position = (int(epoch), int(batches_done))
 
     # ------------------------------------------------------------------ optimisation
     def check_model_and_optimizer(self, reset_optimizer_state: bool = False, **kwargs: Any) -> None:
@@ -226,6 +309,7 @@ class AudioVideoPretraining(SupervisedTemplate):
 
     def _after_training_iteration(self, **kwargs: Any) -> None:
         self.train_samples += int(self._current_batch_size)
+        self.batches_in_epoch += 1
         super()._after_training_iteration(**kwargs)
 
     def _before_forward(self, **kwargs: Any) -> None:
@@ -248,6 +332,37 @@ class AudioVideoPretraining(SupervisedTemplate):
         sps = self.train_samples / self.train_seconds if self.train_seconds > 0 else 0.0
         return {"train_seconds": round(self.train_seconds, 3), "samples_per_second": round(sps, 3),
                 "peak_memory_bytes": peak}
+
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def training_state_dict(self) -> dict:
+        """Everything needed to continue training: model, optimizer, scaler, plugin states (plugins
+        own their extra optimizers, buffers and generators), Avalanche clock and cost counters (the
+        checkpoint module adds RNG states and the position)."""
+        plugins = {}
+        for i, p in enumerate(self.plugins):
+            if hasattr(p, "state_dict") and callable(p.state_dict):
+                plugins[f"{i}:{type(p).__name__}"] = p.state_dict()
+        return {"model": self.backbone.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "plugins": plugins,
+                "clock": {k: v for k, v in vars(self.clock).items() if isinstance(v, int)},
+                "cost": {"train_seconds": self.train_seconds, "train_samples": self.train_samples}}
+
+    def load_training_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`training_state_dict`, on a freshly built strategy (plugins must accept
+        ``load_state_dict`` before their ``before_training`` hook has run)."""
+        self.backbone.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        names = {f"{i}:{type(p).__name__}": p for i, p in enumerate(self.plugins)}
+        for key, st in state["plugins"].items():
+            if key not in names:
+                raise RuntimeError(f"checkpoint holds state of plugin {key!r}, absent from the strategy")
+            names[key].load_state_dict(st)
+        for k, v in state["clock"].items():
+            setattr(self.clock, k, v)
+        self.train_seconds = state["cost"]["train_seconds"]
+        self.train_samples = state["cost"]["train_samples"]
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -1,0 +1,417 @@
+"""Shared plumbing of the replay baselines (``stella-method.md`` §8, ``avalanche-notes.md`` §4-5).
+
+Every rehearsal baseline of the paper (ER, DER++, LUMP, MIR, GMED, CLS-ER, ESMER) follows the same
+step, which :class:`ReplayPluginBase` implements once:
+
+``before_forward``
+    stash a detached reference to the *current* rows of ``strategy.mbatch`` (by
+    ``after_training_iteration`` the mini-batch also holds the replay rows, pitfall 11), draw
+    ``M = min(replay_batch or N, len(buffer))`` items uniformly without replacement from the
+    reservoir (:meth:`ReplayPluginBase.draw_replay`, overridden by MIR / GMED) and apply them
+    (:meth:`ReplayPluginBase.apply_replay`: concatenation after the current rows on every stored
+    key, so that the InfoNCE spans both; LUMP mixes instead);
+``before_backward``
+    subclasses add their penalty (``strategy.loss = strategy.loss + term``) or re-weight the loss;
+``after_training_iteration``
+    reservoir-insert the stashed current rows (plus per-method extras, e.g. DER++'s pooled z), then
+    run per-step bookkeeping (EMA updates) and drop the stash.
+
+The buffer is :class:`~stella_avalanche.training.buffer.ReservoirBuffer`, created at the first
+insertion from the batch's per-item shapes. Storage is compact by default (video as uint8 pixels,
+audio as fp16, §6 "recommended compact storage"); ``compact=False`` stores fp32 (GMED needs this,
+its input edits are far below the uint8 quantisation step).
+
+Also here: the helpers MIR and GMED share (:func:`virtual_adam_params`, a look-ahead Adam step that
+never touches the optimizer, and :func:`forward_with_params`), the masked-input embedding used by
+the EMA teachers of CLS-ER and ESMER (:func:`masked_embeddings`) and the EMA update
+(:func:`ema_update_`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from avalanche.training.plugins import SupervisedPlugin
+
+from stella_avalanche.training.buffer import ReservoirBuffer, video_from_uint8, video_to_uint8
+
+__all__ = [
+    "ReplayPluginBase",
+    "REPLAY_KEYS",
+    "virtual_adam_params",
+    "forward_with_params",
+    "masked_embeddings",
+    "ema_update_",
+    "make_ema_copy",
+    "autocast_for",
+]
+
+#: mini-batch keys stored in the reservoir and concatenated with the replay rows (when present)
+REPLAY_KEYS = ("video", "audio", "category", "label", "index")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def autocast_for(strategy: Any) -> contextlib.AbstractContextManager:
+    """The strategy's autocast context (``AudioVideoPretraining.amp_dtype``; fp32 when absent)."""
+    dtype = getattr(strategy, "amp_dtype", None)
+    device = torch.device(getattr(strategy, "device", "cpu"))
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _grad_scale(strategy: Any) -> float:
+    scaler = getattr(strategy, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        return float(scaler.get_scale())
+    return 1.0
+
+
+def virtual_adam_params(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, *,
+                        grad_scale: float = 1.0) -> dict[str, Tensor]:
+    """Look-ahead parameters θ' after one Adam step on ``loss`` (MIR / GMED, §8), optimizer untouched.
+
+    For every parameter held by ``optimizer`` with a gradient, using its state (``exp_avg`` m,
+    ``exp_avg_sq`` v, ``step`` t; zeros before the first real step) and its group's lr, betas, eps
+    and (L2) weight_decay:
+
+    ``g = ∇θ loss + wd·θ``, ``m' = β1 m + (1-β1) g``, ``v' = β2 v + (1-β2) g²``,
+    ``θ' = θ - lr·sqrt(1-β2^(t+1))/(1-β1^(t+1))·m'/(sqrt(v') + ε)``.
+
+    Gradients come from :func:`torch.autograd.grad`, so ``.grad`` fields are not touched either.
+
+    :param model: the module whose parameters are differentiated (the unwrapped backbone).
+    :param optimizer: an Adam-like optimizer holding (some of) the model's parameters.
+    :param loss: scalar loss built from the model's current parameters.
+    :param grad_scale: multiply the loss before differentiating and divide the gradients after
+        (the fp16 GradScaler's scale, to avoid gradient underflow).
+    :returns: ``{parameter name: θ' (detached)}`` for the parameters that moved; empty when the
+        gradients are not finite (fp16 overflow: the look-ahead step is skipped, as the scaler would).
+    """
+    group_of: dict[int, dict] = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in group_of]
+    if not named:
+        return {}
+    grads = torch.autograd.grad(loss * grad_scale if grad_scale != 1.0 else loss,
+                                [p for _, p in named], allow_unused=True)
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for (name, p), g in zip(named, grads):
+            if g is None:
+                continue
+            g = g.float() / grad_scale
+            if not bool(torch.isfinite(g).all()):
+                return {}
+            group = group_of[id(p)]
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps, wd = float(group["eps"]), float(group.get("weight_decay", 0.0))
+            state = optimizer.state.get(p, {})
+            t = float(state["step"]) + 1.0 if "step" in state else 1.0
+            theta = p.detach().float()
+            if wd:
+                g = g + wd * theta
+            m = state.get("exp_avg")
+            v = state.get("exp_avg_sq")
+            m1 = (1 - beta1) * g if m is None else beta1 * m.float() + (1 - beta1) * g
+            v1 = (1 - beta2) * g * g if v is None else beta2 * v.float() + (1 - beta2) * g * g
+            if group.get("amsgrad") and state.get("max_exp_avg_sq") is not None:
+                v1 = torch.maximum(state["max_exp_avg_sq"].float(), v1)
+            step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            out[name] = (theta - step_size * m1 / (v1.sqrt() + eps)).to(p.dtype)
+    return out
+
+
+def forward_with_params(strategy: Any, inputs: Mapping[str, Tensor],
+                        params: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """Run the backbone's pre-training forward on ``inputs``, optionally at substituted parameters.
+
+    :param strategy: provides ``backbone`` (unwrapped model) and the autocast settings.
+    :param inputs: keyword inputs of ``pretrain_forward`` (``video`` (R,T,3,S,S), ``audio`` (R,1,A,F)).
+    :param params: ``{name: tensor}`` replacing the backbone's parameters for this call only
+        (:func:`torch.func.functional_call`); ``None`` = the current parameters.
+    :returns: the model's output dict (``loss``, ``per_sample_loss`` (R,), ``z_audio``, ...).
+    """
+    model = strategy.backbone
+    with autocast_for(strategy):
+        if params:
+            return functional_call(model, dict(params), args=(), kwargs=dict(inputs), strict=False)
+        return model(**inputs)
+
+
+def masked_embeddings(model: nn.Module, video: Tensor, audio: Tensor, *,
+                      mask_ratio: Optional[float] = None,
+                      generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Pooled embeddings of randomly masked clips, encoder + unimodal fusion only (no decoder).
+
+    Used by the EMA teachers of CLS-ER and ESMER (§8): same visible-token count as training
+    (``floor(L (1 - ρ))``), an independent random subset per clip.
+
+    :param model: a :class:`~stella_avalanche.models.cav.CAVMAE` (or compatible).
+    :param video: (B, T, 3, S, S) normalised frames; ``audio``: (B, 1, A, F) fbank.
+    :param mask_ratio: ρ (default: the model's ``config.mask_ratio``).
+    :param generator: source of the random token subsets.
+    :returns: ``(z_audio, z_video)``, each (B, D), not L2-normalised (like the training forward's).
+    """
+    cfg = model.config
+    rho = cfg.mask_ratio if mask_ratio is None else mask_ratio
+    zs = []
+    for modality, x in (("audio", audio), ("video", video)):
+        patches = model.patchify_audio(x) if modality == "audio" else model.patchify_video(x)
+        b, L, _ = patches.shape
+        n_vis = cfg.num_visible(modality, rho)
+        gdev = generator.device if generator is not None else patches.device
+        ids = torch.rand((b, L), generator=generator, device=gdev).to(patches.device).argsort(dim=1)
+        ids = ids[:, :n_vis]
+        vis = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))
+        U = model.encode_modality(vis, ids, modality)
+        zs.append(model.pool(model.fuse_unimodal(U, ids, modality, final_norm=False), modality,
+                             normed=False))
+    return zs[0], zs[1]
+
+
+def make_ema_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` (outside ``strategy.model``: no optimizer, no grads)."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    ema.eval()
+    return ema
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, model: nn.Module, alpha: float) -> None:
+    """In place ``θ_ema ← α θ_ema + (1 - α) θ`` for all parameters (buffers are copied).
+
+    :param alpha: EMA decay in [0, 1]; 0 copies the model.
+    """
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    if len(e_params) != len(m_params):
+        raise ValueError("ema_update_: the EMA copy and the model have different parameter lists")
+    # lerp(θ_ema, θ, 1-α) = θ_ema + (1-α)(θ - θ_ema) = α θ_ema + (1-α) θ
+    torch._foreach_lerp_(e_params, m_params, 1.0 - float(alpha))
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def _dtype_from_str(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.split(".")[-1], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in a replay plugin state")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------- base plugin
+class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
+    """Reservoir replay shared by the baselines; on its own it is ER without anything else.
+
+    Subclasses override the hooks :meth:`draw_replay`, :meth:`apply_replay`,
+    :meth:`insertion_extras`, :meth:`insertion_mask`, :meth:`after_step` and
+    :meth:`extra_state` / :meth:`load_extra_state`, and the Avalanche callbacks they need
+    (``before_training``, ``before_backward``; calling ``super()``).
+
+    :param mem_size: reservoir capacity (the paper: 2000 in total, D16).
+    :param replay_batch: replay draws per step M; ``None`` = the current batch size N (§7). The
+        actual M is ``min(replay_batch, len(buffer))`` (D8).
+    :param seed: seeds the reservoir and the plugin's own draws.
+    :param compact: store video as uint8 pixels and audio as fp16 (§6); ``False`` = fp32.
+    :param buffer_device: where the reservoir lives; ``None`` = the strategy's device.
+    """
+
+    def __init__(self, *, mem_size: int = 2000, replay_batch: Optional[int] = None, seed: int = 0,
+                 compact: bool = True, buffer_device: Optional[str | torch.device] = None) -> None:
+        super().__init__()
+        if mem_size < 1:
+            raise ValueError(f"{type(self).__name__}: mem_size must be >= 1, got {mem_size}")
+        if replay_batch is not None and replay_batch < 1:
+            raise ValueError(f"{type(self).__name__}: replay_batch must be >= 1 or None, got {replay_batch}")
+        self.mem_size = int(mem_size)
+        self.replay_batch = replay_batch
+        self.seed = int(seed)
+        self.compact = bool(compact)
+        self.buffer_device = buffer_device
+        self.buffer: Optional[ReservoirBuffer] = None
+        #: the plugin's own draws (replay sampling, MIR candidates, LUMP λ, EMA coin flips, ...)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._buffer_generator = torch.Generator().manual_seed(self.seed + 7919)
+        #: training steps completed (drives the EMA / running-statistics α schedules)
+        self.step = 0
+        # per-iteration state (never checkpointed: it lives between before_forward and the end of
+        # the same iteration)
+        self._cur: Optional[dict[str, Tensor]] = None
+        self._rep: Optional[dict[str, Tensor]] = None
+        self._rep_slots: Optional[Tensor] = None
+        self.n_cur = 0
+        self.n_rep = 0
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def buffer_bytes_per_item(self) -> Optional[int]:
+        """Bytes one reservoir item occupies (``None`` until the first insertion fixes the shapes)."""
+        return None if self.buffer is None else self.buffer.bytes_per_item()
+
+    def replay_size(self, n_cur: int) -> int:
+        """M for a current batch of ``n_cur`` rows: ``min(replay_batch or N, len(buffer))``."""
+        stored = 0 if self.buffer is None else len(self.buffer)
+        return min(self.replay_batch or n_cur, stored)
+
+    # ------------------------------------------------------------------ storage format
+    def encode(self, items: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Batch rows -> stored form (uint8 video / fp16 audio when compact; other keys as given)."""
+        out = {}
+        for k, v in items.items():
+            v = v.detach()
+            if k == "video":
+                v = video_to_uint8(v) if self.compact else v.float()
+            elif k == "audio":
+                v = v.to(torch.float16) if self.compact else v.float()
+            out[k] = v
+        return out
+
+    def decode(self, stored: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+        """Stored rows -> float training tensors on ``device`` (inverse of :meth:`encode`)."""
+        out = {}
+        for k, v in stored.items():
+            v = v.to(device, non_blocking=True)
+            if k == "video":
+                v = video_from_uint8(v) if v.dtype == torch.uint8 else v.float()
+            elif k == "audio":
+                v = v.float()
+            out[k] = v
+        return out
+
+    def _make_buffer(self, encoded: Mapping[str, Tensor], device: torch.device) -> ReservoirBuffer:
+        fields = {k: (tuple(v.shape[1:]), v.dtype) for k, v in encoded.items()}
+        dev = torch.device(self.buffer_device) if self.buffer_device is not None else device
+        return ReservoirBuffer(self.mem_size, fields=fields, device=dev, generator=self._buffer_generator)
+
+    def insert(self, items: Mapping[str, Tensor], device: torch.device) -> Tensor:
+        """Reservoir-insert batch rows (float form); creates the buffer on first use.
+
+        :returns: (n,) slots (-1 = not stored), see :meth:`ReservoirBuffer.add`.
+        """
+        encoded = self.encode(items)
+        if self.buffer is None:
+            self.buffer = self._make_buffer(encoded, device)
+        return self.buffer.add(encoded)
+
+    def sample(self, m: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+        """Draw ``m`` distinct items uniformly; returns (decoded rows on ``device``, slots (m,))."""
+        assert self.buffer is not None
+        stored, slots = self.buffer.sample(m, generator=self.generator)
+        return self.decode(stored, device), slots
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def draw_replay(self, strategy: Any, m: int) -> Optional[dict[str, Tensor]]:
+        """Choose the ``m`` (> 0) replay rows of this step (uniform draw; MIR / GMED override).
+
+        :returns: decoded rows on the strategy's device (all stored fields), or ``None``.
+        """
+        rows, slots = self.sample(m, strategy.device)
+        self._rep_slots = slots
+        return rows
+
+    def apply_replay(self, strategy: Any, rep: Mapping[str, Tensor]) -> None:
+        """Concatenate the replay rows after the current rows on every stored batch key.
+
+        A tensor key of the mini-batch with N rows that the buffer does not hold raises, rather
+        than leaving the batch ragged.
+        """
+        batch = strategy.mbatch
+        n = self.n_cur
+        for k, v in list(batch.items()):
+            if not torch.is_tensor(v):
+                continue
+            if k in rep:
+                batch[k] = torch.cat([v, rep[k].to(device=v.device, dtype=v.dtype)], dim=0)
+            elif v.ndim > 0 and v.shape[0] == n:
+                raise KeyError(f"{type(self).__name__}: mini-batch key {k!r} has one row per sample but "
+                               f"is not stored in the replay buffer (stored: {sorted(rep)})")
+
+    def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
+        """Per-item extras stored with the current rows (e.g. DER++'s z). Default: none."""
+        return {}
+
+    def insertion_mask(self, strategy: Any) -> Optional[Tensor]:
+        """(N,) bool: which current rows are offered to the reservoir (``None`` = all)."""
+        return None
+
+    def before_replay(self, strategy: Any) -> None:
+        """Called in ``before_forward`` after stashing the current rows, before replay is drawn."""
+
+    def after_step(self, strategy: Any) -> None:
+        """Per-step bookkeeping after the insertion (EMA updates); ``self.step`` already counts it."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific checkpoint state (EMA copies, running statistics)."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    # ------------------------------------------------------------------ Avalanche callbacks
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        batch = strategy.mbatch
+        for k in ("video", "audio"):
+            if k not in batch or not torch.is_tensor(batch[k]):
+                raise KeyError(f"{type(self).__name__}: the mini-batch has no tensor {k!r} "
+                               f"(keys: {sorted(batch)})")
+        self.n_cur = int(batch["video"].shape[0])
+        # references suffice: apply_replay builds new tensors instead of writing into these
+        self._cur = {k: batch[k].detach() for k in REPLAY_KEYS if k in batch and torch.is_tensor(batch[k])}
+        self._rep, self._rep_slots, self.n_rep = None, None, 0
+        self.before_replay(strategy)
+        m = self.replay_size(self.n_cur)
+        if m > 0:
+            rep = self.draw_replay(strategy, m)
+            if rep is not None:
+                self._rep = rep
+                self.n_rep = int(rep["video"].shape[0])
+                self.apply_replay(strategy, rep)
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self._cur is None:
+            return
+        items = dict(self._cur)
+        items.update(self.insertion_extras(strategy))
+        mask = self.insertion_mask(strategy)
+        if mask is not None:
+            keep = mask.to(torch.bool).nonzero().flatten()
+            items = {k: v.index_select(0, keep.to(v.device)) for k, v in items.items()}
+        self.insert(items, strategy.device)
+        self.step += 1
+        self.after_step(strategy)
+        self._cur, self._rep, self._rep_slots = None, None, None
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._cur, self._rep, self._rep_slots = None, None, None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Buffer (tensors, counters, reservoir RNG), the plugin RNG, the step and method state."""
+        return {
+            "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "buffer_device": None if self.buffer is None else str(self.buffer.device),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the buffer is rebuilt from the saved field spec)."""
+        bstate = state.get("buffer")
+        if bstate is not None:
+            fields = {k: (tuple(shape), _dtype_from_str(dt)) for k, (shape, dt) in bstate["fields"].items()}
+            dev = self.buffer_device if self.buffer_device is not None else state.get("buffer_device", "cpu")
+            self.buffer = ReservoirBuffer(int(bstate["capacity"]), fields=fields, device=dev,
+                                          generator=self._buffer_generator)
+            self.buffer.load_state_dict(bstate)
+        else:
+            self.buffer = None
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.load_extra_state(state.get("extra", {}))
