@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-checkpoint", default=None,
                    help="stage-1 backbone: project checkpoint, CAV-MAE or ImageNet-MAE weights; 'none' = random")
     p.add_argument("--avm-checkpoint", default=None, help="stage-2 AVM checkpoint (pretrain_avm.py)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars / interactive logging")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=3e-4 strategy.params.mem_size=500")
     return p.parse_args(argv)
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, benchmark=args.benchmark, overrides=overrides)
     out = Path(args.out or f"runs/{cfg['benchmark']['name']}-{cfg['strategy']['name']}-seed{args.seed}")
-    results = run_experiment(cfg, out_dir=out, seed=args.seed, device=args.device, progress=not args.quiet)
+    results = run_experiment(cfg, out_dir=out, seed=args.seed, device=args.device, progress=not args.quiet,
+                             resume=args.resume)
     print()
     print(summary_table_markdown(results))
     print(f"\nresults: {out / 'results.json'}  (summary.md and plots in {out})")

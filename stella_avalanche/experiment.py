@@ -134,9 +134,13 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str = "auto",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, resume: bool = False) -> dict:
     """Train one strategy over a benchmark's stream, evaluate retrieval after every task, and write
     ``results.json`` (after every task, atomically), ``summary.md`` and the plots into ``out_dir``.
+
+    Checkpoints go to ``out_dir/checkpoints`` every ``checkpoint.every_n_iterations`` iterations and
+    after each task's evaluation; ``resume=True`` continues from the newest one (same results as
+    an uninterrupted run on CPU with a fixed seed).
 
     :returns: the results dict (architecture.md §3 layout).
     """
@@ -148,6 +152,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     from stella_avalanche.training.pretrain import load_avm_checkpoint
     from stella_avalanche.training.strategies import make_strategy
     from stella_avalanche.training.template import make_adam
+    from stella_avalanche import checkpoint as C
     from avalanche.training.plugins import EvaluationPlugin
 
     cfg = copy.deepcopy(cfg)
@@ -186,10 +191,15 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     tracker = M.RecallMatrixPlugin(ks=ks, gallery=gallery, num_tasks=len(bm.task_names))
     evaluator = EvaluationPlugin(*M.retrieval_metrics(ks=ks, gallery=gallery),
                                  loggers=make_loggers(out_dir, interactive=progress))
+    ck = cfg.get("checkpoint", {}) or {}
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_plugin = C.CheckpointPlugin(directory=ckpt_dir, every_n_iterations=int(ck.get("every_n_iterations", 0)),
+                                     keep_last=int(ck.get("keep_last", 3)),
+                                     extra_state=lambda: {"tracker": tracker.state_dict()})
     strategy = make_strategy(
-        name if name != "multitask" else "multitask", model=model, avm=avm,
+        name, model=model, avm=avm,
         plugin_kwargs=cfg["strategy"].get("params") or {},
-        plugins=[tracker],
+        plugins=[tracker, ckpt_plugin],
         optimizer=make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
                             weight_decay=float(tr["weight_decay"])),
         train_mb_size=int(tr["batch_size"]), train_epochs=int(tr["epochs"]),
@@ -215,15 +225,27 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     if name == "multitask":
         from stella_avalanche.benchmarks.common import multitask_experience
 
-        exp = multitask_experience(bm)
-        strategy.train(exp, eval_streams=[])
-        strategy.eval(bm.retrieval_stream)
-        results = write(done=True)
+        experiences = [multitask_experience(bm)]
     else:
-        for exp in bm.train_stream:
-            strategy.train(exp, eval_streams=[])
-            strategy.eval(bm.retrieval_stream)
-            results = write(done=False)
+        experiences = list(bm.train_stream)
+    start = 0
+    if resume:
+        path = C.latest_checkpoint(ckpt_dir)
+        if path is None:
+            log.info("--resume: no checkpoint in %s, starting from the beginning", ckpt_dir)
+        else:
+            state = C.load_checkpoint(path)
+            tracker.load_state_dict(state["extra"]["tracker"])
+            start = C.restore_strategy(strategy, state).experience
+            log.info("resumed from %s at %s", path.name, state["position"])
+    results = None
+    for k in range(start, len(experiences)):
+        strategy.train(experiences[k], eval_streams=[])
+        strategy.eval(bm.retrieval_stream)
+        results = write(done=k == len(experiences) - 1)
+        C.save_checkpoint(ckpt_dir, strategy, C.Position(experience=k + 1),
+                          extra={"tracker": tracker.state_dict()}, keep_last=int(ck.get("keep_last", 3)))
+    if results is None:  # resumed after the last experience: nothing left to train
         results = write(done=True)
     R.write_report(results, out_dir)
     return results

@@ -6,7 +6,8 @@
   centre crop to the square source size (``benchmarks-and-metrics.md`` §1.5), so they agree up to
   JPEG loss.
 - Audio is decoded with ``decord.AudioReader`` (wav, flac, mp3 and a video file's own AAC track),
-  resampled by FFmpeg, mixed down to mono, cut to the first seconds and mean-removed (§1.6).
+  mixed down to mono, resampled with torchaudio's sinc resampler, cut to the first seconds and
+  mean-removed (§1.6).
   ``torchaudio.load`` is deliberately not used (it needs a system FFmpeg, environment.md §6).
 
 Every decoder object is deleted explicitly: a decord reader alive at interpreter exit prints a
@@ -14,6 +15,7 @@ spurious exception.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -243,16 +245,26 @@ def _source_channels(path: str) -> int:
         raise CorruptMediaError(path, f"cannot open audio ({_short(e)})") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _resampler(orig: int, new: int) -> torch.nn.Module:
+    """Cached sinc resampler (building the kernel costs far more than applying it)."""
+    import torchaudio.transforms as T
+
+    return T.Resample(orig, new)
+
+
 def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float | None = 10.0, *,
                min_seconds: float = 0.025, silence_threshold: float = 1e-4) -> torch.Tensor:
     """Mono waveform of the first ``seconds`` of an audio file or of a video file's audio track.
 
-    Channels are averaged (decord's own downmix gives (L+R)/sqrt 2 for stereo and its multi-channel
-    output is unreliable, so the stereo case is rescaled to the exact average; layouts with more
-    channels keep FFmpeg's standard downmix).
+    decord decodes at the file's own rate; resampling is done by torchaudio's sinc resampler
+    (decord's built-in resampling changes the gain by up to ~30 % depending on rate and frequency,
+    and its multi-channel output is unreliable, so both are avoided). Channels are averaged:
+    decord's mono downmix is (L+R)/sqrt 2 for stereo, which is rescaled to the exact average;
+    layouts with more channels keep FFmpeg's standard downmix.
 
     :param path: wav / flac / mp3 / mp4 (AAC) ...
-    :param sample_rate: output rate in Hz (FFmpeg resampling).
+    :param sample_rate: output rate in Hz.
     :param seconds: keep samples ``[0, seconds * sample_rate)``; None keeps everything.
     :param min_seconds: shorter audio raises :class:`ShortAudioError` (default: one 25 ms window).
     :param silence_threshold: peak |x| after mean removal below which :class:`SilentAudioError`.
@@ -267,12 +279,14 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
         raise ShortAudioError(p, "empty file (0 bytes)")
     channels = _source_channels(p)
     try:
-        reader = decord.AudioReader(p, sample_rate=int(sample_rate), mono=True)
+        reader = decord.AudioReader(p, sample_rate=-1, mono=True)
     except (decord.DECORDError, RuntimeError) as e:
         raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
     try:
+        rate = int(reader.sample_rate)
         total = int(reader.shape[1])
-        n = total if seconds is None else min(total, int(round(seconds * sample_rate)))
+        # decode only what is kept, plus 10 ms so the resampling filter sees real samples at the end
+        n = total if seconds is None else min(total, int(math.ceil(seconds * rate)) + rate // 100)
         wav = reader[0:n].asnumpy()[0] if n > 0 else np.zeros(0, np.float32)
     except (decord.DECORDError, RuntimeError, IndexError) as e:
         raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
@@ -283,6 +297,11 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
         wav = wav * (1.0 / math.sqrt(2.0))
     if not bool(torch.isfinite(wav).all()):
         raise CorruptMediaError(p, "audio contains non-finite samples")
+    if rate != sample_rate and wav.numel() > 0:
+        with torch.no_grad():
+            wav = _resampler(rate, int(sample_rate))(wav)
+    if seconds is not None:
+        wav = wav[: int(round(seconds * sample_rate))]
     min_n = int(math.ceil(min_seconds * sample_rate))
     if wav.numel() < max(min_n, 1):
         raise ShortAudioError(p, f"audio has {wav.numel()} samples at {sample_rate} Hz, "
@@ -291,4 +310,4 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
     peak = float(wav.abs().max())
     if peak < silence_threshold:
         raise SilentAudioError(p, f"audio is silent (peak {peak:.2e} < {silence_threshold:.0e})")
-    return wav
+    return wav.contiguous()

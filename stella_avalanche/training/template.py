@@ -217,6 +217,8 @@ class AudioVideoPretraining(SupervisedTemplate):
         self.dataloader = DataLoader(
             ds, batch_size=self.train_mb_size, sampler=self.sampler, num_workers=workers,
             drop_last=drop_last, collate_fn=getattr(ds, "collate_fn", None),
+            # own generator: creating the iterator must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed),
             pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
             persistent_workers=False, worker_init_fn=_seed_worker if workers > 0 else None)
 

@@ -1,0 +1,67 @@
+"""DER++ in its self-supervised form (``stella-method.md`` §8).
+
+ER plus, stored with each clip, the pooled embeddings ``z_a``, ``z_v`` (§1.5: un-normalised means of
+the visible tokens) produced in the step where the clip was current. On the replay rows of the
+concatenated forward the penalty ``α·MSE(z_a^buf, z_a) + α·MSE(z_v^buf, z_v)`` (α = 0.5) is added;
+there is no label term. STELLA without LPIS and RCA reduces to this.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stella_avalanche.training.plugins.replay_base import ReplayPluginBase
+
+__all__ = ["DERPPPlugin"]
+
+
+class DERPPPlugin(ReplayPluginBase):
+    """DER++ (SSL): reservoir replay + MSE to the stored pooled embeddings.
+
+    Extra buffer fields ``z_a``, ``z_v`` (D,) fp32.
+
+    :param mem_size: reservoir capacity.
+    :param replay_batch: replay rows per step (``None`` = the current batch size).
+    :param seed: seeds the reservoir and the replay draws.
+    :param alpha: weight of each modality's MSE penalty (paper: 0.5).
+    :param compact: uint8 video / fp16 audio storage (``False``: fp32).
+    :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    """
+
+    def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
+                 alpha: float = 0.5, compact: bool = True,
+                 buffer_device: str | torch.device | None = None) -> None:
+        super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
+                         buffer_device=buffer_device)
+        self.alpha = float(alpha)
+        #: last penalty added (detached scalar), for logging and tests
+        self.last_penalty: Tensor | None = None
+
+    def penalty(self, z_audio: Tensor, z_video: Tensor, rep: dict[str, Tensor]) -> Tensor:
+        """``α·MSE(z_a, z_a^buf) + α·MSE(z_v, z_v^buf)`` over the replay rows.
+
+        :param z_audio: (M, D) current-model embeddings of the replay rows; ``z_video`` likewise.
+        :param rep: replay rows with stored ``z_a``, ``z_v`` (M, D).
+        """
+        za = z_audio.float()
+        zv = z_video.float()
+        return self.alpha * (F.mse_loss(za, rep["z_a"].to(za.device).float())
+                             + F.mse_loss(zv, rep["z_v"].to(zv.device).float()))
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        self.last_penalty = None
+        if self._rep is None:
+            return
+        out = strategy.mb_output
+        sl = slice(self.n_cur, self.n_cur + self.n_rep)
+        term = self.penalty(out["z_audio"][sl], out["z_video"][sl], self._rep)
+        self.last_penalty = term.detach()
+        strategy.loss = strategy.loss + term
+
+    def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
+        out = strategy.mb_output
+        return {"z_a": out["z_audio"][: self.n_cur].detach().float(),
+                "z_v": out["z_video"][: self.n_cur].detach().float()}
