@@ -32,7 +32,8 @@ def audioset_benchmark(root: str | os.PathLike, *, split_dir: str | os.PathLike 
     :param root: data root (the CSV paths are relative to it).
     :param split_dir: folder of the split CSVs (default ``root``).
     :param features: preprocessing config (default ``FeatureConfig.paper()``).
-    :param cache: optional ``FeatureCache`` for decoded features.
+    :param cache: feature-cache directory (one decode-once cache per dataset) or a ``FeatureCache``
+        covering every clip; None decodes every sample.
     :param on_error: dataset error policy (``"raise"``: never substitute another sample).
     :param tasks: subset of the task names (stream order as given); ``None`` = all 7 in paper order.
     :param seed: base seed of the training augmentation.

@@ -120,7 +120,7 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
                              files: Mapping[str, str], all_tasks: Sequence[str],
                              tasks: Sequence[str] | None, features: "FeatureConfig | None",
                              cache: Any, on_error: str, multi_label: bool, name: str,
-                             seed: int = 0) -> "CLScenario":
+                             retrieval_labels: bool = True, seed: int = 0) -> "CLScenario":
     """Scenario over prepared STELLA split CSVs (the shared body of the real-data factories).
 
     Reads the label table and the train / test / retrieval CSVs with :mod:`stella_avalanche.data.manifests`
@@ -135,9 +135,15 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
     :param all_tasks: the benchmark's task names in paper order.
     :param tasks: selected tasks (see :func:`resolve_tasks`).
     :param features: preprocessing config (default ``FeatureConfig.paper()``).
-    :param cache: optional ``FeatureCache`` shared by all datasets.
+    :param cache: a directory in which each dataset builds / reuses its own decode-once
+        ``FeatureCache`` (keyed by its clip list and ``features``), a ``FeatureCache`` covering every
+        clip of the benchmark, or None (decode every sample).
     :param on_error: passed to ``AudioVideoDataset`` (``"raise"`` by default: never substitute a sample).
     :param multi_label: AudioSet (comma-joined mids -> multi-hot label).
+    :param retrieval_labels: validate and encode retrieval labels with the label table. Continual-VS
+        sets it False: its retrieval set holds the 5-per-class clips of *every* class of a task, also of
+        the untrained classes that the 160-class table leaves out, so those samples get ``label == -1``
+        (retrieval uses no labels).
     :param name: benchmark name.
     :param seed: base seed of the training datasets' augmentation streams.
     :raises ValueError: unknown task, or a selected task with zero clips in a split (names task + file).
@@ -158,7 +164,8 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
     all_records: dict[str, list] = {}
     for split in ("train", "test", "retrieval"):
         path = split_dir / files[split]
-        records = read_split_csv(path, data_root=root, task_names=list(all_tasks), label_table=label_table,
+        table = label_table if split != "retrieval" or retrieval_labels else None
+        records = read_split_csv(path, data_root=root, task_names=list(all_tasks), label_table=table,
                                  multi_label=multi_label)
         all_records[split] = records
         by_task: dict[str, list] = {t: [] for t in selected}
@@ -174,11 +181,13 @@ def scenario_from_split_csvs(root: str | os.PathLike, *, split_dir: str | os.Pat
     # come from the test split).
     check_disjoint_keys({"train": all_records["train"], "test": all_records["test"]})
     check_disjoint_keys({"train": all_records["train"], "retrieval": all_records["retrieval"]})
-    per_split = {
-        split: [AudioVideoDataset(grouped[split][t], features=features, train=split == "train", task_names=selected,
-                                  label_table=label_table, cache=cache, on_error=on_error, seed=seed + k)
-                for k, t in enumerate(selected)]
-        for split in ("train", "test", "retrieval")
-    }
+    per_split: dict[str, list[Dataset]] = {}
+    for split in ("train", "test", "retrieval"):
+        table = label_table if split != "retrieval" or retrieval_labels else None
+        per_split[split] = [
+            AudioVideoDataset(grouped[split][t], features=features, train=split == "train", task_names=selected,
+                              label_table=table, multi_label=multi_label and table is not None, cache=cache,
+                              on_error=on_error, seed=seed + k)
+            for k, t in enumerate(selected)]
     return make_av_scenario(train=per_split["train"], test=per_split["test"], retrieval=per_split["retrieval"],
                             task_names=selected, features=features, name=name)

@@ -31,14 +31,19 @@ def vggsound_benchmark(root: str | os.PathLike, *, split_dir: str | os.PathLike 
     :param root: data root (the CSV paths are relative to it).
     :param split_dir: folder of the split CSVs (default ``root``).
     :param features: preprocessing config (default ``FeatureConfig.paper()``).
-    :param cache: optional ``FeatureCache`` for decoded features.
+    :param cache: feature-cache directory (one decode-once cache per dataset) or a ``FeatureCache``
+        covering every clip; None decodes every sample.
     :param on_error: dataset error policy (``"raise"``: never substitute another sample).
     :param tasks: subset of the task names (stream order as given); ``None`` = all 8 in paper order.
     :param seed: base seed of the training augmentation.
+    Sample ``label`` = class id (row of the 160-class table); retrieval samples have ``label == -1``
+    because the retrieval set also holds clips of untrained classes, absent from that table.
+
     :returns: ``CLScenario`` with ``train_stream``, ``test_stream``, ``retrieval_stream`` (one experience
         per task) and ``task_names``, ``features``, ``name == "continual_vs"``.
     :raises ValueError: unknown task name (valid names listed); a task without clips (task and file named).
     """
     return scenario_from_split_csvs(root, split_dir=split_dir, files=VGGSOUND_FILES, all_tasks=VGGSOUND_TASKS,
                                     tasks=tasks, features=features, cache=cache, on_error=on_error,
-                                    multi_label=False, name="continual_vs", seed=seed)
+                                    multi_label=False, name="continual_vs", retrieval_labels=False,
+                                    seed=seed)

@@ -232,15 +232,16 @@ def _short(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------- audio
-def _source_channels(path: str) -> int:
-    """Channel count of the first audio stream (container header only, no decoding)."""
+def _source_format(path: str) -> tuple[int, int]:
+    """(channels, sample rate) of the first audio stream (container header only, no decoding)."""
     import av
 
     try:
         with av.open(path) as container:
             if not container.streams.audio:
                 raise CorruptMediaError(path, "no audio stream")
-            return int(container.streams.audio[0].layout.nb_channels)
+            stream = container.streams.audio[0]
+            return int(stream.layout.nb_channels), int(stream.codec_context.sample_rate)
     except av.FFmpegError as e:
         raise CorruptMediaError(path, f"cannot open audio ({_short(e)})") from None
 
@@ -277,17 +278,22 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
         raise MissingMediaError(p, "audio file not found" if not os.path.exists(p) else "not a file")
     if os.path.getsize(p) == 0:
         raise ShortAudioError(p, "empty file (0 bytes)")
-    channels = _source_channels(p)
+    channels, rate = _source_format(p)
+    if rate <= 0:
+        raise CorruptMediaError(p, f"audio stream reports sample rate {rate}")
     try:
         reader = decord.AudioReader(p, sample_rate=-1, mono=True)
     except (decord.DECORDError, RuntimeError) as e:
         raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
     try:
-        rate = int(reader.sample_rate)
         total = int(reader.shape[1])
-        # decode only what is kept, plus 10 ms so the resampling filter sees real samples at the end
+        # keep what is needed, plus 10 ms so the resampling filter sees real samples at the end
         n = total if seconds is None else min(total, int(math.ceil(seconds * rate)) + rate // 100)
-        wav = reader[0:n].asnumpy()[0] if n > 0 else np.zeros(0, np.float32)
+        decoded = getattr(reader, "_array", None)  # decord holds the decoded track as numpy (C, S)
+        if isinstance(decoded, np.ndarray):
+            wav = np.array(decoded[0, :n], dtype=np.float32)
+        else:  # public but slow path (indexes sample by sample)
+            wav = reader[0:n].asnumpy()[0] if n > 0 else np.zeros(0, np.float32)
     except (decord.DECORDError, RuntimeError, IndexError) as e:
         raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
     finally:

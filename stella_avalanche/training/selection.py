@@ -61,7 +61,8 @@ def _log_exponential(shape: tuple[int, ...], *, generator: Optional[torch.Genera
     """``log E`` with ``E ~ Exp(1)``, drawn as ``log(-log U)``, ``U`` in (0, 1)."""
     u = _rand(shape, generator=generator, device=device)
     tiny = torch.finfo(torch.float32).tiny
-    return torch.log(-torch.log(u.clamp_min(tiny)).clamp_min(tiny))
+    e = (-torch.log(u.clamp_min(tiny))).clamp_min(tiny)   # E = -log U > 0
+    return torch.log(e)
 
 
 def _safe_log_weight(w: Tensor) -> Tensor:
