@@ -245,7 +245,7 @@ def cap_per_class(classes: Sequence[str], max_per_class: int) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     rank = pd.Series(np.asarray(classes, dtype=object)).groupby(np.asarray(classes, dtype=object),
                                                                  sort=False).cumcount()
-    return rank.to_numpy() < max_per_class
+    return rank.to_numpy() <= max_per_class
 
 
 def audioset_clip_task(labels: Iterable[str], mid_to_task: Mapping[str, str]) -> tuple[str | None, tuple[str, ...], str]:

@@ -382,8 +382,9 @@ class RecallMatrixPlugin(GenericPluginMetric):
     * before any training -> :attr:`RecallMatrix.initial` (diagnostics only);
     * during a training experience (periodic eval) -> :attr:`RecallMatrix.intermediate`.
 
-    "Completed" is ``strategy.clock.train_exp_counter``, corrected for the final periodic eval that
-    runs inside ``after_training_exp`` before the Clock increments (this metric sees that callback
+    "Completed" is ``strategy.clock.train_exp_counter``, corrected for the final eval that runs inside
+    ``after_training_exp`` (or after the last epoch, when PeriodicEval's epoch cadence covers it) before
+    the Clock increments (this metric sees that callback
     first, since ``EvaluationPlugin`` precedes ``PeriodicEval`` and ``Clock``). A plugin that calls
     ``eval()`` from its own ``after_training_exp`` (before the EvaluationPlugin) is not supported.
     After a resume, restore the clock counters and :meth:`load_state_dict`.
@@ -412,6 +413,7 @@ class RecallMatrixPlugin(GenericPluginMetric):
         self._stream_len: int | None = None
         self._seen_exps: set[int] = set()
         self._in_exp = False
+        self._epoch = 0
         self._finished_counter: int | None = None
 
     # -- training-progress bookkeeping (all callbacks arrive through the EvaluationPlugin)
@@ -422,6 +424,19 @@ class RecallMatrixPlugin(GenericPluginMetric):
     def before_training_exp(self, strategy: Any):
         self._finished_counter, self._in_exp = None, True
         return super().before_training_exp(strategy)
+
+    def before_training_epoch(self, strategy: Any):
+        self._epoch = int(strategy.clock.train_exp_epochs) + 1
+        return super().before_training_epoch(strategy)
+
+    def after_training_epoch(self, strategy: Any):
+        # PeriodicEval skips the final eval when the last epoch's periodic eval coincides with it; that
+        # eval runs here, after the last epoch, so it is the end-of-experience row, not an intermediate.
+        epochs = getattr(strategy, "train_epochs", None)
+        if epochs is not None and self._epoch >= int(epochs):
+            self._in_exp = False
+            self._finished_counter = int(strategy.clock.train_exp_counter)
+        return super().after_training_epoch(strategy)
 
     def after_training_exp(self, strategy: Any):
         self._in_exp = False
@@ -484,7 +499,7 @@ class RecallMatrixPlugin(GenericPluginMetric):
         gap = report.get("modality_gap")
         done = self.completed_experiences(strategy)
         if self._in_exp:
-            self.matrix.add_intermediate(exp_index=done, epoch=int(strategy.clock.train_exp_epochs),
+            self.matrix.add_intermediate(exp_index=done, epoch=self._epoch,
                                          iteration=int(strategy.clock.train_iterations), row=row)
         elif done == 0:
             self.matrix.set_initial(row, modality_gap=gap)

@@ -222,6 +222,22 @@ class AudioVideoPretraining(SupervisedTemplate):
             pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
             persistent_workers=False, worker_init_fn=_seed_worker if workers > 0 else None)
 
+    def make_eval_dataloader(self, num_workers: int = 0, shuffle: bool = False,
+                             pin_memory: Optional[bool] = None, persistent_workers: bool = False,
+                             **kwargs: Any) -> None:
+        """Ordered eval loader with the dataset's collate; sharded across ranks under DDP (the
+        retrieval metrics gather the embeddings and drop the padding duplicates by sample index)."""
+        ds = self.adapted_dataset
+        sampler = None
+        if self.world_size > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=False)
+        self.dataloader = DataLoader(
+            ds, batch_size=self.eval_mb_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+            collate_fn=getattr(ds, "collate_fn", None), generator=torch.Generator().manual_seed(self.seed),
+            pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory)
+
     def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
         """Avalanche's epoch loop, able to start in the middle of an experience (resume)."""
         if eval_streams is None:

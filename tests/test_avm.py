@@ -1,0 +1,167 @@
+"""Tests for the audio-video matching module (stella_avalanche.models.avm)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stella_avalanche.models.avm import AVMatching, matching_pairs
+from stella_avalanche.models.cav import build_model
+
+torch.set_num_threads(1)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_base_parameter_count_and_names() -> None:
+    with torch.device("meta"):
+        avm = AVMatching(768, 12)
+    assert sum(p.numel() for p in avm.parameters()) == 5_904_385
+    names = {n for n, _ in avm.named_parameters()}
+    assert {"norm_a.weight", "norm_v.bias", "to_a_q.weight", "to_v_v.weight",
+            "matching_score.pooler.dense.weight", "matching_score.pooler.dense.bias",
+            "matching_score.fc.weight", "matching_score.fc.bias"} <= names
+    assert "to_a_q.bias" not in names  # bias-free projections
+
+
+def _manual_logit(avm: AVMatching, E_a: torch.Tensor, E_v: torch.Tensor, legacy: bool) -> torch.Tensor:
+    """Reference computation written out with explicit softmax (§3.1)."""
+    b, H, dh = E_a.shape[0], avm.num_heads, avm.head_dim
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, x.shape[1], H, dh).permute(0, 2, 1, 3)
+
+    xa, xv = avm.norm_a(E_a), avm.norm_v(E_v)
+    qa, ka, va = heads(xa @ avm.to_a_q.weight.t()), heads(xa @ avm.to_a_k.weight.t()), heads(xa @ avm.to_a_v.weight.t())
+    qv, kv, vv = heads(xv @ avm.to_v_q.weight.t()), heads(xv @ avm.to_v_k.weight.t()), heads(xv @ avm.to_v_v.weight.t())
+    z_a = torch.softmax(qa @ kv.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ vv  # (B,H,L_A,dh)
+    z_v = torch.softmax(qv @ ka.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ va
+
+    def merge(z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[2]
+        if legacy:
+            return z.reshape(b, n, H * dh).mean(1)
+        return z.permute(0, 2, 1, 3).reshape(b, n, H * dh).mean(1)
+
+    h = torch.cat([merge(z_v), merge(z_a)], dim=-1)
+    ms = avm.matching_score
+    return ms.fc(torch.tanh(ms.pooler.dense(h))).squeeze(-1)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_forward_matches_reference(legacy: bool) -> None:
+    torch.manual_seed(0)
+    avm = AVMatching(24, 4, legacy_pooling=legacy)
+    with torch.no_grad():
+        for ln in (avm.norm_a, avm.norm_v):
+            ln.weight.normal_()
+            ln.bias.normal_()
+    E_a, E_v = torch.randn(3, 6, 24), torch.randn(3, 10, 24)
+    with torch.no_grad():
+        out = avm(E_a, E_v)
+        ref = _manual_logit(avm, E_a, E_v, legacy)
+        other = _manual_logit(avm, E_a, E_v, not legacy)
+    assert out.shape == (3,)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the D1 bug changes the head input, so the two merges must disagree
+    assert not torch.allclose(out, other, atol=1e-6)
+
+
+def test_project_shapes_and_sources() -> None:
+    torch.manual_seed(0)
+    avm = AVMatching(24, 4)
+    E_a, E_v = torch.randn(2, 6, 24), torch.randn(2, 10, 24)
+    p = avm.project(E_a, E_v)
+    assert {k: tuple(v.shape) for k, v in p.items()} == {
+        "q_a": (2, 4, 6, 6), "k_a": (2, 4, 6, 6), "v_a": (2, 4, 6, 6),
+        "q_v": (2, 4, 10, 6), "k_v": (2, 4, 10, 6), "v_v": (2, 4, 10, 6)}
+    q_a = avm.to_a_q(avm.norm_a(E_a)).view(2, 6, 4, 6).transpose(1, 2)
+    k_v = avm.to_v_k(avm.norm_v(E_v)).view(2, 10, 4, 6).transpose(1, 2)
+    torch.testing.assert_close(p["q_a"], q_a)
+    torch.testing.assert_close(p["k_v"], k_v)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 5, 8, 13])
+def test_matching_pairs_labels_and_derangement(b: int) -> None:
+    for seed in range(5):
+        labels, vidx, neg = matching_pairs(b, generator=_gen(seed))
+        idx = torch.arange(b)
+        if b <= 2:
+            assert torch.all(labels == 1) and torch.equal(vidx, idx) and neg.numel() == 0
+            continue
+        assert labels.sum().item() == b // 2
+        assert torch.equal(torch.sort(neg).values, (labels == 0).nonzero().squeeze(1))
+        pos = labels == 1
+        assert torch.equal(vidx[pos], idx[pos])          # positives keep their own video
+        assert torch.all(vidx[~pos] != idx[~pos])         # no negative keeps its own video
+        assert torch.equal(torch.sort(vidx[~pos]).values, torch.sort(idx[~pos]).values)  # a permutation
+    a = matching_pairs(9, generator=_gen(3))
+    c = matching_pairs(9, generator=_gen(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    assert len({tuple(matching_pairs(9, generator=_gen(s))[0].tolist()) for s in range(10)}) > 1
+
+
+@pytest.fixture(scope="module")
+def backbone_and_codes():
+    torch.manual_seed(0)
+    model = build_model("tiny", depth_modality=1).train()
+    cfg = model.config
+    g = _gen(1)
+    video = torch.randn(5, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g)
+    audio = torch.randn(5, 1, cfg.audio_length, cfg.mel_bins, generator=g)
+    return model, video, audio
+
+
+def test_matching_loss_gradients_reach_only_the_avm(backbone_and_codes) -> None:
+    model, video, audio = backbone_and_codes
+    avm = AVMatching.from_config(model.config)
+    # codes computed *with* grad on purpose: the loss must still not reach the backbone
+    U_a = model.encode_modality(model.patchify_audio(audio), None, "audio")
+    U_v = model.encode_modality(model.patchify_video(video), None, "video")
+    loss = avm.matching_loss(model, U_a, U_v, generator=_gen(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in avm.parameters())
+    assert avm.matching_score.fc.weight.grad.abs().sum() > 0 and avm.to_a_q.weight.grad.abs().sum() > 0
+
+
+def test_matching_loss_value_and_joint_reuse(backbone_and_codes) -> None:
+    model, video, audio = backbone_and_codes
+    torch.manual_seed(3)
+    avm = AVMatching.from_config(model.config)
+    with torch.no_grad():
+        U_a = model.encode_modality(model.patchify_audio(audio), None, "audio")
+        U_v = model.encode_modality(model.patchify_video(video), None, "video")
+        joint = model.fuse_joint(U_a, None, U_v, None)
+        plain = avm.matching_loss(model, U_a, U_v, generator=_gen(7))
+        reused = avm.matching_loss(model, U_a, U_v, joint=joint, generator=_gen(7))
+        labels, vidx, _ = matching_pairs(5, generator=_gen(7))
+        E_a, E_v = model.fuse_joint(U_a, None, U_v[vidx], None)
+        ref = F.binary_cross_entropy_with_logits(avm(E_a, E_v), labels)
+    torch.testing.assert_close(plain, ref)
+    torch.testing.assert_close(reused, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(vidx[labels == 1], torch.arange(5)[labels == 1]) and (labels == 0).sum() == 3
+
+
+def test_avm_learns_to_match(backbone_and_codes) -> None:
+    """A few Adam steps on fixed codes lower the matching loss (the module is trainable end to end)."""
+    model, video, audio = backbone_and_codes
+    torch.manual_seed(0)
+    avm = AVMatching.from_config(model.config)
+    opt = torch.optim.Adam(avm.parameters(), lr=1e-3)
+    with torch.no_grad():
+        U_a = model.encode_modality(model.patchify_audio(audio), None, "audio")
+        U_v = model.encode_modality(model.patchify_video(video), None, "video")
+    losses = []
+    for _ in range(15):
+        loss = avm.matching_loss(model, U_a, U_v, generator=_gen(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
