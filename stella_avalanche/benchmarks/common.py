@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # Avalanche's import costs seconds; only needed when a scenar
 
     from stella_avalanche.data.features import FeatureConfig
 
-__all__ = ["wrap_dataset", "make_av_scenario", "multitask_train_dataset", "resolve_tasks",
+__all__ = ["wrap_dataset", "make_av_scenario", "multitask_train_dataset", "multitask_experience", "resolve_tasks",
            "scenario_from_split_csvs"]
 
 
@@ -94,6 +94,17 @@ def multitask_train_dataset(scenario: Any) -> "AvalancheDataset":
     if not sets:
         raise ValueError("scenario has an empty train_stream")
     return AvalancheDataset(sets, collate_fn=collate_av)
+
+
+def multitask_experience(scenario: Any) -> Any:
+    """A single training experience over the union of all tasks (the Multitask upper bound).
+
+    Built as the only experience of a one-stream Avalanche benchmark, so the strategy trains on it
+    exactly like on a task experience (same loader, epochs and evaluation protocol).
+    """
+    from avalanche.benchmarks import benchmark_from_datasets
+
+    return benchmark_from_datasets(train=[multitask_train_dataset(scenario)]).train_stream[0]
 
 
 def resolve_tasks(tasks: Sequence[str] | None, valid: Sequence[str], *, benchmark: str) -> list[str]:

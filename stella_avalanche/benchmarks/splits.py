@@ -245,7 +245,7 @@ def cap_per_class(classes: Sequence[str], max_per_class: int) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     rank = pd.Series(np.asarray(classes, dtype=object)).groupby(np.asarray(classes, dtype=object),
                                                                  sort=False).cumcount()
-    return rank.to_numpy() <= max_per_class
+    return rank.to_numpy() < max_per_class
 
 
 def audioset_clip_task(labels: Iterable[str], mid_to_task: Mapping[str, str]) -> tuple[str | None, tuple[str, ...], str]:
@@ -306,7 +306,8 @@ def read_segments_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) ->
 # I/O helpers
 # --------------------------------------------------------------------------------------------------
 
-def _entry_labels(entry: Mapping, path: Path, i: int) -> list[str]:
+def _entry_labels(entry: Mapping) -> list[str]:
+    """Mids of a json entry (``labels`` is a comma-joined string or, from read_cavmae_json, a tuple)."""
     raw = entry.get("labels", "")
     if isinstance(raw, (list, tuple)):
         return [str(m).strip() for m in raw if str(m).strip()]
@@ -453,7 +454,7 @@ def _load_vggsound_json(path: Path, split: str, media: _MediaIndex, mid_to_task:
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        labels = _entry_labels(e, path, i)
+        labels = _entry_labels(e)
         if len(labels) != 1:
             problems.append(f"{where}: VGGSound entry must carry exactly one mid, got {labels!r}")
             continue
@@ -662,7 +663,7 @@ def _load_audioset_json(path: Path, split: str, segments: Mapping[str, list], me
                 reason = "ok"
             found.append((key, video, audio, reason, seg_labels))
         ok = [f for f in found if f[3] == "ok"]
-        labels = _entry_labels(e, path, i) or list(found[0][4])
+        labels = _entry_labels(e) or list(found[0][4])
         task, in_table, why = audioset_clip_task(labels, mid_to_task)
         key = (ok[0] if ok else found[0])[0]
         if why != "ok":

@@ -9,12 +9,14 @@ Protocol (``benchmarks-and-metrics.md`` §4):
   collapsed (tied) embeddings;
 * gallery: the whole pool (paper-faithful default) or, optionally, only the query's own task.
 
-Algorithm: one pass over blocks of ``c`` rows. Each block computes ``S_B = Â_B V̂ᵀ`` (c×N) once and
-derives both directions from it: row counts give A→V, column counts accumulated over the blocks give
-V→A. Time O(N²·D), memory O(c·N); the N×N matrix is never materialised and nothing is sorted.
+Algorithm: one pass over c×c tiles of S. Each tile ``S_RC = Â_R V̂_Cᵀ`` is computed once and serves
+both directions: its row counts accumulate the A→V ranks of rows R, its column counts the V→A ranks
+of columns C. Time O(N²·D), memory O(N·D + c²) (c ≤ N, so within the O(c·N) budget of the design);
+the N×N matrix is never materialised and nothing is sorted.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -26,7 +28,7 @@ __all__ = ["RetrievalRanks", "retrieval_ranks", "recall_report", "median_rank", 
 
 DIRECTIONS: tuple[str, str] = ("a2v", "v2a")
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
-#: Bytes per similarity element held at once in a block: fp32 value + bool masks + int temporaries.
+#: Bytes per similarity element held at once in a tile: fp32 value + bool masks + temporaries.
 _BYTES_PER_ELEMENT = 16
 _DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
@@ -66,13 +68,13 @@ def _check_direction(direction: str) -> None:
 
 
 def auto_chunk_size(n: int, *, memory_budget_bytes: int = _DEFAULT_MEMORY_BUDGET) -> int:
-    """Rows per block so that one block's working set (~16 bytes per similarity) fits the budget.
+    """Tile side c so that one c x c tile's working set (~16 bytes per similarity) fits the budget.
 
     :param n: gallery size N.
-    :param memory_budget_bytes: bytes allowed for one block's temporaries.
-    :return: block size in [1, max(n, 1)].
+    :param memory_budget_bytes: bytes allowed for one tile's temporaries.
+    :return: tile side in [1, max(n, 1)].
     """
-    c = memory_budget_bytes // max(1, n * _BYTES_PER_ELEMENT)
+    c = math.isqrt(max(1, memory_budget_bytes // _BYTES_PER_ELEMENT))
     return int(max(1, min(max(n, 1), c)))
 
 
@@ -101,9 +103,10 @@ def retrieval_ranks(
     :param z_video: (N, D) video embeddings.
     :param task_ids: (N,) int task id per clip; required when ``per_task_gallery``.
     :param per_task_gallery: restrict every query's gallery to clips of its own task.
-    :param chunk_size: rows per block; ``None`` derives it from ``memory_budget_bytes``.
+    :param chunk_size: tile side c (rows and columns per tile); ``None`` derives it from
+        ``memory_budget_bytes``.
     :param device: where to compute (``None``: the embeddings' device).
-    :param memory_budget_bytes: working-memory budget used when ``chunk_size`` is None.
+    :param memory_budget_bytes: working-memory budget of one tile, used when ``chunk_size`` is None.
     :return: :class:`RetrievalRanks`, int64 (N,) CPU tensors.
     """
     dev = torch.device(device) if device is not None else (
@@ -126,57 +129,62 @@ def retrieval_ranks(
     c = int(chunk_size) if chunk_size else auto_chunk_size(n, memory_budget_bytes=memory_budget_bytes)
     if c < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    c = min(c, n)
+    nb = -(-n // c)
+    npad = nb * c
+    # Zero-pad to a whole number of c x c tiles so that every similarity comes from a GEMM call of the
+    # same shape: a block of another shape may use another kernel and round differently, which would
+    # break exact ties between duplicate clips (verified: a 7x7 block and a 7xN block disagree).
+    if npad != n:
+        a = torch.cat([a, a.new_zeros(npad - n, a.shape[1])])
+        v = torch.cat([v, v.new_zeros(npad - n, v.shape[1])])
+        if tasks is not None:
+            tasks = torch.cat([tasks, tasks.new_full((npad - n,), -1)])
+    valid = torch.arange(npad, device=dev) < n
 
-    # V->A positives S_jj are needed before the column counts start. They come from the diagonal
-    # blocks Â_B V̂_Bᵀ, i.e. from a GEMM like the main one (a separate elementwise dot product can
-    # differ in the last bit); the self-comparison is in addition excluded explicitly below, so the
-    # item can never be counted against itself whatever the kernel does.
-    pos_col = torch.empty(n, dtype=torch.float32, device=dev)
-    for s in range(0, n, c):
-        e = min(s + c, n)
-        pos_col[s:e] = (a[s:e] @ v[s:e].T).diagonal()
+    # Positives S_ii, read from the diagonal tiles, i.e. from the very GEMM call that produces the
+    # diagonal tiles below (a separately computed dot product can differ in the last bit). Both
+    # directions compare against this single vector; the self entries are handled explicitly as well.
+    pos = torch.empty(npad, dtype=torch.float32, device=dev)
+    for b in range(nb):
+        blk = slice(b * c, (b + 1) * c)
+        pos[blk] = (a[blk] @ v[blk].T).diagonal()
 
-    a2v = torch.empty(n, dtype=torch.int64, device=dev)
-    a2v_ge = torch.empty(n, dtype=torch.int64, device=dev)
-    v2a_gt = torch.zeros(n, dtype=torch.int64, device=dev)
-    v2a_ge = torch.zeros(n, dtype=torch.int64, device=dev)
-    for s in range(0, n, c):
-        e = min(s + c, n)
-        rows = torch.arange(e - s, device=dev)
-        sim = a[s:e] @ v.T                                   # (c, N): the only large temporary
-        diag = sim[rows, rows + s]                           # A->V positives, same product
-        same = None
-        if per_task_gallery:
-            same = tasks[s:e, None] == tasks[None, :]        # (c, N) gallery mask
-        # A->V: compare each row with its own positive. The diagonal entry equals `diag` bitwise, so
-        # it is never "greater" and always "greater or equal" (counted once in the pessimistic rank).
-        gt = sim > diag[:, None]
-        ge = sim >= diag[:, None]
-        if same is not None:
-            gt &= same
-            ge &= same
-        a2v[s:e] = gt.sum(dim=1)
-        a2v_ge[s:e] = ge.sum(dim=1)
-        # V->A: column j against its own positive; self entries (row s+r, column s+r) removed below.
-        gt = sim > pos_col[None, :]
-        ge = sim >= pos_col[None, :]
-        if same is not None:
-            gt &= same
-            ge &= same
-        self_gt = gt[rows, rows + s]
-        self_ge = ge[rows, rows + s]
-        v2a_gt += gt.sum(dim=0)
-        v2a_ge += ge.sum(dim=0)
-        v2a_gt[s:e] -= self_gt.to(torch.int64)
-        v2a_ge[s:e] -= self_ge.to(torch.int64)
-        del sim, gt, ge, same
+    a2v_gt = torch.zeros(npad, dtype=torch.int64, device=dev)
+    a2v_ge = torch.zeros(npad, dtype=torch.int64, device=dev)
+    v2a_gt = torch.zeros(npad, dtype=torch.int64, device=dev)
+    v2a_ge = torch.zeros(npad, dtype=torch.int64, device=dev)
+    eye = torch.eye(c, dtype=torch.bool, device=dev)
+    for rb in range(nb):                                   # query audio rows
+        rows = slice(rb * c, (rb + 1) * c)
+        p_row = pos[rows, None]
+        for cb in range(nb):                               # gallery video columns
+            cols = slice(cb * c, (cb + 1) * c)
+            sim = a[rows] @ v[cols].T                      # (c, c): the only large temporary
+            mask = None
+            if per_task_gallery:
+                mask = tasks[rows, None] == tasks[None, cols]
+            elif npad != n and (rb == nb - 1 or cb == nb - 1):
+                mask = valid[rows, None] & valid[None, cols]  # drop the zero padding
+            gt_r, ge_r = sim > p_row, sim >= p_row         # A->V: row i against S_ii
+            gt_c, ge_c = sim > pos[None, cols], sim >= pos[None, cols]  # V->A: column j against S_jj
+            if rb == cb:                                   # self: never strictly better, tied once
+                for m, val in ((gt_r, False), (ge_r, True), (gt_c, False), (ge_c, True)):
+                    m.masked_fill_(eye, val)
+            if mask is not None:
+                gt_r &= mask
+                ge_r &= mask
+                gt_c &= mask
+                ge_c &= mask
+            a2v_gt[rows] += gt_r.sum(dim=1)
+            a2v_ge[rows] += ge_r.sum(dim=1)
+            v2a_gt[cols] += gt_c.sum(dim=0)
+            v2a_ge[cols] += ge_c.sum(dim=0)
+            del sim, gt_r, ge_r, gt_c, ge_c, mask
 
-    return RetrievalRanks(
-        a2v=(a2v + 1).cpu(),
-        v2a=(v2a_gt + 1).cpu(),
-        a2v_pess=a2v_ge.cpu(),            # includes the diagonal itself: 1 + #{j != i : S_ij >= S_ii}
-        v2a_pess=(v2a_ge + 1).cpu(),      # self removed above, add the 1 back
-    )
+    # strict: 1 + #{j : S_ij > S_ii}; pessimistic: 1 + #{j != i : S_ij >= S_ii} = #{j : S_ij >= S_ii}
+    return RetrievalRanks(a2v=(a2v_gt[:n] + 1).cpu(), v2a=(v2a_gt[:n] + 1).cpu(),
+                          a2v_pess=a2v_ge[:n].cpu(), v2a_pess=v2a_ge[:n].cpu())
 
 
 def median_rank(ranks: torch.Tensor) -> float | None:
@@ -226,7 +234,7 @@ def recall_report(
     :param gallery: "pooled" (all N clips, paper default) or "per_task" (own task only; higher
         numbers, not comparable with the paper).
     :param num_tasks: report tasks ``0..num_tasks-1`` (absent ones get ``None``); default: the ids present.
-    :param chunk_size: rows per block (see :func:`retrieval_ranks`).
+    :param chunk_size: tile side (see :func:`retrieval_ranks`).
     :param device: compute device.
     :return: ``{"a2v"|"v2a": {"R@K": {"overall": %, "per_task": {task: %}}, "MR": {...},
         "MR_pessimistic": {...}}, "num_queries": N, "gallery": gallery}`` with int task keys.

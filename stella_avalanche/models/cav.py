@@ -257,10 +257,14 @@ def _audio_table(dim: int, t_tokens: int, f_tokens: int) -> Tensor:
 
 
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """Rows of ``x`` at ``ids`` per sample: x (B|1, L, C), ids (B, K) int64 -> (B, K, C)."""
+    """Rows of ``x`` at ``ids`` per sample: x (B|1, L, C), ids (B, K) int64 -> (B, K, C).
+
+    A shared table (leading dim 1, e.g. a positional embedding) is looked up with ``F.embedding``,
+    whose backward accumulates straight into (L, C) instead of materialising a (B, L, C) gradient.
+    """
     b, k = ids.shape
-    if x.shape[0] != b:
-        x = x.expand(b, -1, -1)
+    if x.shape[0] == 1 and b != 1:
+        return F.embedding(ids, x[0])
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(b, k, x.shape[-1]))
 
 

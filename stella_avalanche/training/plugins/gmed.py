@@ -53,8 +53,9 @@ class GMEDPlugin(ReplayPluginBase):
         self.edit_decay = float(edit_decay)
         self.grad_stride = float(grad_stride)
         self.reg_strength = float(reg_strength)
-        #: the last edit applied, {"video": (M,T,3,S,S), "audio": (M,1,A,F)}, and its slots
+        #: the last edit applied, {"video": (M,T,3,S,S), "audio": (M,1,A,F)}, and its slots (M,)
         self.last_edit: Optional[dict[str, Tensor]] = None
+        self.last_slots: Optional[Tensor] = None
 
     def replay_loss(self, strategy: Any, video: Tensor, audio: Tensor,
                     params: Optional[Mapping[str, Tensor]]) -> Tensor:
@@ -85,7 +86,7 @@ class GMEDPlugin(ReplayPluginBase):
         new_v = (xv.detach() + edit["video"]).detach()
         new_a = (xa.detach() + edit["audio"]).detach()
         self.buffer.write(slots, self.encode({"video": new_v, "audio": new_a}))
-        self.last_edit = edit
+        self.last_edit, self.last_slots = edit, slots
         self._rep_slots = slots
         rows = dict(rows)
         rows["video"], rows["audio"] = new_v, new_a
