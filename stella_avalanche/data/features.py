@@ -11,6 +11,7 @@ ImageNet-normalised; audio is a mono ``float32 (N,)`` waveform turned into a nor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -308,13 +309,22 @@ def video_from_frames(frames: torch.Tensor, cfg: FeatureConfig, *, train: bool,
     if train:
         y0, x0, ch, cw = draw_crop(h, w, cfg, generator)
         frames = frames[:, y0:y0 + ch, x0:x0 + cw]
-    x = frames.permute(0, 3, 1, 2).float()
+    x = frames.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
     s = cfg.frame_size
-    if x.shape[-2:] != (s, s):
-        # antialias makes downscaling behave like PIL's bilinear resize used by the official code
+    if tuple(x.shape[-2:]) != (s, s):
+        # uint8 channels-last input takes torch's vectorised resize path (~4x faster than float);
+        # antialias makes shrinking behave like PIL's bilinear resize used by the official code
+        # and is the same as plain bilinear when enlarging
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-    # (x / 255 - mean) / std in one fused multiply-add
-    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std)).contiguous()
+    x = x.contiguous().float()
+    scale, shift = _norm_constants(cfg.mean, cfg.std)
+    # (x / 255 - mean) / std as one fused multiply-add
+    return torch.addcmul(shift, x, scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * sd), -m / sd
 

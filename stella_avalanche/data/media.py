@@ -19,7 +19,6 @@ import functools
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

@@ -31,6 +31,7 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 #: Bytes per similarity element held at once in a tile: fp32 value + bool masks + temporaries.
 _BYTES_PER_ELEMENT = 16
 _DEFAULT_MEMORY_BUDGET = 512 * 2**20
+_TILE_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ def retrieval_ranks(
     :param z_video: (N, D) video embeddings.
     :param task_ids: (N,) int task id per clip; required when ``per_task_gallery``.
     :param per_task_gallery: restrict every query's gallery to clips of its own task.
-    :param chunk_size: tile side c (rows and columns per tile); ``None`` derives it from
-        ``memory_budget_bytes``.
+    :param chunk_size: tile side c (rows and columns per tile), rounded up to a multiple of 64;
+        ``None`` derives it from ``memory_budget_bytes``.
     :param device: where to compute (``None``: the embeddings' device).
     :param memory_budget_bytes: working-memory budget of one tile, used when ``chunk_size`` is None.
     :return: :class:`RetrievalRanks`, int64 (N,) CPU tensors.
@@ -129,12 +130,15 @@ def retrieval_ranks(
     c = int(chunk_size) if chunk_size else auto_chunk_size(n, memory_budget_bytes=memory_budget_bytes)
     if c < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    c = min(c, n)
+    # Tile side: a multiple of _TILE_ALIGN (and at least that). With ragged GEMM shapes (e.g. 7 columns)
+    # MKL rounds entries differently depending on their position, so two duplicate clips would no
+    # longer tie exactly (verified on the project machine); aligned shapes keep every entry's
+    # rounding independent of where it sits.
+    c = _TILE_ALIGN * -(-min(c, n) // _TILE_ALIGN)
     nb = -(-n // c)
     npad = nb * c
     # Zero-pad to a whole number of c x c tiles so that every similarity comes from a GEMM call of the
-    # same shape: a block of another shape may use another kernel and round differently, which would
-    # break exact ties between duplicate clips (verified: a 7x7 block and a 7xN block disagree).
+    # same aligned shape: a block of another shape may take another kernel path and round differently.
     if npad != n:
         a = torch.cat([a, a.new_zeros(npad - n, a.shape[1])])
         v = torch.cat([v, v.new_zeros(npad - n, v.shape[1])])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AVMatching", "matching_pairs"]
+__all__ = ["AVMatching", "matching_pairs", "build_avm"]
 
 
 def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
@@ -186,3 +186,8 @@ class AVMatching(nn.Module):
                     E_v[neg] = Ev_n.to(E_v.dtype)
         logit = self(E_a.detach(), E_v.detach())
         return weight * F.binary_cross_entropy_with_logits(logit.float(), labels)
+
+
+def build_avm(backbone: nn.Module, **kwargs: object) -> AVMatching:
+    """An AVM sized for ``backbone`` (its ``config``: embed_dim, num_heads, norm_eps)."""
+    return AVMatching.from_config(backbone.config, **kwargs)

@@ -8,7 +8,13 @@ define the compact STELLA / STELLA+ layouts.
 
 Compact storage (Deviation (allowed), §6): video as uint8 pixels before ImageNet normalisation; audio
 as uint8 with a per-item affine scale (or fp16); summary statistics (I, C, qbar) in fp16; the regression
-targets z in fp32; ids in int16. See :func:`stella_fields` for the byte counts.
+targets z in fp32; ids in int16. At the paper's sizes this gives 747,598 B per STELLA item and
+377,118 B per STELLA+ item (budgets 750,000 B and 400,000 B); §6's layout (fp16 audio, fp32
+statistics) gives 886,912 / 445,712 B (+6 B category/index) and stays available through
+``audio_storage="float16", stats_dtype=torch.float32``. Why these choices: the fp16 -> 8-bit audio step
+(per-item min/max affine, error <= range/510, ~0.01 for a normalised fbank) is the only one that saves
+enough (131,072 B); I, C and qbar are sampling weights / probabilities / query summaries for which fp16's
+1e-3 relative error is immaterial; z stays fp32 because it is the DER regression target.
 """
 from __future__ import annotations
 

@@ -294,9 +294,9 @@ def select_audio_chunks_given_order(I_a: Tensor, excluded: Tensor, K: int, *, or
     keep[rows, b] = torch.where(has_b[:, None], keep_b, keep[rows, b])
     keep = keep.view(R, L)
     # 8. ids: kept tokens first (ascending position); then (D9) excluded tokens by importance
+    # by construction n_keep <= K (== K whenever at least K tokens are free); no host-side check so
+    # that the step stays free of device syncs (tests compare against a reference loop)
     n_keep = keep.sum(dim=1)
-    if bool((n_keep > K).any()):  # cannot happen by construction; guard against silent corruption
-        raise RuntimeError(f"audio chunk selection kept {int(n_keep.max())} > K={K} tokens")
     secondary = torch.argsort(I_a.float(), dim=1, descending=True, stable=True)
     primary = (~keep).gather(1, secondary).int()
     order_all = secondary.gather(1, torch.argsort(primary, dim=1, stable=True))

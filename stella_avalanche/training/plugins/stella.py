@@ -158,8 +158,15 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
         self.generator = torch.Generator().manual_seed(self.seed * 7919 + 1 + _rank())
         self._pending_state: Optional[dict] = None
         self._reset_step()
-        #: scalars of the last step (floats) for logging / tests
-        self.last_stats: dict[str, float] = {}
+        # scalars of the last step, kept as tensors (no device sync in the step; see last_stats)
+        self._stats: dict[str, Any] = {}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Scalars of the last step as floats: ``current_rows``, ``replay_rows``, ``first_step``,
+        ``mean_C_v`` / ``mean_C_a`` (mean correlation probability over the candidates), ``loss_vam``,
+        ``penalty``. Converting synchronises with the device, so call it only for logging."""
+        return {k: float(v) for k, v in self._stats.items()}
 
     # ------------------------------------------------------------------ construction
     def _reset_step(self) -> None:
@@ -315,17 +322,16 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
             store.update(self._encode_audio(audio, "audio"))
             store.update({"I_v": sel.I_v, "I_a": sel.I_a, "C_v": sel.C_v, "C_a": sel.C_a})
         self._to_store = store
-        self.last_stats = {"replay_rows": float(m), "current_rows": float(n),
-                           "first_step": float(sel.first_step),
-                           "mean_C_v": float(sel.C_v.sum() / max(1, sel.cand_v.numel())),
-                           "mean_C_a": float(sel.C_a.sum() / max(1, sel.cand_a.numel()))}
+        self._stats = {"replay_rows": m, "current_rows": n, "first_step": sel.first_step,
+                       "mean_C_v": sel.C_v.sum() / max(1, sel.cand_v.numel()),
+                       "mean_C_a": sel.C_a.sum() / max(1, sel.cand_a.numel())}
 
     def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if not strategy.is_training or self._loss_vam is None:
             return
         extra = self.vam_weight * self._loss_vam
-        self.last_stats["loss_vam"] = float(self._loss_vam.detach())
-        self.last_stats["penalty"] = 0.0
+        self._stats["loss_vam"] = self._loss_vam.detach()
+        self._stats["penalty"] = 0.0
         if self._z_buf is not None and self._m_rep > 0:
             out = strategy.mb_output
             lo, hi = self._n_cur, self._n_cur + self._m_rep
@@ -335,7 +341,7 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
                                    f"{hi} (current {self._n_cur} + replay {self._m_rep})")
             za_buf, zv_buf = self._z_buf
             penalty = self.alpha * (F.mse_loss(z_a, za_buf) + F.mse_loss(z_v, zv_buf))
-            self.last_stats["penalty"] = float(penalty.detach())
+            self._stats["penalty"] = penalty.detach()
             extra = extra + penalty
         strategy.loss = strategy.loss + extra
 
