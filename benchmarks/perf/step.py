@@ -106,18 +106,23 @@ def paper_buffer_bytes() -> dict:
     """Bytes per item of the compact STELLA / STELLA+ buffers at the paper's input size."""
     from stella_avalanche.models.cav import MODEL_PRESETS
     from stella_avalanche.training import buffer as B
+    from stella_avalanche.training.selection import keep_count
 
-    cfg = MODEL_PRESETS["base"]
-    out = {}
-    for name, fn in (("stella", getattr(B, "stella_fields", None)), ("stella_plus", getattr(B, "stella_plus_fields", None)),
-                     ("replay (ER/DER++)", getattr(B, "replay_fields", None))):
-        if fn is None:
-            continue
-        try:
-            out[name] = B.field_bytes(fn(cfg))
-        except Exception as exc:  # pragma: no cover - reported, not hidden
-            out[name] = f"n/a ({exc})"
-    return out
+    c = MODEL_PRESETS["base"]
+    kv, ka = keep_count(c.num_video_tokens, 0.5), keep_count(c.num_audio_tokens, 0.5)
+    common = dict(embed_dim=c.embed_dim, num_heads=c.num_heads)
+    full = dict(num_frames=c.num_frames, img_size=c.img_size, audio_length=c.audio_length, mel_bins=c.mel_bins,
+                video_tokens=c.num_video_tokens, audio_tokens=c.num_audio_tokens, **common)
+    plus = dict(keep_video=kv, keep_audio=ka, patch_size=c.patch_size, **common)
+    import torch
+
+    return {"stella (default: uint8 audio, fp16 stats)": B.bytes_per_item(B.stella_fields(**full)),
+            "stella_plus (default)": B.bytes_per_item(B.stella_plus_fields(**plus)),
+            "stella (§6 layout: fp16 audio, fp32 stats)": B.bytes_per_item(
+                B.stella_fields(**full, audio_storage="float16", stats_dtype=torch.float32)),
+            "stella_plus (§6 layout)": B.bytes_per_item(
+                B.stella_plus_fields(**plus, audio_storage="float16", stats_dtype=torch.float32)),
+            "official STELLA (fp32 clip + stats)": 2_955_392, "official STELLA+": 1_483_840}
 
 
 def main() -> int:
