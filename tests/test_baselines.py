@@ -442,3 +442,15 @@ def test_every_plugin_trains_two_experiences(cls):
     assert clone.buffer.seen == plugin.buffer.seen
     for k, v in plugin.buffer.data.items():
         assert torch.equal(clone.buffer.data[k], v)
+
+
+def test_plugins_are_distributed_aware_and_lazily_exported():
+    import stella_avalanche.training.plugins as plugins
+
+    for name in ("ERPlugin", "DERPPPlugin", "LUMPPlugin", "MIRPlugin", "GMEDPlugin", "CLSERPlugin",
+                 "ESMERPlugin"):
+        cls = getattr(plugins, name)
+        assert cls.supports_distributed, name
+        assert cls().buffer_bytes_per_item is None  # no shapes before the first insertion
+    with pytest.raises(AttributeError):
+        plugins.NoSuchPlugin  # noqa: B018

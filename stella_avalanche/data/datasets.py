@@ -110,7 +110,7 @@ class FeatureCache:
         self.features = features
         self.keys = [r.key for r in records]
         if len(set(self.keys)) != len(self.keys):
-            dup = sorted({k for k in self.keys if self.keys.count(k) > 1})[:5]
+            dup = sorted(k for k, n in collections.Counter(self.keys).items() if n > 1)[:5]
             raise ValueError(f"FeatureCache needs unique clip keys; duplicated: {dup}")
         self.name = f"av-{manifest_hash(records)}-{features.cache_key()}"
         self.path = self.root / self.name

@@ -32,6 +32,7 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 _BYTES_PER_ELEMENT = 16
 _DEFAULT_MEMORY_BUDGET = 512 * 2**20
 _TILE_ALIGN = 64
+_CPU_TILE_MAX = 2048
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,12 @@ def retrieval_ranks(
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return RetrievalRanks(empty, empty, empty, empty)
-    c = int(chunk_size) if chunk_size else auto_chunk_size(n, memory_budget_bytes=memory_budget_bytes)
+    if chunk_size:
+        c = int(chunk_size)
+    else:
+        c = auto_chunk_size(n, memory_budget_bytes=memory_budget_bytes)
+        if dev.type == "cpu":
+            c = min(c, _CPU_TILE_MAX)  # cache-sized tiles are faster on CPUs; GPUs prefer large ones
     if c < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # Tile side: a multiple of _TILE_ALIGN (and at least that). With ragged GEMM shapes (e.g. 7 columns)
@@ -144,51 +150,48 @@ def retrieval_ranks(
         v = torch.cat([v, v.new_zeros(npad - n, v.shape[1])])
         if tasks is not None:
             tasks = torch.cat([tasks, tasks.new_full((npad - n,), -1)])
-    valid = torch.arange(npad, device=dev) < n
 
     # Positives S_ii, read from the diagonal tiles, i.e. from the very GEMM call that produces the
     # diagonal tiles below (a separately computed dot product can differ in the last bit). Both
-    # directions compare against this single vector; the self entries are handled explicitly as well.
+    # directions compare against this one vector.
     pos = torch.empty(npad, dtype=torch.float32, device=dev)
     for b in range(nb):
         blk = slice(b * c, (b + 1) * c)
         pos[blk] = (a[blk] @ v[blk].T).diagonal()
 
-    a2v_gt = torch.zeros(npad, dtype=torch.int64, device=dev)
-    a2v_ge = torch.zeros(npad, dtype=torch.int64, device=dev)
-    v2a_gt = torch.zeros(npad, dtype=torch.int64, device=dev)
-    v2a_ge = torch.zeros(npad, dtype=torch.int64, device=dev)
-    eye = torch.eye(c, dtype=torch.bool, device=dev)
+    counts = {k: torch.zeros(npad, dtype=torch.int64, device=dev) for k in ("a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge")}
+    # Preallocated tile buffers: fresh multi-MB tensors per tile would page-fault on every allocation.
+    sim = torch.empty(c, c, dtype=torch.float32, device=dev)
+    flag = torch.empty(c, c, dtype=torch.bool, device=dev)
+    tail = n - (nb - 1) * c                                # valid rows/columns in the last tile
     for rb in range(nb):                                   # query audio rows
         rows = slice(rb * c, (rb + 1) * c)
         p_row = pos[rows, None]
         for cb in range(nb):                               # gallery video columns
             cols = slice(cb * c, (cb + 1) * c)
-            sim = a[rows] @ v[cols].T                      # (c, c): the only large temporary
-            mask = None
+            torch.matmul(a[rows], v[cols].T, out=sim)      # the only large temporaries: sim and flag
+            if rb == cb:
+                # self entry = its own positive exactly: never strictly better, tied once (pessimistic)
+                sim.diagonal().copy_(pos[rows])
+            # entries outside the gallery become -inf: never > or >= any (finite) positive
             if per_task_gallery:
-                mask = tasks[rows, None] == tasks[None, cols]
-            elif npad != n and (rb == nb - 1 or cb == nb - 1):
-                mask = valid[rows, None] & valid[None, cols]  # drop the zero padding
-            gt_r, ge_r = sim > p_row, sim >= p_row         # A->V: row i against S_ii
-            gt_c, ge_c = sim > pos[None, cols], sim >= pos[None, cols]  # V->A: column j against S_jj
-            if rb == cb:                                   # self: never strictly better, tied once
-                for m, val in ((gt_r, False), (ge_r, True), (gt_c, False), (ge_c, True)):
-                    m.masked_fill_(eye, val)
-            if mask is not None:
-                gt_r &= mask
-                ge_r &= mask
-                gt_c &= mask
-                ge_c &= mask
-            a2v_gt[rows] += gt_r.sum(dim=1)
-            a2v_ge[rows] += ge_r.sum(dim=1)
-            v2a_gt[cols] += gt_c.sum(dim=0)
-            v2a_ge[cols] += ge_c.sum(dim=0)
-            del sim, gt_r, ge_r, gt_c, ge_c, mask
+                torch.ne(tasks[rows, None], tasks[None, cols], out=flag)
+                sim.masked_fill_(flag, float("-inf"))
+            if tail < c and rb == nb - 1:
+                sim[tail:].fill_(float("-inf"))            # zero-padding rows
+            if tail < c and cb == nb - 1:
+                sim[:, tail:].fill_(float("-inf"))         # zero-padding columns
+            for op, thr, dim, key, idx in ((torch.gt, p_row, 1, "a2v_gt", rows),
+                                           (torch.ge, p_row, 1, "a2v_ge", rows),
+                                           (torch.gt, pos[None, cols], 0, "v2a_gt", cols),
+                                           (torch.ge, pos[None, cols], 0, "v2a_ge", cols)):
+                op(sim, thr, out=flag)
+                # uint8 view + int32 accumulator: several times faster than reducing a bool tensor
+                counts[key][idx] += flag.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 
     # strict: 1 + #{j : S_ij > S_ii}; pessimistic: 1 + #{j != i : S_ij >= S_ii} = #{j : S_ij >= S_ii}
-    return RetrievalRanks(a2v=(a2v_gt[:n] + 1).cpu(), v2a=(v2a_gt[:n] + 1).cpu(),
-                          a2v_pess=a2v_ge[:n].cpu(), v2a_pess=v2a_ge[:n].cpu())
+    return RetrievalRanks(a2v=(counts["a2v_gt"][:n] + 1).cpu(), v2a=(counts["v2a_gt"][:n] + 1).cpu(),
+                          a2v_pess=counts["a2v_ge"][:n].cpu(), v2a_pess=counts["v2a_ge"][:n].cpu())
 
 
 def median_rank(ranks: torch.Tensor) -> float | None:

@@ -27,6 +27,7 @@ from fractions import Fraction
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,6 +40,7 @@ __all__ = [
     "num_visible",
     "sincos_2d",
     "gather_tokens",
+    "info_nce",
     "ViTBlock",
     "FusionBlock",
 ]
@@ -99,6 +101,10 @@ class CAVConfig:
     :param norm_eps: LayerNorm eps (1e-5 as the official code, D15).
     :param pool_order: ``"norm_then_pool"`` (paper: mean of final-normed tokens) or
         ``"pool_then_norm"`` (mean of pre-norm tokens, then the final LayerNorm; tiny preset).
+    :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
+        columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
+        the loss at the same point with the same batch size. ``False`` keeps the loss per rank
+        (local negatives only). No effect in a single process.
     """
 
     embed_dim: int = 768
@@ -120,6 +126,7 @@ class CAVConfig:
     temperature: float = 0.05
     norm_eps: float = 1e-5
     pool_order: str = "norm_then_pool"
+    gather_negatives: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -266,6 +273,84 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     if x.shape[0] == 1 and b != 1:
         return F.embedding(ids, x[0])
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(b, k, x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# contrastive objective (§1.5)
+# ---------------------------------------------------------------------------------------------
+def _distributed_world() -> int:
+    """World size of the initialised default process group, 1 when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _gather_columns(cols: Tensor) -> tuple[Tensor, int]:
+    """All-gather ``cols`` (B, C) over ranks; this rank's slice is ``cols`` itself (keeps its grad).
+
+    The other ranks' slices arrive without gradient (§1.5: "the local slice keeping its gradient"),
+    so backward never communicates. All ranks must hold the same B: the sizes are exchanged first
+    and every rank raises the same error, so a mismatch cannot deadlock the next collective.
+
+    :returns: (gathered (W*B, C) in rank order, column offset of this rank's first row = rank*B).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    b = cols.shape[0]
+    size = torch.tensor([b], device=cols.device, dtype=torch.long)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    if any(c != b for c in counts):
+        raise ValueError(f"info_nce: gathering negatives needs the same batch size on every rank, got "
+                         f"per-rank sizes {counts}; shard the data evenly (drop_last / padded sampler) "
+                         f"or set CAVConfig.gather_negatives=False")
+    buf = [torch.empty_like(cols) for _ in range(world)]
+    dist.all_gather(buf, cols.detach().contiguous())
+    buf[rank] = cols  # the autograd-tracked local slice replaces its detached copy
+    return torch.cat(buf, dim=0), rank * b
+
+
+def info_nce(z_a: Tensor, z_v: Tensor, *, temperature: float, weight: float = 1.0, gather: bool = True
+             ) -> tuple[Tensor, Tensor]:
+    """Weighted symmetric InfoNCE between audio and video embeddings (§1.5), in fp32.
+
+    ``a = normalize(z_a)``, ``v = normalize(z_v)``; per local sample n
+    ``per[n] = weight * ½ [CE(v_n · A / τ, n') + CE(a_n · V / τ, n')]`` where the columns A, V are this
+    rank's batch alone, or, when ``gather`` is set and torch.distributed runs with world size W > 1,
+    the batches of all ranks in rank order (the positive column is ``n' = rank * B + n``). The rows
+    stay local and only the local column slice carries gradient, so under DDP (which averages the
+    parameter gradients) the update is the gradient of the mean over ranks of the per-rank losses
+    with the other ranks' columns held constant. A single process computes exactly the plain
+    B x B loss whatever ``gather`` says.
+
+    :param z_a: (B, D) un-normalised audio embeddings (any float dtype).
+    :param z_v: (B, D) un-normalised video embeddings, row n paired with ``z_a[n]``.
+    :param temperature: τ > 0.
+    :param weight: w_c, multiplies every term.
+    :param gather: gather the columns over ranks when distributed (collective call: every rank
+        must call with the same B).
+    :returns: (mean over local rows (scalar), per-sample loss (B,)), both fp32.
+    """
+    if z_a.shape != z_v.shape or z_a.dim() != 2:
+        raise ValueError(f"info_nce: z_a and z_v must both be (B, D), got {tuple(z_a.shape)} and "
+                         f"{tuple(z_v.shape)}")
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        a = F.normalize(z_a.float(), dim=-1)
+        v = F.normalize(z_v.float(), dim=-1)
+        if not gather or _distributed_world() == 1:
+            logits = v @ a.t() / temperature  # rows: video queries over audio keys
+            target = torch.arange(logits.shape[0], device=logits.device)
+            per = 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                         + F.cross_entropy(logits.t(), target, reduction="none"))
+        else:
+            # one collective for both modalities: columns [a | v] side by side
+            cols, offset = _gather_columns(torch.cat([a, v], dim=1))
+            a_all, v_all = cols.split(a.shape[1], dim=1)
+            target = offset + torch.arange(a.shape[0], device=a.device)
+            per = 0.5 * (F.cross_entropy(v @ a_all.t() / temperature, target, reduction="none")
+                         + F.cross_entropy(a @ v_all.t() / temperature, target, reduction="none"))
+        per = weight * per
+    return per.mean(), per
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,17 +723,11 @@ class CAVMAE(nn.Module):
         # every sample has the same target count, so the batch mean equals the mean of sample means
         return per_patch.mean(), per_patch.mean(dim=1)
 
-    def _nce(self, z_a: Tensor, z_v: Tensor) -> tuple[Tensor, Tensor]:
-        """Weighted symmetric InfoNCE (§1.5): (scalar, per-sample (B,)), fp32."""
-        with torch.autocast(device_type=z_a.device.type, enabled=False):
-            a = F.normalize(z_a.float(), dim=-1)
-            v = F.normalize(z_v.float(), dim=-1)
-            logits = v @ a.t() / self.config.temperature  # rows: video queries over audio keys
-            target = torch.arange(logits.shape[0], device=logits.device)
-            per = 0.5 * (F.cross_entropy(logits, target, reduction="none")
-                         + F.cross_entropy(logits.t(), target, reduction="none"))
-            per = self.config.contrastive_weight * per
-        return per.mean(), per
+    def _nce(self, z_a: Tensor, z_v: Tensor, gather: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Weighted symmetric InfoNCE (§1.5, :func:`info_nce`): (scalar, per-sample (B,)), fp32."""
+        cfg = self.config
+        return info_nce(z_a, z_v, temperature=cfg.temperature, weight=cfg.contrastive_weight,
+                        gather=cfg.gather_negatives if gather is None else gather)
 
     def _prepare(self, full: Tensor | None, patches: Tensor | None, keep: Tensor | None, modality: str
                  ) -> tuple[Tensor, Tensor]:
@@ -678,8 +757,8 @@ class CAVMAE(nn.Module):
     def pretrain_forward(self, video: Tensor | None = None, audio: Tensor | None = None, *,
                          video_keep: Tensor | None = None, audio_keep: Tensor | None = None,
                          video_patches: Tensor | None = None, audio_patches: Tensor | None = None,
-                         mask_ratio: float | None = None, generator: torch.Generator | None = None
-                         ) -> dict[str, Tensor]:
+                         mask_ratio: float | None = None, generator: torch.Generator | None = None,
+                         gather_negatives: bool | None = None) -> dict[str, Tensor]:
         """MAE + contrastive pre-training step (§1.4, §1.5; guided masking §4 step 10).
 
         Each modality is given either as a full clip (``video`` (B, T, 3, S, S) / ``audio`` (B, 1, A, F))
@@ -692,6 +771,8 @@ class CAVMAE(nn.Module):
 
         :param mask_ratio: overrides ``config.mask_ratio`` (ρ).
         :param generator: source of the masking permutation.
+        :param gather_negatives: overrides ``config.gather_negatives`` for this call, e.g. ``False``
+            for per-rank scoring passes that the other ranks do not run at the same time.
         :returns: dict with ``loss``, ``loss_mae_audio``, ``loss_mae_video``, ``loss_nce`` (scalars),
             ``z_audio``, ``z_video`` (B, D) un-normalised pooled embeddings of the visible tokens and
             ``per_sample_loss`` (B,) = per-sample MAE_a + MAE_v + weighted NCE.
@@ -721,7 +802,7 @@ class CAVMAE(nn.Module):
 
         z_a = self.pool(self.fuse_unimodal(U_a, vida, "audio", final_norm=False), "audio", normed=False)
         z_v = self.pool(self.fuse_unimodal(U_v, vidv, "video", final_norm=False), "video", normed=False)
-        nce, nce_ps = self._nce(z_a, z_v)
+        nce, nce_ps = self._nce(z_a, z_v, gather_negatives)
         return {
             "loss": mae_a + mae_v + nce,
             "loss_mae_audio": mae_a,

@@ -44,7 +44,7 @@ def diagonal_probabilities(z_audio: Tensor, z_video: Tensor, temperature: float)
     return p_av, p_va
 
 
-class CLSERPlugin(ReplayPluginBase):
+class CLSERPlugin(ReplayPluginBase, supports_distributed=True):
     """CLS-ER: ER + consistency with the better of two EMA copies.
 
     :param mem_size: reservoir capacity.
@@ -113,7 +113,7 @@ class CLSERPlugin(ReplayPluginBase):
         za_p, zv_p, za_s, zv_s = (z.float() for z in (za_p, zv_p, za_s, zv_s))
         pav_p, pva_p = diagonal_probabilities(za_p, zv_p, self.temperature)
         pav_s, pva_s = diagonal_probabilities(za_s, zv_s, self.temperature)
-        target_v = torch.where((pav_s > pav_p)[:, None], zv_s, zv_p)
+        target_v = torch.where((pav_s < pav_p)[:, None], zv_s, zv_p)
         target_a = torch.where((pva_s > pva_p)[:, None], za_s, za_p)
         return target_a, target_v
 

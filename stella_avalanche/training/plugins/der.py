@@ -18,7 +18,7 @@ from stella_avalanche.training.plugins.replay_base import ReplayPluginBase
 __all__ = ["DERPPPlugin"]
 
 
-class DERPPPlugin(ReplayPluginBase):
+class DERPPPlugin(ReplayPluginBase, supports_distributed=True):
     """DER++ (SSL): reservoir replay + MSE to the stored pooled embeddings.
 
     Extra buffer fields ``z_a``, ``z_v`` (D,) fp32.

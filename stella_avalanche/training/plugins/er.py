@@ -10,7 +10,7 @@ from stella_avalanche.training.plugins.replay_base import ReplayPluginBase
 __all__ = ["ERPlugin"]
 
 
-class ERPlugin(ReplayPluginBase):
+class ERPlugin(ReplayPluginBase, supports_distributed=True):
     """Experience replay (memory 2000, M = N by default).
 
     :param mem_size: reservoir capacity.

@@ -35,7 +35,7 @@ from stella_avalanche.training.plugins.replay_base import (
 __all__ = ["ESMERPlugin"]
 
 
-class ESMERPlugin(ReplayPluginBase):
+class ESMERPlugin(ReplayPluginBase, supports_distributed=True):
     """ESMER replay.
 
     :param mem_size: reservoir capacity.

@@ -24,15 +24,13 @@ from torch import Tensor
 
 from stella_avalanche.training.plugins.replay_base import (
     ReplayPluginBase,
-    _grad_scale,
     forward_with_params,
-    virtual_adam_params,
 )
 
 __all__ = ["GMEDPlugin"]
 
 
-class GMEDPlugin(ReplayPluginBase):
+class GMEDPlugin(ReplayPluginBase, supports_distributed=True):
     """GMED replay with in-place memory editing.
 
     :param mem_size: reservoir capacity.
@@ -62,13 +60,6 @@ class GMEDPlugin(ReplayPluginBase):
         """Scalar batch loss of the replay rows at θ (``params=None``) or θ' (differentiable in x)."""
         return forward_with_params(strategy, {"video": video, "audio": audio}, params)["loss"].float()
 
-    def lookahead_params(self, strategy: Any) -> dict[str, Tensor]:
-        """θ' after a virtual Adam step on the current rows' batch loss."""
-        cur = self._cur
-        assert cur is not None
-        out = forward_with_params(strategy, {"video": cur["video"], "audio": cur["audio"]})
-        return virtual_adam_params(strategy.backbone, strategy.optimizer, out["loss"].float(),
-                                   grad_scale=_grad_scale(strategy))
 
     def draw_replay(self, strategy: Any, m: int) -> Optional[dict[str, Tensor]]:
         assert self.buffer is not None

@@ -37,7 +37,7 @@ def sample_beta(a: float, b: float, generator: torch.Generator | None = None, *,
             return float(torch.exp(lx[i] - lsum[i]))
 
 
-class LUMPPlugin(ReplayPluginBase):
+class LUMPPlugin(ReplayPluginBase, supports_distributed=True):
     """LUMP (mixup replay).
 
     :param mem_size: reservoir capacity.

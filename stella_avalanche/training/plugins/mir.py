@@ -19,15 +19,13 @@ from torch import Tensor
 
 from stella_avalanche.training.plugins.replay_base import (
     ReplayPluginBase,
-    _grad_scale,
     forward_with_params,
-    virtual_adam_params,
 )
 
 __all__ = ["MIRPlugin"]
 
 
-class MIRPlugin(ReplayPluginBase):
+class MIRPlugin(ReplayPluginBase, supports_distributed=True):
     """MIR replay.
 
     :param mem_size: reservoir capacity.
@@ -58,13 +56,6 @@ class MIRPlugin(ReplayPluginBase):
                                       params)
         return out["per_sample_loss"].detach().float()
 
-    def lookahead_params(self, strategy: Any) -> dict[str, Tensor]:
-        """θ' after a virtual Adam step on the current rows' batch loss."""
-        cur = self._cur
-        assert cur is not None
-        out = forward_with_params(strategy, {"video": cur["video"], "audio": cur["audio"]})
-        return virtual_adam_params(strategy.backbone, strategy.optimizer, out["loss"].float(),
-                                   grad_scale=_grad_scale(strategy))
 
     def draw_replay(self, strategy: Any, m: int) -> Optional[dict[str, Tensor]]:
         assert self.buffer is not None

@@ -50,6 +50,7 @@ __all__ = [
     "ema_update_",
     "make_ema_copy",
     "autocast_for",
+    "loss_scale",
 ]
 
 #: mini-batch keys stored in the reservoir and concatenated with the replay rows (when present)
@@ -64,7 +65,8 @@ def autocast_for(strategy: Any) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _grad_scale(strategy: Any) -> float:
+def loss_scale(strategy: Any) -> float:
+    """The fp16 GradScaler's current scale (1 when the strategy has no enabled scaler)."""
     scaler = getattr(strategy, "scaler", None)
     if scaler is not None and scaler.is_enabled():
         return float(scaler.get_scale())
@@ -343,6 +345,18 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     def before_replay(self, strategy: Any) -> None:
         """Called in ``before_forward`` after stashing the current rows, before replay is drawn."""
 
+    def lookahead_params(self, strategy: Any) -> dict[str, Tensor]:
+        """θ' after a virtual Adam step on the current rows' batch loss (MIR, GMED).
+
+        One extra forward + backward of the current rows; neither the weights, their ``.grad`` nor
+        the optimizer state change (:func:`virtual_adam_params`).
+        """
+        cur = self._cur
+        assert cur is not None, "lookahead_params is only valid inside a training iteration"
+        out = forward_with_params(strategy, {"video": cur["video"], "audio": cur["audio"]})
+        return virtual_adam_params(strategy.backbone, strategy.optimizer, out["loss"].float(),
+                                   grad_scale=loss_scale(strategy))
+
     def after_step(self, strategy: Any) -> None:
         """Per-step bookkeeping after the insertion (EMA updates); ``self.step`` already counts it."""
 
@@ -406,7 +420,11 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         bstate = state.get("buffer")
         if bstate is not None:
             fields = {k: (tuple(shape), _dtype_from_str(dt)) for k, (shape, dt) in bstate["fields"].items()}
-            dev = self.buffer_device if self.buffer_device is not None else state.get("buffer_device", "cpu")
+            dev = self.buffer_device
+            if dev is None:  # where it was saved, unless that was a GPU this machine lacks
+                dev = state.get("buffer_device") or "cpu"
+                if str(dev).startswith("cuda") and not torch.cuda.is_available():
+                    dev = "cpu"
             self.buffer = ReservoirBuffer(int(bstate["capacity"]), fields=fields, device=dev,
                                           generator=self._buffer_generator)
             self.buffer.load_state_dict(bstate)
