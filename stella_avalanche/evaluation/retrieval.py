@@ -32,7 +32,7 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 _BYTES_PER_ELEMENT = 16
 _DEFAULT_MEMORY_BUDGET = 512 * 2**20
 _TILE_ALIGN = 64
-_CPU_TILE_MAX = 2048
+_CPU_TILE_MAX = 1024
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ class CLSERPlugin(ReplayPluginBase, supports_distributed=True):
         za_p, zv_p, za_s, zv_s = (z.float() for z in (za_p, zv_p, za_s, zv_s))
         pav_p, pva_p = diagonal_probabilities(za_p, zv_p, self.temperature)
         pav_s, pva_s = diagonal_probabilities(za_s, zv_s, self.temperature)
-        target_v = torch.where((pav_s < pav_p)[:, None], zv_s, zv_p)
+        target_v = torch.where((pav_s > pav_p)[:, None], zv_s, zv_p)
         target_a = torch.where((pva_s > pva_p)[:, None], za_s, za_p)
         return target_a, target_v
 

@@ -162,6 +162,11 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
         self._stats: dict[str, Any] = {}
 
     @property
+    def buffer_bytes_per_item(self) -> Optional[int]:
+        """Replay-buffer bytes per stored item (None before the buffer is built)."""
+        return None if self.buffer is None else self.buffer.bytes_per_item()
+
+    @property
     def last_stats(self) -> dict[str, float]:
         """Scalars of the last step as floats: ``current_rows``, ``replay_rows``, ``first_step``,
         ``mean_C_v`` / ``mean_C_a`` (mean correlation probability over the candidates), ``loss_vam``,
