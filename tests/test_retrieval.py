@@ -124,6 +124,10 @@ def test_errors_and_chunk_budget() -> None:
         retrieval_ranks(a, torch.randn(9, 4))
     with pytest.raises(ValueError, match="task_ids"):
         retrieval_ranks(a, a, per_task_gallery=True)
+    nan = a.clone()
+    nan[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"z_video has non-finite values .* rows \[3\]"):
+        retrieval_ranks(a, nan)
     with pytest.raises(ValueError, match="gallery"):
         recall_report(a, a, torch.zeros(10, dtype=torch.long), gallery="bogus")
     # the tile working set stays within the budget: c * c * 16 bytes

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from stella_avalanche.data.media import read_frames
 from stella_avalanche.data.synthetic import (PRESETS, SyntheticInitDataset, SyntheticInitRetrievalDataset,
                                              _hz_to_mel, _mel_step, _sample_from_clip, build_vocabulary, clip_rng,
                                              default_features, frame_indices, generate_synthetic, get_preset,
-                                             load_ground_truth, render_clip)
+                                             load_ground_truth, render_clip, truth_patch_mask)
 
 TINY = PRESETS["tiny"]
 
@@ -111,6 +110,12 @@ def test_ground_truth_boxes_match_object_pixels(tiny_root: Path) -> None:
             outside = bright[s].sum() - inside
             assert inside >= 0.3 * (x1 - x0) * (y1 - y0), key
             assert outside <= 0.05 * inside, key  # only JPEG ringing (or distractor overlap) outside
+            # the patch mask covers exactly the patches the object's pixels fall in
+            pm = truth_patch_mask(tr, image_size=TINY.image_size, patch_size=16)[s]
+            ys, xs = np.nonzero(bright[s])
+            hit = np.zeros_like(pm)
+            hit[ys // 16, xs // 16] = True
+            assert (hit & ~pm).sum() <= 1 and (pm & ~hit).sum() == 0, key
             checked += 1
     assert checked > 100
 

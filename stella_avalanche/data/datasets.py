@@ -78,6 +78,21 @@ def _required_frame_index(cfg: FeatureConfig) -> int:
     return max(media.frame_indices(cache_frame_times(cfg), cfg.frames_fps))
 
 
+def _check_unique_keys(records: Sequence[ClipRecord], what: str = "AudioVideoDataset") -> None:
+    """Raise ValueError naming ``source:row`` of both occurrences of every repeated clip key (a
+    repeated clip would be counted twice in retrieval and map two rows to one cache entry)."""
+    first: dict[str, ClipRecord] = {}
+    dup: list[str] = []
+    for r in records:
+        if r.key in first:
+            f = first[r.key]
+            dup.append(f"{r.source}:{r.row}: clip key {r.key!r} repeats {f.source}:{f.row}")
+        else:
+            first[r.key] = r
+    if dup:
+        raise ValueError(f"{what} needs unique clip keys; {len(dup)} duplicate(s): " + "; ".join(dup[:10]))
+
+
 def _decode_clip(record: ClipRecord, times: Sequence[float], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one clip: uint8 (len(times), s, s, 3) frames and the un-augmented (A, F) fbank."""
     frames = media.read_frames(record.video, times, cfg)
@@ -109,9 +124,7 @@ class FeatureCache:
         self.root = Path(root)
         self.features = features
         self.keys = [r.key for r in records]
-        if len(set(self.keys)) != len(self.keys):
-            dup = sorted(k for k, n in collections.Counter(self.keys).items() if n > 1)[:5]
-            raise ValueError(f"FeatureCache needs unique clip keys; duplicated: {dup}")
+        _check_unique_keys(records, what="FeatureCache")
         self.name = f"av-{manifest_hash(records)}-{features.cache_key()}"
         self.path = self.root / self.name
         self.times = np.asarray(cache_frame_times(features), dtype=np.float64)
@@ -246,7 +259,8 @@ class AudioVideoDataset(Dataset):
     :param cache: a :class:`FeatureCache`, or a directory in which one is built / reused, or None
         (decode every sample).
     :param on_error: ``"raise"`` the first :class:`~.media.MediaError` found while building, or
-        ``"skip"``: drop bad clips and count them in :attr:`skipped`.
+        ``"skip"``: drop bad clips and count them in :attr:`skipped`. Manifest problems (a
+        category outside ``task_names``, a repeated clip key) always raise ``ValueError``.
     :param seed: base seed of the per-sample augmentation generators.
     :param progress: tqdm bar while building a cache.
     """
@@ -272,6 +286,7 @@ class AudioVideoDataset(Dataset):
         self._skip_examples: dict[str, list[str]] = collections.defaultdict(list)
 
         self._check_categories(records)
+        _check_unique_keys(records)
         kept = [r for r in records if self._check_files(r)]
         if isinstance(cache, (str, os.PathLike)):
             cache = FeatureCache(cache, records=kept, features=features, on_error=on_error, progress=progress)

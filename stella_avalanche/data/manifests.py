@@ -37,6 +37,12 @@ _LABEL_REQUIRED = ("index", "mid", "display_name")
 _LABEL_OPTIONAL = ("category",)
 _VIDEO_EXTS = {".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".flv"}
 _MAX_SHOWN = 50  # problems printed in the message; ``.problems`` keeps all of them
+# Column names of other clip lists (CAV-MAE json keys, AudioSet csvs, pandas dumps). A first row
+# holding one of them is a header with renamed columns, not data: paths, mids and task names never
+# equal these words, and without this check a fully renamed header would be read as a clip.
+_HEADER_WORDS = frozenset({"index", "unnamed: 0", "video_id", "ytid", "youtube_id", "video", "video_path",
+                           "frames", "frames_dir", "audio", "audio_path", "wav_path", "labels", "mid",
+                           "mids", "task", "tasks", "class", "display_name"})
 
 
 class ManifestError(ValueError):
@@ -219,7 +225,7 @@ def read_split_csv(path: str | os.PathLike, *, data_root: str | os.PathLike | No
     first_line, first = rows[0]
     columns: dict[str, int]
     n_fields: int
-    is_header = any(c.strip().lower() in SPLIT_COLUMNS for c in first)
+    is_header = any(c.strip().lower() in SPLIT_COLUMNS or c.strip().lower() in _HEADER_WORDS for c in first)
     if is_header:
         names = [c.strip().lower() for c in first]
         lead = 1 if names and names[0] in ("", "unnamed: 0", "index") else 0

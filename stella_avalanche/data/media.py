@@ -245,6 +245,18 @@ def _source_format(path: str) -> tuple[int, int]:
         raise CorruptMediaError(path, f"cannot open audio ({_short(e)})") from None
 
 
+def _count_samples(path: str) -> int | None:
+    """Samples PyAV decodes from the first audio stream, or None when decoding fails (only used to
+    classify a file decord refused, so its cost does not matter)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            return sum(int(frame.samples) for frame in container.decode(audio=0))
+    except (av.FFmpegError, IndexError):
+        return None
+
+
 @functools.lru_cache(maxsize=8)
 def _resampler(orig: int, new: int) -> torch.nn.Module:
     """Cached sinc resampler (building the kernel costs far more than applying it)."""
@@ -283,6 +295,9 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
     try:
         reader = decord.AudioReader(p, sample_rate=-1, mono=True)
     except (decord.DECORDError, RuntimeError) as e:
+        # decord also refuses a well-formed stream with no samples: report that as too short
+        if _count_samples(p) == 0:
+            raise ShortAudioError(p, "audio stream holds 0 samples") from None
         raise CorruptMediaError(p, f"cannot decode audio ({_short(e)})") from None
     try:
         total = int(reader.shape[1])

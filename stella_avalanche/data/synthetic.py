@@ -69,6 +69,7 @@ __all__ = [
     "synthetic_root",
     "is_complete",
     "load_ground_truth",
+    "truth_patch_mask",
     "SPLITS",
     "SyntheticInitDataset",
     "SyntheticInitRetrievalDataset",
@@ -404,11 +405,13 @@ class RenderedClip:
 
     :param frames: uint8 (S, H, W, 3), one frame per segment start.
     :param waveform: float32 (N,) in [-1, 1], already quantised to 16-bit levels (matches the wav).
+    :param pcm: int16 (N,) the exact samples of the wav file (``waveform == pcm / 32768``).
     :param truth: ground truth (JSON-serialisable): pattern, boxes, size, pitch shift, loudness, ...
     """
 
     frames: np.ndarray
     waveform: np.ndarray
+    pcm: np.ndarray
     truth: dict[str, Any] = field(default_factory=dict)
 
 
@@ -499,10 +502,10 @@ def _segment_envelope(preset: SyntheticPreset, pattern: np.ndarray) -> np.ndarra
     return env
 
 
-def _tilted_noise(n: int, rms: float, tilt: float, rng: np.random.Generator) -> np.ndarray:
+def _tilted_noise(n: int, rms: float, tilt: float, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
     """White noise reshaped by a spectral tilt ``(f / 1 kHz) ** tilt`` and scaled to ``rms``."""
     spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, d=1.0 / 16000.0)
+    f = np.fft.rfftfreq(n, d=1.0 / sample_rate)
     spec *= np.power(np.maximum(f, 50.0) / 1000.0, tilt)
     x = np.fft.irfft(spec, n=n)
     return x * (rms / (x.std() + 1e-12))
@@ -601,7 +604,7 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPres
 
     noise_rms = float(rng.uniform(*preset.noise_rms))
     tilt = float(rng.uniform(-1.0, 0.3))
-    wav = wav + _tilted_noise(n, noise_rms, tilt, rng)
+    wav = wav + _tilted_noise(n, noise_rms, tilt, rng, sr)
 
     offscreen: dict[str, Any] | None = None
     if sound_pool and rng.random() < preset.p_offscreen:
@@ -627,6 +630,8 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPres
         "task": spec.task,
         "pattern": [bool(v) for v in pattern],
         "boxes": boxes,
+        "positions": [[int(xs[s]), int(ys[s])] if pattern[s] else None for s in range(S)],
+        "shape": spec.visual.shape,
         "size": size,
         "velocity": [round(vx, 4), round(vy, 4)],
         "mean_center_y": round(mean_cy, 4),
@@ -636,9 +641,7 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPres
         "distractor": distractor,
         "offscreen": offscreen,
     }
-    rc = RenderedClip(frames=frames_u8, waveform=waveform, truth=truth)
-    rc.pcm = pcm  # type: ignore[attr-defined]  # kept for the writer (exact wav bytes)
-    return rc
+    return RenderedClip(frames=frames_u8, waveform=waveform, pcm=pcm, truth=truth)
 
 
 def _jpeg_bytes(frame: np.ndarray, quality: int) -> bytes:
@@ -718,7 +721,7 @@ def _job(args: tuple[str, SyntheticPreset, int, str, int, int, int]) -> list[tup
         fdir.mkdir(parents=True, exist_ok=True)
         for k, f in zip(idx, clip.frames):
             (fdir / f"frame_{k}.jpg").write_bytes(_jpeg_bytes(f, preset.jpeg_quality))
-        (root / "audio" / f"{key}.wav").write_bytes(_wav_bytes(clip.pcm, preset.sample_rate))  # type: ignore[attr-defined]
+        (root / "audio" / f"{key}.wav").write_bytes(_wav_bytes(clip.pcm, preset.sample_rate))
         rows.append((key, class_id, clip.truth))
     return rows
 
@@ -827,12 +830,43 @@ def generate_synthetic(root: str | os.PathLike | None = None, *, seed: int = 0,
 def load_ground_truth(root: str | os.PathLike, split: str) -> dict[str, dict[str, Any]]:
     """Per-clip ground truth of a split: ``{clip key: truth dict}`` (see :func:`render_clip`).
 
-    Boxes are ``[x0, y0, x1, y1)`` in stored-frame pixels, ``None`` where the object is not visible.
+    Boxes are ``[x0, y0, x1, y1)`` in stored-frame pixels and ``positions`` the sprite's top-left
+    ``[x, y]``, both ``None`` where the object is not visible; ``shape`` indexes :data:`SHAPES`.
     """
     path = Path(root) / "ground_truth" / f"{split}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no ground truth for split {split!r}: {path}")
     return json.loads(path.read_text())
+
+
+def truth_patch_mask(truth: dict[str, Any], *, image_size: int, patch_size: int = 16,
+                     frame_size: int | None = None) -> np.ndarray:
+    """Patches covered by the sounding object, for checking patch-importance maps.
+
+    :param truth: one clip's ground truth (:func:`load_ground_truth`).
+    :param image_size: side of the stored frames the boxes refer to.
+    :param patch_size: model patch size in model-input pixels.
+    :param frame_size: side of the model input (default ``image_size``; boxes are rescaled, which is
+        exact for the evaluation transform - a plain resize).
+    :returns: bool (S, G, G), G = frame_size // patch_size; True where a patch contains pixels of the
+        object's shape in a sounding frame (rebuilt exactly from shape, size and position). Flattened, this is the backbone's video token order t*G*G + r*G + c.
+    """
+    fs = frame_size or image_size
+    g = fs // patch_size
+    out = np.zeros((len(truth["boxes"]), g, g), dtype=bool)
+    size = int(truth["size"])
+    mask = _shape_mask(int(truth["shape"]), size)
+    canvas = np.zeros((image_size, image_size), dtype=bool)
+    # pixel -> patch row/col in model-input coordinates (the eval transform is a plain resize)
+    cell = (np.arange(image_size) * fs // image_size) // patch_size
+    for s, pos in enumerate(truth["positions"]):
+        if pos is None:
+            continue
+        canvas[:] = False
+        canvas[pos[1]:pos[1] + size, pos[0]:pos[0] + size] = mask
+        ys, xs = np.nonzero(canvas)
+        out[s, np.minimum(cell[ys], g - 1), np.minimum(cell[xs], g - 1)] = True
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -305,7 +305,7 @@ def _update_store(store: RetrievalEmbeddingStore, strategy: Any) -> None:
 
 def _metric_values(metric: Any, strategy: Any, report: Mapping[str, Any], ks: Sequence[int], suffix: str,
                    *, add_experience: bool, per_task: bool) -> list[MetricValue]:
-    """One MetricValue per (direction, K) overall, plus per-task dicts (int keys -> /TaskNNN)."""
+    """One MetricValue per (direction, statistic) overall and, if ``per_task``, one per task (/TaskNNN)."""
     x = strategy.clock.train_iterations
     values: list[MetricValue] = []
     for d in DIRECTIONS:
@@ -375,7 +375,8 @@ class RecallMatrixPlugin(GenericPluginMetric):
     At the end of every ``eval()`` that covered the full retrieval stream it scores all clips together
     (gallery "pooled": every clip; "per_task": the query's own task only), emits overall and per-task
     values (``A2V_R@1_Pooled/eval_phase/retrieval_stream`` and ``A2V_R@1_Pooled/.../Task003``;
-    ``_TaskGallery`` instead of ``_Pooled`` for the per-task gallery), and stores the per-task recalls:
+    ``_TaskGallery`` instead of ``_Pooled`` for the per-task gallery; also ``_MR_``, ``_MRpess_`` and,
+    pooled only, ``ModalityGap/.../TaskNNN``), and stores the per-task recalls (and modality gaps):
 
     * after ``n >= 1`` completed training experiences -> matrix row ``n - 1`` (overwritten by a later
       eval at the same point, which sees the same model);
@@ -487,8 +488,14 @@ class RecallMatrixPlugin(GenericPluginMetric):
             return []
         self._record(strategy, report)
         suffix = "Pooled" if self.gallery == "pooled" else "TaskGallery"
-        return _metric_values(self, strategy, report, self.ks, suffix, add_experience=False,
-                              per_task=self.emit_per_task)
+        values = _metric_values(self, strategy, report, self.ks, suffix, add_experience=False,
+                                per_task=self.emit_per_task)
+        if self.gallery == "pooled":  # the gap does not depend on the gallery: emit it once
+            for t, g in enumerate(report["modality_gap"]):
+                if g is not None:
+                    name = get_metric_name("ModalityGap", strategy, add_experience=False, add_task=t)
+                    values.append(MetricValue(self, name, g, strategy.clock.train_iterations))
+        return values
 
     def _record(self, strategy: Any, report: dict) -> None:
         if self._stream_len is not None and len(self._seen_exps) < self._stream_len:

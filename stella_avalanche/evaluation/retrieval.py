@@ -33,6 +33,7 @@ _BYTES_PER_ELEMENT = 16
 _DEFAULT_MEMORY_BUDGET = 512 * 2**20
 _TILE_ALIGN = 64
 _CPU_TILE_MAX = 1024
+_TILE_MAX = 16384  # per-tile counts are summed in fp32, exact below 2**24
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,12 @@ def _as_embeddings(x: torch.Tensor, name: str, device: torch.device) -> torch.Te
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (N, D), got {tuple(x.shape)}")
     # fp32 on purpose: fp16 embeddings create spurious exact ties (design §4).
-    return F.normalize(x.detach().to(device=device, dtype=torch.float32), dim=1)
+    x = x.detach().to(device=device, dtype=torch.float32)
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).reshape(-1)[:5].tolist()
+        raise ValueError(f"{name} has non-finite values (NaN/inf) in rows {bad}; ranks would be meaningless")
+    return F.normalize(x, dim=1)
 
 
 def retrieval_ranks(
@@ -140,7 +146,7 @@ def retrieval_ranks(
     # MKL rounds entries differently depending on their position, so two duplicate clips would no
     # longer tie exactly (verified on the project machine); aligned shapes keep every entry's
     # rounding independent of where it sits.
-    c = _TILE_ALIGN * -(-min(c, n) // _TILE_ALIGN)
+    c = _TILE_ALIGN * -(-min(c, n, _TILE_MAX) // _TILE_ALIGN)
     nb = -(-n // c)
     npad = nb * c
     # Zero-pad to a whole number of c x c tiles so that every similarity comes from a GEMM call of the
@@ -154,22 +160,24 @@ def retrieval_ranks(
     # Positives S_ii, read from the diagonal tiles, i.e. from the very GEMM call that produces the
     # diagonal tiles below (a separately computed dot product can differ in the last bit). Both
     # directions compare against this one vector.
+    # Preallocated tile buffers: fresh multi-MB tensors per tile would page-fault on every allocation.
+    sim = torch.empty(c, c, dtype=torch.float32, device=dev)
     pos = torch.empty(npad, dtype=torch.float32, device=dev)
     for b in range(nb):
         blk = slice(b * c, (b + 1) * c)
-        pos[blk] = (a[blk] @ v[blk].T).diagonal()
+        torch.matmul(a[blk], v[blk].T, out=sim)
+        pos[blk] = sim.diagonal()
 
     counts = {k: torch.zeros(npad, dtype=torch.int64, device=dev) for k in ("a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge")}
-    # Preallocated tile buffers: fresh multi-MB tensors per tile would page-fault on every allocation.
-    sim = torch.empty(c, c, dtype=torch.float32, device=dev)
-    flag = torch.empty(c, c, dtype=torch.bool, device=dev)
+    hits = torch.empty(c, c, dtype=torch.float32, device=dev)
+    flag = torch.empty(c, c, dtype=torch.bool, device=dev) if per_task_gallery else None
     tail = n - (nb - 1) * c                                # valid rows/columns in the last tile
     for rb in range(nb):                                   # query audio rows
         rows = slice(rb * c, (rb + 1) * c)
         p_row = pos[rows, None]
         for cb in range(nb):                               # gallery video columns
             cols = slice(cb * c, (cb + 1) * c)
-            torch.matmul(a[rows], v[cols].T, out=sim)      # the only large temporaries: sim and flag
+            torch.matmul(a[rows], v[cols].T, out=sim)      # the only large temporaries: sim and hits
             if rb == cb:
                 # self entry = its own positive exactly: never strictly better, tied once (pessimistic)
                 sim.diagonal().copy_(pos[rows])
@@ -185,9 +193,10 @@ def retrieval_ranks(
                                            (torch.ge, p_row, 1, "a2v_ge", rows),
                                            (torch.gt, pos[None, cols], 0, "v2a_gt", cols),
                                            (torch.ge, pos[None, cols], 0, "v2a_ge", cols)):
-                op(sim, thr, out=flag)
-                # uint8 view + int32 accumulator: several times faster than reducing a bool tensor
-                counts[key][idx] += flag.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
+                # 0/1 written as fp32 and summed in fp32 (exact: c <= _TILE_MAX < 2**24): several times
+                # faster on CPU than a bool tensor, whose reduction first casts a copy (measured)
+                op(sim, thr, out=hits)
+                counts[key][idx] += hits.sum(dim=dim).to(torch.int64)
 
     # strict: 1 + #{j : S_ij > S_ii}; pessimistic: 1 + #{j != i : S_ij >= S_ii} = #{j : S_ij >= S_ii}
     return RetrievalRanks(a2v=(counts["a2v_gt"][:n] + 1).cpu(), v2a=(counts["v2a_gt"][:n] + 1).cpu(),
