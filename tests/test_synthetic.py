@@ -27,6 +27,15 @@ def _hashes(root: Path) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Decoding and fbanks of tiny clips are dominated by thread hand-off on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic(tmp_path_factory.mktemp("syn") / "seed0", seed=0, preset="tiny", workers=2)

@@ -89,15 +89,26 @@ def sort_ranks(a: torch.Tensor, v: torch.Tensor, queries: torch.Tensor, directio
     return torch.cat(strict), torch.cat(pess)
 
 
-def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float, int]:
-    """(result, best wall time over ``repeats``, peak RSS growth) of ``fn()``."""
+def timed(fn: Callable[[], object], repeats: int = 1, device: torch.device = torch.device("cpu")
+          ) -> tuple[object, float, int]:
+    """(result, best wall time over ``repeats``, peak memory growth) of ``fn()``.
+
+    CPU: peak RSS growth; CUDA: peak allocated device memory above the starting allocation.
+    """
     best, peak, out = float("inf"), 0, None
+    cuda = device.type == "cuda"
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             out = fn()
+            if cuda:
+                torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)
-        peak = max(peak, mem.peak)
+        peak = max(peak, torch.cuda.max_memory_allocated(device) - base if cuda else mem.peak)
     return out, best, peak
 
 
@@ -110,23 +121,29 @@ def main() -> None:
                     help="largest N whose baseline sorts every query; above it a subset is used")
     ap.add_argument("--baseline-queries", type=int, default=1024, help="subset size per direction")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both methods run there)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="best-of-R timings for N <= --full-baseline-max (shared machines are noisy)")
+    ap.add_argument("--large-repeats", type=int, default=1, help="best-of-R timings above --full-baseline-max")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, D={args.dim}, CPU; best of {args.repeats} "
-          f"runs for N <= {args.full_baseline_max}, one run above; MB = peak RSS growth")
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, {args.threads} threads, D={args.dim}, {dev}; best of {args.repeats} "
+          f"runs for N <= {args.full_baseline_max}, of {args.large_repeats} above; MB = peak memory growth")
     print(f"{'N':>7} | {'tiled s':>8} {'tiled MB':>9} | {'sort s':>9} {'sort MB':>8} {'queries':>9} | "
           f"{'speed-up':>8} | exact")
     for n in args.sizes:
-        a, v = planted_embeddings(n, args.dim, args.seed)
+        a, v = (x.to(dev) for x in planted_embeddings(n, args.dim, args.seed))
         full = n <= args.full_baseline_max
-        reps = args.repeats if full else 1
-        ranks, t_tiled, m_tiled = timed(lambda: retrieval_ranks(a, v), reps)
+        reps = args.repeats if full else args.large_repeats
+        ranks, t_tiled, m_tiled = timed(lambda: retrieval_ranks(a, v), reps, dev)
         nq = n if full else min(n, args.baseline_queries)
         q = torch.arange(n) if full else torch.randperm(n, generator=torch.Generator().manual_seed(1))[:nq]
         q = torch.cat([torch.arange(min(20, n)), q])[:nq] if not full else q   # include the collapsed group
-        (res, t_sort, m_sort) = timed(lambda: {d: sort_ranks(a, v, q, d) for d in ("a2v", "v2a")}, reps)
+        q = q.to(dev)
+        (res, t_sort, m_sort) = timed(lambda: {d: sort_ranks(a, v, q, d) for d in ("a2v", "v2a")}, reps, dev)
+        res = {d: (r[0].cpu(), r[1].cpu()) for d, r in res.items()}
+        q = q.cpu()
         exact = all(torch.equal(res[d][0], ranks.strict(d)[q]) and torch.equal(res[d][1], ranks.pessimistic(d)[q])
                     for d in ("a2v", "v2a"))
         t_sort_full = t_sort * n / nq

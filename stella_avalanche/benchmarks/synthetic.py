@@ -29,6 +29,22 @@ SYNTHETIC_FILES = {"train": "train.csv", "test": "test.csv", "retrieval": "retri
 FEATURE_CACHE_DIR = "feature_cache"
 
 
+def _shared_cache(data_root: Path, preset: SyntheticPreset, features: "FeatureConfig", on_error: str) -> Any:
+    """One decode-once ``FeatureCache`` over every clip of the three splits.
+
+    One cache instead of one per (split, task) dataset: a single build pass and a single pair of
+    arrays, so the per-build fixed costs (memmap flush, fsync'ed metadata) are paid once.
+    """
+    from stella_avalanche.data.datasets import FeatureCache
+    from stella_avalanche.data.manifests import read_label_csv, read_split_csv
+
+    labels = read_label_csv(data_root / SYNTHETIC_FILES["labels"])
+    records = [rec for split in ("train", "test", "retrieval")
+               for rec in read_split_csv(data_root / SYNTHETIC_FILES[split], data_root=data_root,
+                                         task_names=preset.task_names, label_table=labels)]
+    return FeatureCache(data_root / FEATURE_CACHE_DIR, records=records, features=features, on_error=on_error)
+
+
 def synthetic_benchmark(root: str | os.PathLike | None = None, *, seed: int = 0,
                         preset: str | SyntheticPreset = "default", features: "FeatureConfig | None" = None,
                         cache: bool | Any = True, on_error: str = "raise", tasks: Sequence[str] | None = None,
@@ -47,7 +63,8 @@ def synthetic_benchmark(root: str | os.PathLike | None = None, *, seed: int = 0,
         (GPU runs) or ``"tiny"`` (tests), or a :class:`~stella_avalanche.data.synthetic.SyntheticPreset`.
     :param features: preprocessing config (default ``FeatureConfig.synthetic()``); it must read the
         frames the generator stores (window == clip) and match its sample rate and frame size.
-    :param cache: ``True``: decode-once ``FeatureCache`` under ``<root>/feature_cache``; ``False``/``None``:
+    :param cache: ``True``: one decode-once ``FeatureCache`` of all clips under ``<root>/feature_cache``
+        (built on first use); ``False``/``None``:
         decode every sample; a path or ``FeatureCache``: passed through to the datasets.
     :param on_error: dataset error policy (``"raise"``: never substitute another sample).
     :param tasks: subset of ``task0`` ... ``task7`` (stream order as given); ``None`` = all.
@@ -62,7 +79,7 @@ def synthetic_benchmark(root: str | os.PathLike | None = None, *, seed: int = 0,
     _check_features(p, features)
     data_root = generate_synthetic(root, seed=seed, preset=p, workers=workers)
     if cache is True:
-        cache_arg: Any = Path(data_root) / FEATURE_CACHE_DIR
+        cache_arg: Any = _shared_cache(Path(data_root), p, features, on_error)
     elif cache is False or cache is None:
         cache_arg = None
     else:

@@ -212,7 +212,7 @@ class SyntheticPreset:
 
 
 PRESETS: dict[str, SyntheticPreset] = {
-    # 24 classes x (200 + 10 + 10) clips: the CPU default (generation well under a minute on 2 cores).
+    # 24 classes x (200 + 10 + 10) clips: the CPU default (generation 40-65 s on 2 busy cores, ~540 MB).
     "default": SyntheticPreset(name="default"),
     # GPU runs: more training clips per class at the same resolution (the tiny/base model presets
     # assume 64 px synthetic frames).

@@ -253,7 +253,7 @@ def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *
     for d in DIRECTIONS:
         m, label = _metric_matrix(results, d, metric)
         rows, cols = m.shape
-        fig = _new_figure(1.2 + 0.75 * cols, 1.0 + 0.6 * rows)
+        fig = _new_figure(max(4.8, 2.0 + 0.75 * cols), max(3.2, 1.6 + 0.6 * rows))
         ax = fig.add_subplot(1, 1, 1)
         im = ax.imshow(m, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(m.max()), 1e-6))
         mid = 0.5 * float(m.max())
@@ -266,7 +266,7 @@ def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *
                       fontsize=7)
         ax.set_xlabel("evaluated task k")
         ax.set_ylabel("training progress l")
-        ax.set_title(f"{results.get('strategy', '')} {_DIR_TITLE[d]} recall (%), {label}", fontsize=9)
+        ax.set_title(f"{results.get('strategy', '')} {_DIR_TITLE[d]} recall (%)\n{label}", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = out / f"recall_matrix_{d}.png"

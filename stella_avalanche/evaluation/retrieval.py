@@ -168,7 +168,8 @@ def retrieval_ranks(
         torch.matmul(a[blk], v[blk].T, out=sim)
         pos[blk] = sim.diagonal()
 
-    counts = {k: torch.zeros(npad, dtype=torch.int64, device=dev) for k in ("a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge")}
+    # fp64 accumulators hold exact integer counts (< 2**53) and take the fp32 tile sums without a cast op
+    counts = {k: torch.zeros(npad, dtype=torch.float64, device=dev) for k in ("a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge")}
     hits = torch.empty(c, c, dtype=torch.float32, device=dev)
     flag = torch.empty(c, c, dtype=torch.bool, device=dev) if per_task_gallery else None
     tail = n - (nb - 1) * c                                # valid rows/columns in the last tile
@@ -196,11 +197,11 @@ def retrieval_ranks(
                 # 0/1 written as fp32 and summed in fp32 (exact: c <= _TILE_MAX < 2**24): several times
                 # faster on CPU than a bool tensor, whose reduction first casts a copy (measured)
                 op(sim, thr, out=hits)
-                counts[key][idx] += hits.sum(dim=dim).to(torch.int64)
+                counts[key][idx] += hits.sum(dim=dim)
 
     # strict: 1 + #{j : S_ij > S_ii}; pessimistic: 1 + #{j != i : S_ij >= S_ii} = #{j : S_ij >= S_ii}
-    return RetrievalRanks(a2v=(counts["a2v_gt"][:n] + 1).cpu(), v2a=(counts["v2a_gt"][:n] + 1).cpu(),
-                          a2v_pess=counts["a2v_ge"][:n].cpu(), v2a_pess=counts["v2a_ge"][:n].cpu())
+    out = {k: v[:n].to(torch.int64).cpu() for k, v in counts.items()}
+    return RetrievalRanks(a2v=out["a2v_gt"] + 1, v2a=out["v2a_gt"] + 1, a2v_pess=out["a2v_ge"], v2a_pess=out["v2a_ge"])
 
 
 def median_rank(ranks: torch.Tensor) -> float | None:

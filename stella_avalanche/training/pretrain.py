@@ -141,7 +141,7 @@ def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
 def _init_key(model_cfg: object, preset: str, seed: int, schedule: InitSchedule) -> str:
     from stella_avalanche.data import synthetic
 
-    payload = json.dumps({"generator": getattr(synthetic, "GENERATOR_VERSION", "0"), "preset": preset,
+    payload = json.dumps({"generator": synthetic.SYNTHETIC_VERSION, "preset": preset,
                           "seed": seed, "model": dataclasses.asdict(model_cfg),
                           "schedule": dataclasses.asdict(schedule)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
