@@ -188,9 +188,9 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
 
     gallery = cfg.get("eval", {}).get("gallery", "pooled")
     ks = tuple(cfg.get("eval", {}).get("ks", (1, 5, 10)))
-    tracker = M.RecallMatrixPlugin(ks=ks, gallery=gallery, num_tasks=len(bm.task_names))
-    evaluator = EvaluationPlugin(*M.retrieval_metrics(ks=ks, gallery=gallery),
-                                 loggers=make_loggers(out_dir, interactive=progress))
+    metrics = M.retrieval_metrics(ks=ks, gallery=gallery, num_tasks=len(bm.task_names))
+    tracker = M.find_recall_matrix_plugin(metrics)
+    evaluator = EvaluationPlugin(*metrics, loggers=make_loggers(out_dir, interactive=progress))
     ck = cfg.get("checkpoint", {}) or {}
     ckpt_dir = out_dir / "checkpoints"
     ckpt_plugin = C.CheckpointPlugin(directory=ckpt_dir, every_n_iterations=int(ck.get("every_n_iterations", 0)),
@@ -198,8 +198,9 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
                                      extra_state=lambda: {"tracker": tracker.state_dict()})
     strategy = make_strategy(
         name, model=model, avm=avm,
-        plugin_kwargs=cfg["strategy"].get("params") or {},
-        plugins=[tracker, ckpt_plugin],
+        # finetune / multitask have no plugin: the preset's replay parameters do not apply to them
+        plugin_kwargs={} if name in ("finetune", "multitask") else (cfg["strategy"].get("params") or {}),
+        plugins=[ckpt_plugin],
         optimizer=make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
                             weight_decay=float(tr["weight_decay"])),
         train_mb_size=int(tr["batch_size"]), train_epochs=int(tr["epochs"]),
@@ -215,7 +216,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
         cost["buffer_bytes"] = int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)
         cost["wall_seconds"] = round(time.perf_counter() - t0, 3)
         res = R.build_results(strategy=name, benchmark=cfg["benchmark"]["name"], seed=seed,
-                              tasks=list(bm.task_names), recall_matrix=tracker.as_lists(),
+                              tasks=list(bm.task_names), recall_matrix=tracker.matrix,
                               config=cfg, cost=cost)
         res["complete"] = done
         res["init"] = init

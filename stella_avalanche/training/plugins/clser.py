@@ -93,7 +93,7 @@ class CLSERPlugin(ReplayPluginBase, supports_distributed=True):
         """``min(1 - 1/(t+1), cap)`` with t = ``self.step`` (steps completed)."""
         return min(1.0 - 1.0 / (self.step + 1), cap)
 
-    def after_step(self, strategy: Any) -> None:
+    def finish_step(self, strategy: Any) -> None:
         u = torch.rand(2, generator=self.generator)
         up_p = bool(u[0] < self.plastic_update_prob)
         up_s = bool(u[1] < self.stable_update_prob)

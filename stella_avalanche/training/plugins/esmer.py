@@ -82,7 +82,7 @@ class ESMERPlugin(ReplayPluginBase, supports_distributed=True):
             self.ema.load_state_dict(self._pending)
             self._pending = None
 
-    def after_step(self, strategy: Any) -> None:
+    def finish_step(self, strategy: Any) -> None:
         if bool(torch.rand(1, generator=self.generator)[0] < self.ema_update_prob):
             ema_update_(self.ema, strategy.backbone, min(1.0 - 1.0 / (self.step + 1), self.ema_alpha))
 
@@ -109,7 +109,7 @@ class ESMERPlugin(ReplayPluginBase, supports_distributed=True):
         self.loss_mean = a * self.loss_mean + (1 - a) * r_mean
         self.loss_std = a * self.loss_std + (1 - a) * r_std
 
-    def before_replay(self, strategy: Any) -> None:
+    def prepare_replay(self, strategy: Any) -> None:
         cur = self._cur
         assert cur is not None
         losses = self.ema_losses(strategy, cur["video"], cur["audio"])

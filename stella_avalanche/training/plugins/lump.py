@@ -57,7 +57,7 @@ class LUMPPlugin(ReplayPluginBase, supports_distributed=True):
         #: λ of the last mixed step (None when the step was not mixed)
         self.last_lambda: float | None = None
 
-    def before_replay(self, strategy: Any) -> None:
+    def prepare_replay(self, strategy: Any) -> None:
         self.last_lambda = None
 
     def apply_replay(self, strategy: Any, rep: Mapping[str, Tensor]) -> None:

@@ -212,7 +212,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     """Reservoir replay shared by the baselines; on its own it is ER without anything else.
 
     Subclasses override the hooks :meth:`draw_replay`, :meth:`apply_replay`,
-    :meth:`insertion_extras`, :meth:`insertion_mask`, :meth:`after_step` and
+    :meth:`insertion_extras`, :meth:`insertion_mask`, :meth:`finish_step` and
     :meth:`extra_state` / :meth:`load_extra_state`, and the Avalanche callbacks they need
     (``before_training``, ``before_backward``; calling ``super()``).
 
@@ -342,7 +342,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         """(N,) bool: which current rows are offered to the reservoir (``None`` = all)."""
         return None
 
-    def before_replay(self, strategy: Any) -> None:
+    def prepare_replay(self, strategy: Any) -> None:
         """Called in ``before_forward`` after stashing the current rows, before replay is drawn."""
 
     def lookahead_params(self, strategy: Any) -> dict[str, Tensor]:
@@ -357,7 +357,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         return virtual_adam_params(strategy.backbone, strategy.optimizer, out["loss"].float(),
                                    grad_scale=loss_scale(strategy))
 
-    def after_step(self, strategy: Any) -> None:
+    def finish_step(self, strategy: Any) -> None:
         """Per-step bookkeeping after the insertion (EMA updates); ``self.step`` already counts it."""
 
     def extra_state(self) -> dict[str, Any]:
@@ -378,7 +378,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         # references suffice: apply_replay builds new tensors instead of writing into these
         self._cur = {k: batch[k].detach() for k in REPLAY_KEYS if k in batch and torch.is_tensor(batch[k])}
         self._rep, self._rep_slots, self.n_rep = None, None, 0
-        self.before_replay(strategy)
+        self.prepare_replay(strategy)
         m = self.replay_size(self.n_cur)
         if m > 0:
             rep = self.draw_replay(strategy, m)
@@ -398,7 +398,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
             items = {k: v.index_select(0, keep.to(v.device)) for k, v in items.items()}
         self.insert(items, strategy.device)
         self.step += 1
-        self.after_step(strategy)
+        self.finish_step(strategy)
         self._cur, self._rep, self._rep_slots = None, None, None
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
