@@ -153,14 +153,16 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     from stella_avalanche.training.strategies import make_strategy
     from stella_avalanche.training.template import make_adam
     from stella_avalanche import checkpoint as C
+    from stella_avalanche.distributed import all_gather_cat, init_from_env
     from avalanche.training.plugins import EvaluationPlugin
 
     cfg = copy.deepcopy(cfg)
     out_dir = Path(out_dir)
+    ctx = init_from_env(device)  # torchrun: process group, device by LOCAL_RANK; else single process
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"results directory is not writable: {out_dir}")
-    dev = resolve_device(device)
+    dev = ctx.device if ctx.enabled else resolve_device(device)
     tr = cfg["train"]
     if tr.get("threads"):
         torch.set_num_threads(int(tr["threads"]))
@@ -188,26 +190,39 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
 
     gallery = cfg.get("eval", {}).get("gallery", "pooled")
     ks = tuple(cfg.get("eval", {}).get("ks", (1, 5, 10)))
-    metrics = M.retrieval_metrics(ks=ks, gallery=gallery, num_tasks=len(bm.task_names))
+    metrics = M.retrieval_metrics(ks=ks, gallery=gallery, num_tasks=len(bm.task_names),
+                                  gather_fn=all_gather_cat if ctx.enabled else None)
     tracker = M.find_recall_matrix_plugin(metrics)
-    evaluator = EvaluationPlugin(*metrics, loggers=make_loggers(out_dir, interactive=progress))
+    evaluator = EvaluationPlugin(*metrics, loggers=make_loggers(out_dir, interactive=progress and ctx.is_main)
+                                 if ctx.is_main else None)
     ck = cfg.get("checkpoint", {}) or {}
-    ckpt_dir = out_dir / "checkpoints"
+    # one checkpoint series per rank: the replay buffers are per rank (resume needs the same world size)
+    ckpt_dir = out_dir / "checkpoints" / (f"rank{ctx.rank}" if ctx.enabled else "")
     ckpt_plugin = C.CheckpointPlugin(directory=ckpt_dir, every_n_iterations=int(ck.get("every_n_iterations", 0)),
                                      keep_last=int(ck.get("keep_last", 3)),
                                      extra_state=lambda: {"tracker": tracker.state_dict()})
+    plugin_kwargs = {} if name in ("finetune", "multitask") else dict(cfg["strategy"].get("params") or {})
+    if plugin_kwargs:  # each rank draws its own replay items (per-rank reservoirs, as the paper's 4 x 500)
+        plugin_kwargs["seed"] = seed + 7919 * ctx.rank
+    optimizer = make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
+                          weight_decay=float(tr["weight_decay"]))  # before DDP wrapping (parameter names)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model.to(dev), device_ids=[dev.index] if dev.type == "cuda" else None,
+                                        find_unused_parameters=True)
     strategy = make_strategy(
         name, model=model, avm=avm,
         # finetune / multitask have no plugin: the preset's replay parameters do not apply to them
-        plugin_kwargs={} if name in ("finetune", "multitask") else (cfg["strategy"].get("params") or {}),
+        plugin_kwargs=plugin_kwargs,
         plugins=[ckpt_plugin],
-        optimizer=make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
-                            weight_decay=float(tr["weight_decay"])),
+        optimizer=optimizer,
         train_mb_size=int(tr["batch_size"]), train_epochs=int(tr["epochs"]),
         eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev, evaluator=evaluator,
         amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
         num_workers=int(tr.get("num_workers", 0)))
 
+    strategy.world_size, strategy.rank = ctx.world_size, ctx.rank
     results_path = out_dir / "results.json"
 
     def write(done: bool) -> dict:
@@ -220,7 +235,9 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
                               config=cfg, cost=cost)
         res["complete"] = done
         res["init"] = init
-        R.write_results_json(results_path, res)
+        res["world_size"] = ctx.world_size
+        if ctx.is_main:  # only rank 0 writes results
+            R.write_results_json(results_path, res)
         return res
 
     if name == "multitask":
@@ -248,5 +265,10 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
                           extra={"tracker": tracker.state_dict()}, keep_last=int(ck.get("keep_last", 3)))
     if results is None:  # resumed after the last experience: nothing left to train
         results = write(done=True)
-    R.write_report(results, out_dir)
+    if ctx.is_main:
+        R.write_report(results, out_dir)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
     return results

@@ -218,7 +218,7 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
     "tiny": CAVConfig(
         embed_dim=192, num_heads=3, depth_modality=2, depth_fusion=1, decoder_dim=128, decoder_heads=4,
         decoder_depth=1, num_frames=4, img_size=64, patch_size=16, audio_length=256, mel_bins=64,
-        mask_ratio=0.75, temperature=0.1, contrastive_weight=0.1, pool_order="pool_then_norm",
+        mask_ratio=0.75, temperature=0.1, contrastive_weight=1.0, pool_order="pool_then_norm",
     ),
 }
 
