@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars / interactive logging")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=3e-4 strategy.params.mem_size=500")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
 def main(argv=None) -> int:
