@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import shutil
 import sys
@@ -33,15 +32,15 @@ def main(argv=None) -> int:
 
     from stella_avalanche.data.features import FeatureConfig
     from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import CAVMAE, MODEL_PRESETS
+    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.training.pretrain import load_backbone_checkpoint, pretrain_avm, synthetic_initialisation
     from stella_avalanche.utils import atomic_torch_save, resolve_device
 
     device = resolve_device(args.device)
     if args.split_csv is None:
         feats = FeatureConfig.synthetic()
-        cfg = dataclasses.replace(MODEL_PRESETS[args.model], num_frames=feats.num_frames, img_size=feats.frame_size,
-                                  audio_length=feats.target_length, mel_bins=feats.mel_bins)
+        cfg = model_config_for(args.model, feats)
         paths = synthetic_initialisation(cfg, device=device)
         print(f"AVM: {paths['avm']}")
         if args.out:
@@ -60,8 +59,7 @@ def main(argv=None) -> int:
                            on_error="skip", seed=args.seed)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_av,
                         num_workers=4)
-    cfg = dataclasses.replace(MODEL_PRESETS[args.model], num_frames=feats.num_frames, img_size=feats.frame_size,
-                              audio_length=feats.target_length, mel_bins=feats.mel_bins)
+    cfg = model_config_for(args.model, feats)
     model = CAVMAE(cfg)
     load_backbone_checkpoint(model, args.backbone)
     avm = build_avm(model)

@@ -39,15 +39,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from stella_avalanche.data.features import FeatureConfig
-    from stella_avalanche.models.cav import CAVMAE, MODEL_PRESETS
+    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.training.pretrain import InitSchedule, pretrain_backbone, synthetic_initialisation
     from stella_avalanche.utils import atomic_torch_save, resolve_device
 
     device = resolve_device(args.device)
     if args.split_csv is None:
         feats = FeatureConfig.synthetic()
-        cfg = dataclasses.replace(MODEL_PRESETS[args.model], num_frames=feats.num_frames, img_size=feats.frame_size,
-                                  audio_length=feats.target_length, mel_bins=feats.mel_bins)
+        cfg = model_config_for(args.model, feats)
         sched = InitSchedule()
         sched = dataclasses.replace(sched, **{k: v for k, v in (("backbone_steps", args.steps),
                                                                  ("batch_size", args.batch_size),
@@ -73,8 +73,7 @@ def main(argv=None) -> int:
     ds = AudioVideoDataset(records, features=feats, train=True, task_names=tasks, on_error="skip", seed=args.seed)
     loader = DataLoader(ds, batch_size=args.batch_size or 48, shuffle=True, drop_last=True,
                         collate_fn=collate_av, num_workers=4)
-    cfg = dataclasses.replace(MODEL_PRESETS[args.model], num_frames=feats.num_frames, img_size=feats.frame_size,
-                              audio_length=feats.target_length, mel_bins=feats.mel_bins)
+    cfg = model_config_for(args.model, feats)
     torch.manual_seed(args.seed)
     model = CAVMAE(cfg)
     hist = pretrain_backbone(model, loader, steps=args.steps or 10000, lr=args.lr or 1e-4, device=device)

@@ -18,7 +18,7 @@ import yaml
 
 from stella_avalanche.utils import atomic_write_json, resolve_device, seed_everything
 
-__all__ = ["load_config", "run_experiment", "CONFIG_DIR", "default_config_path"]
+__all__ = ["load_config", "run_experiment", "model_config_for", "CONFIG_DIR", "default_config_path"]
 
 log = logging.getLogger("stella_avalanche")
 
@@ -73,20 +73,23 @@ def _build_benchmark(cfg: dict):
     raise ValueError(f"unknown benchmark {name!r}")
 
 
-def _model_config(cfg: dict, features: Any):
-    from stella_avalanche.models.cav import MODEL_PRESETS
-
-    m = cfg["model"]
-    if m["preset"] not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {m['preset']!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    base = MODEL_PRESETS[m["preset"]]
-    geometry = {}
-    if features is not None:  # the input geometry comes from the benchmark's preprocessing
-        geometry = {"num_frames": features.num_frames, "img_size": features.frame_size,
-                    "audio_length": features.target_length, "mel_bins": features.mel_bins}
+def model_config_for(preset: str, features: Any = None, **overrides: Any):
+    """A model size preset with the input geometry of the benchmark's preprocessing."""
     import dataclasses
 
-    return dataclasses.replace(base, **geometry, **(m.get("overrides") or {}))
+    from stella_avalanche.models.cav import MODEL_PRESETS
+
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    geometry = {}
+    if features is not None:
+        geometry = {"num_frames": features.num_frames, "img_size": features.frame_size,
+                    "audio_length": features.target_length, "mel_bins": features.mel_bins}
+    return dataclasses.replace(MODEL_PRESETS[preset], **{**geometry, **overrides})
+
+
+def _model_config(cfg: dict, features: Any):
+    return model_config_for(cfg["model"]["preset"], features, **(cfg["model"].get("overrides") or {}))
 
 
 def _resolve_init(cfg: dict, model_cfg: Any, device: torch.device, need_avm: bool) -> dict:
