@@ -146,7 +146,7 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
     names = [PRETTY.get(r["strategy"], r["strategy"]) for r in rows]
     for d, dn in DIRS:
         fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.1), 3.8))
-        for ax, m, title in ((axes[0], "A", "𝒜 (Avg of R@1/5/10, %)"), (axes[1], "F", "ℱ (Avg, %)")):
+        for ax, m, title in ((axes[0], "A", "A: avg final recall (Avg of R@1/5/10, %)"), (axes[1], "F", "F: forgetting (Avg, %)")):
             mean = [r[f"{d}/Avg/{m}"][0] for r in rows]
             std = [r[f"{d}/Avg/{m}"][1] for r in rows]
             ax.bar(range(len(rows)), np.nan_to_num(mean), yerr=np.nan_to_num(std), capsize=3,
