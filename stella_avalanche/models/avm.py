@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stella_avalanche.models.cav import init_linear_and_norm_
+
 __all__ = ["AVMatching", "matching_pairs", "build_avm"]
 
 
@@ -107,14 +109,7 @@ class AVMatching(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Linear N(0, 0.02) with zero bias; LayerNorm weight 1, bias 0 (§3.1)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm_(self)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape

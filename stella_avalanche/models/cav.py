@@ -223,6 +223,19 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
 }
 
 
+@torch.no_grad()
+def init_linear_and_norm_(module: nn.Module) -> None:
+    """In place: every Linear N(0, 0.02) with zero bias, every LayerNorm weight 1 / bias 0 (§1.2, §3.1)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _modality(m: str) -> str:
     try:
         return _MODALITY_ALIASES[m]
@@ -492,14 +505,7 @@ class CAVMAE(nn.Module):
     def reset_parameters(self) -> None:
         """§1.2 initialisation: sin-cos tables, N(0, .02) tokens/Linear, Xavier patch kernels, LN 1/0."""
         cfg = self.config
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm_(self)
         for pe in (self.patch_embed_a, self.patch_embed_v):
             w = pe.proj.weight
             # Xavier on the (D, in*p*p) view, as for a Linear layer over flattened patches
