@@ -223,6 +223,35 @@ def test_pretrain_forward_outputs_and_loss_composition(tiny: CAVMAE) -> None:
     assert not torch.allclose(other["loss"], out["loss"])
 
 
+def test_contrastive_input_kept_embeds_every_kept_token() -> None:
+    """``contrastive_input="kept"``: the InfoNCE embeddings come from an unmasked pass over the kept
+    tokens (all of them without keep ids, so they equal the retrieval embeddings), independent of
+    the masking draw; ``"visible"`` embeddings depend on the draw and differ from ``embed``."""
+    torch.manual_seed(0)
+    kept = build_model("tiny", contrastive_input="kept").eval()
+    visible = build_model("tiny", contrastive_input="visible").eval()
+    visible.load_state_dict(kept.state_dict())
+    video, audio = _batch(kept.config, b=4)
+    with torch.no_grad():
+        za, zv = kept.embed(video, audio)
+        o1 = kept(video, audio, generator=_gen(0))
+        o2 = kept(video, audio, generator=_gen(1))
+        ov = visible(video, audio, generator=_gen(0))
+        # with keep ids: the pooled embedding of exactly the kept tokens
+        keep_v, keep_a = _keep(4, 64, 32, 3), _keep(4, 64, 20, 4)
+        ok = kept(video, audio, video_keep=keep_v, audio_keep=keep_a, generator=_gen(0))
+        u = kept.encode_modality(gather_tokens(kept.patchify_audio(audio), keep_a), keep_a, "audio")
+        ref_a = kept.pool(kept.fuse_unimodal(u, keep_a, "audio", final_norm=False), "audio", normed=False)
+    torch.testing.assert_close(F.normalize(o1["z_audio"], dim=-1), za)
+    torch.testing.assert_close(F.normalize(o1["z_video"], dim=-1), zv)
+    torch.testing.assert_close(o1["loss_nce"], o2["loss_nce"])
+    assert not torch.allclose(o1["loss_mae_video"], o2["loss_mae_video"])  # masking still random
+    torch.testing.assert_close(ok["z_audio"], ref_a)
+    assert not torch.allclose(F.normalize(ov["z_audio"], dim=-1), za, atol=1e-3)
+    with pytest.raises(ValueError, match="contrastive_input"):
+        CAVConfig(contrastive_input="all")
+
+
 def test_norm_pix_loss_of_a_zero_predictor() -> None:
     """With a zero prediction head each target patch costs mean(ŷ*²) = (P-1)/P (unbiased var)."""
     torch.manual_seed(0)

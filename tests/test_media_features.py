@@ -10,11 +10,13 @@ import torch
 from conftest import SECONDS, SR, frame_level
 from stella_avalanche.data import media
 from stella_avalanche.data.features import (FeatureConfig, _crop_offsets, _crop_pairs, augment_fbank,
-                                             cache_frame_times, compute_fbank, frame_times,
+                                             cache_frame_times, compute_fbank, draw_crop, frame_times,
                                              video_from_frames, window_starts)
 
 torch.set_num_threads(1)
-SYN = FeatureConfig.synthetic()
+# the synthetic geometry with the paper's augmentations switched back on (the synthetic preset turns
+# the fbank roll and the multi-scale crop off), so the transforms below are exercised at a small size
+SYN = FeatureConfig.synthetic(roll=True, crop_scales=(1.0, 0.875, 0.75))
 
 
 def _dominant_hz(x: torch.Tensor, sr: int) -> float:
@@ -175,6 +177,18 @@ def test_augment_fbank_noise_and_roll():
         assert len(r) == 1
         shifts.append(r[0])
     assert len(set(shifts)) > 1
+
+
+def test_synthetic_preset_keeps_audio_and_frames_aligned():
+    """No time roll and no crop in the synthetic preset: training audio stays on the frames' clock
+    (noise only, never a shift) and training frames are the whole stored frame."""
+    cfg = FeatureConfig.synthetic()
+    assert cfg.roll is False and cfg.crop_scales == (1.0,)
+    fb = torch.randn(4, 256, 64)
+    d = augment_fbank(fb, cfg, torch.Generator().manual_seed(0)) - fb
+    assert float(d.min()) >= 0 and float(d.max()) <= 0.1      # additive noise, no roll
+    for seed in range(5):
+        assert draw_crop(64, 64, cfg, torch.Generator().manual_seed(seed)) == (0, 0, 64, 64)
 
 
 # ---------------------------------------------------------------------- video transforms

@@ -131,9 +131,14 @@ class FeatureConfig:
         The window (4 x 0.64 s) is the whole 2.56 s clip, so the window start is always 0 in
         training and in evaluation, and the 2.56 s of audio cover exactly the same time span as the
         frames: in this preset audio and video **are** time-aligned (in the paper they are not).
+        That alignment is the benchmark's instance cue (the sound is on exactly while the object is
+        drawn), so the preset switches off the two augmentations that destroy it: the fbank time
+        roll (it shifts the audio against the frames) and the multi-scale crop (it cuts objects
+        near the border out of the frame while their sound stays).
         """
         base = cls(num_frames=4, frame_interval_s=0.64, clip_seconds=2.56, frames_fps=25.0,
-                   source_size=64, frame_size=64, audio_seconds=2.56, mel_bins=64, target_length=256)
+                   source_size=64, frame_size=64, audio_seconds=2.56, mel_bins=64, target_length=256,
+                   roll=False, crop_scales=(1.0,))
         return dataclasses.replace(base, **overrides)
 
     # ------------------------------------------------------------------ derived

@@ -101,6 +101,10 @@ class CAVConfig:
     :param norm_eps: LayerNorm eps (1e-5 as the official code, D15).
     :param pool_order: ``"norm_then_pool"`` (paper: mean of final-normed tokens) or
         ``"pool_then_norm"`` (mean of pre-norm tokens, then the final LayerNorm; tiny preset).
+    :param contrastive_input: which tokens the InfoNCE embeddings of a pre-training step see:
+        ``"visible"`` (paper / CAV-MAE: the encoder-visible tokens of the masked pass) or
+        ``"kept"`` (a second, unmasked encoder pass over all kept tokens; tiny preset: with 75 %
+        masking the small synthetic objects are rarely visible and the InfoNCE barely moves).
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
@@ -126,6 +130,7 @@ class CAVConfig:
     temperature: float = 0.05
     norm_eps: float = 1e-5
     pool_order: str = "norm_then_pool"
+    contrastive_input: str = "visible"
     gather_negatives: bool = True
 
     def __post_init__(self) -> None:
@@ -144,6 +149,8 @@ class CAVConfig:
             problems.append(f"mask_ratio={self.mask_ratio} must lie in [0, 1)")
         if self.pool_order not in _POOL_ORDERS:
             problems.append(f"pool_order={self.pool_order!r} must be one of {_POOL_ORDERS}")
+        if self.contrastive_input not in ("visible", "kept"):
+            problems.append(f"contrastive_input={self.contrastive_input!r} must be 'visible' or 'kept'")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0")
         for name in ("depth_modality", "depth_fusion", "decoder_depth", "num_frames"):
@@ -780,8 +787,9 @@ class CAVMAE(nn.Module):
         :param gather_negatives: overrides ``config.gather_negatives`` for this call, e.g. ``False``
             for per-rank scoring passes that the other ranks do not run at the same time.
         :returns: dict with ``loss``, ``loss_mae_audio``, ``loss_mae_video``, ``loss_nce`` (scalars),
-            ``z_audio``, ``z_video`` (B, D) un-normalised pooled embeddings of the visible tokens and
-            ``per_sample_loss`` (B,) = per-sample MAE_a + MAE_v + weighted NCE.
+            ``z_audio``, ``z_video`` (B, D) un-normalised pooled embeddings of the visible tokens
+            (``contrastive_input="kept"``: of all kept tokens) and ``per_sample_loss`` (B,) =
+            per-sample MAE_a + MAE_v + weighted NCE.
         """
         rho = self.config.mask_ratio if mask_ratio is None else mask_ratio
         pa, ida = self._prepare(audio, audio_patches, audio_keep, "audio")
@@ -806,6 +814,9 @@ class CAVMAE(nn.Module):
         mae_a, mae_a_ps = self._mae_loss(pred_a, ta)
         mae_v, mae_v_ps = self._mae_loss(pred_v, tv)
 
+        if self.config.contrastive_input == "kept":
+            U_a, vida = self.encode_modality(pa, ida, "audio"), ida
+            U_v, vidv = self.encode_modality(pv, idv, "video"), idv
         z_a = self.pool(self.fuse_unimodal(U_a, vida, "audio", final_norm=False), "audio", normed=False)
         z_v = self.pool(self.fuse_unimodal(U_v, vidv, "video", final_norm=False), "video", normed=False)
         nce, nce_ps = self._nce(z_a, z_v, gather_negatives)

@@ -5,7 +5,8 @@
 - Stage 2, :func:`pretrain_avm`: train the AVM with the backbone frozen (matching loss only).
 - :func:`synthetic_initialisation`: both stages on the synthetic benchmark's ``init`` split
   (fresh clips every step, never repeated), cached under the user cache dir and keyed by the
-  generator version, the model configuration and the schedule, so ``run_stella.py`` builds it once.
+  generator version, the feature preset, the model configuration and the schedule, so
+  ``run_stella.py`` builds it once.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
         loss.backward()
         opt.step()
         sched.step()
-        rec = {k: float(out[k]) for k in ("loss", "loss_mae_audio", "loss_mae_video", "loss_nce") if k in out}
+        rec = {k: float(out[k].detach()) for k in ("loss", "loss_mae_audio", "loss_mae_video", "loss_nce") if k in out}
         history.append(rec)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", nce=f"{rec.get('loss_nce', math.nan):.3f}")
@@ -142,6 +143,7 @@ def _init_key(model_cfg: object, preset: str, seed: int, schedule: InitSchedule)
     from stella_avalanche.data import synthetic
 
     payload = json.dumps({"generator": synthetic.SYNTHETIC_VERSION, "preset": preset,
+                          "features": dataclasses.asdict(synthetic.default_features(preset)),
                           "seed": seed, "model": dataclasses.asdict(model_cfg),
                           "schedule": dataclasses.asdict(schedule)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
