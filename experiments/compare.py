@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Compare strategies x seeds on one benchmark: run what is missing, then write the tables and plots.
 
-    python experiments/compare.py --out docs/results/synthetic                  # all 11 strategies, seeds 0 1 2
+    python experiments/compare.py --out docs/results/synthetic --jobs 2         # all 11 strategies, seeds 0 1 2
     python experiments/compare.py --strategies finetune stella --seeds 0 1 --out runs/cmp
     python experiments/compare.py --out docs/results/synthetic --aggregate-only  # re-aggregate, no training
 
-Runs go to ``<out>/runs/<strategy>/seed<seed>/`` (one ``run_stella.py`` process each, sequentially).
+Runs go to ``<out>/runs/<strategy>/seed<seed>/`` (one ``run_stella.py`` process each; ``--jobs N`` runs
+N of them side by side, splitting the CPU threads between them).
 A run whose results.json is complete is skipped; an interrupted one is resumed from its checkpoint,
 so an interrupted comparison continues where it stopped. Outputs in ``<out>``: ``comparison.md``,
 ``comparison.csv`` (mean ± std over seeds, population std as in the official scripts), ``cost.md``,
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,12 +40,28 @@ PRETTY = {"finetune": "Finetune", "er": "ER", "mir": "MIR", "derpp": "DER++", "g
           "multitask": "Multitask"}
 
 
-def run_missing(args: argparse.Namespace) -> None:
+def _complete(res: Path) -> bool:
+    try:
+        return bool(json.loads(res.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def pending_runs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
+    """``(strategy, seed, command)`` for every run whose results.json is missing or incomplete.
+
+    With ``--jobs N > 1`` and no explicit ``train.threads`` override each run gets
+    ``cpu_count // N`` threads, so N runs side by side do not oversubscribe the cores.
+    """
+    overrides = list(args.overrides)
+    jobs = max(1, getattr(args, "jobs", 1))
+    if jobs > 1 and not any(o.startswith("train.threads=") for o in overrides):
+        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
+    todo = []
     for strategy in args.strategies:
         for seed in args.seeds:
             out = args.out / "runs" / strategy / f"seed{seed}"
-            res = out / "results.json"
-            if res.exists() and json.loads(res.read_text()).get("complete"):
+            if _complete(out / "results.json"):
                 print(f"[skip] {strategy} seed {seed}: complete", flush=True)
                 continue
             cmd = [sys.executable, str(ROOT / "experiments" / "run_stella.py"), "--strategy", strategy,
@@ -51,11 +71,43 @@ def run_missing(args: argparse.Namespace) -> None:
                 cmd += ["--config", args.config]
             if args.data_root:
                 cmd += ["--data-root", args.data_root]
-            cmd += args.overrides
-            print(f"[run] {strategy} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-            r = subprocess.run(cmd)
-            if r.returncode != 0:
-                print(f"[fail] {strategy} seed {seed} exited {r.returncode}; continuing", flush=True)
+            todo.append((strategy, seed, cmd + overrides))
+    return todo
+
+
+def _launch(cmd: list[str], tag: str, prefix: bool) -> int:
+    """Run one ``run_stella.py`` process; with ``prefix`` its output lines are tagged (parallel jobs)."""
+    if not prefix:
+        return subprocess.run(cmd).returncode
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[{tag}] {line}", end="", flush=True)
+    return proc.returncode
+
+
+def run_missing(args: argparse.Namespace, launch: Callable[[list[str], str, bool], int] = _launch) -> list[str]:
+    """Run the pending runs, ``args.jobs`` at a time; returns the tags of the runs that failed.
+
+    Runs sharing a data set or initialisation that is not cached yet wait for one builder (an
+    inter-process lock in the library), so starting several at once on a fresh machine is safe.
+    """
+    todo = pending_runs(args)
+    jobs = max(1, getattr(args, "jobs", 1))
+
+    def one(item: tuple[str, int, list[str]]) -> str | None:
+        strategy, seed, cmd = item
+        tag = f"{strategy} s{seed}"
+        print(f"[run] {strategy} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+        rc = launch(cmd, tag, jobs > 1)
+        if rc != 0:
+            print(f"[fail] {strategy} seed {seed} exited {rc}; continuing", flush=True)
+            return tag
+        return None
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failed = [t for t in pool.map(one, todo) if t is not None]
+    return failed
 
 
 def load_runs(out: Path) -> dict[str, list[dict]]:
@@ -180,12 +232,13 @@ def main() -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs side by side (each gets cpu_count // jobs threads unless train.threads= is given)")
     p.add_argument("--aggregate-only", action="store_true", help="only re-aggregate existing results.json files")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.aggregate_only:
-        run_missing(args)
+    failed = [] if args.aggregate_only else run_missing(args)
     runs = load_runs(args.out)
     if not runs:
         print(f"no complete results under {args.out}/runs", file=sys.stderr)
@@ -194,6 +247,10 @@ def main() -> int:
     print(write_tables(rows, args.out, args.benchmark))
     plot(rows, runs, args.out)
     print(f"wrote {args.out}/comparison.md, comparison.csv, cost.md and plots")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun the same command to resume them)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "seed_everything", "resolve_device",
-           "default_cache_dir"]
+           "default_cache_dir", "build_lock"]
 
 
 @contextmanager
@@ -51,6 +51,30 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file and a rename."""
     with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
+
+
+@contextmanager
+def build_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on ``<target>.lock`` while a cache entry is built.
+
+    Several runs started together (``compare.py --jobs``) would otherwise all build the same
+    data set or initialisation at once and race to rename it into place. Callers re-check the
+    cache after entering, so the runs that waited reuse what the first one built. Where ``fcntl``
+    does not exist (Windows) this is a no-op and the atomic renames alone keep the cache valid.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(target.with_name(target.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def seed_everything(seed: int) -> None:

@@ -127,7 +127,20 @@ def test_cache_build_reuse_rebuild_and_skips(tmp_path, good, bad):
 
     with pytest.raises(media.SilentAudioError):           # on_error="raise" aborts the build...
         FeatureCache(tmp_path / "r", records=[bad["silent_audio"]], features=SYN, progress=False)
-    assert not list((tmp_path / "r").iterdir())           # ...and leaves nothing behind
+    # ...and leaves no data behind: only the (empty) build-lock file stays
+    assert [p.suffix for p in (tmp_path / "r").iterdir()] == [".lock"]
+
+
+def test_concurrent_cache_builders_build_once(tmp_path, good):
+    """Two runs asking for the same cache at once: one builds, the other waits and reuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        caches = list(pool.map(lambda _: FeatureCache(tmp_path, records=good, features=SYN, progress=False),
+                               range(2)))
+    assert sorted(c.built for c in caches) == [False, True]
+    assert caches[0].path == caches[1].path and (caches[0].path / "COMPLETE").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 def test_cached_equals_uncached(tmp_path, good):

@@ -36,7 +36,7 @@ from stella_avalanche.data.features import (FeatureConfig, augment_fbank, cache_
                                              compute_fbank, frame_times, load_waveform, time_key,
                                              video_from_frames)
 from stella_avalanche.data.manifests import ClipRecord, LabelTable
-from stella_avalanche.utils import atomic_write, atomic_write_json
+from stella_avalanche.utils import atomic_write, atomic_write_json, build_lock
 
 __all__ = ["AudioVideoDataset", "FeatureCache", "collate_av", "manifest_hash"]
 
@@ -131,11 +131,14 @@ class FeatureCache:
         self._time_pos = {time_key(t): i for i, t in enumerate(self.times.tolist())}
         self.built = False
         if not self._valid():
-            if self.path.exists():
-                log.warning("feature cache %s is incomplete or stale: rebuilding", self.path)
-                shutil.rmtree(self.path, ignore_errors=True)
-            self._build(list(records), on_error, progress)
-            self.built = True
+            # parallel runs wait for one builder, then reuse its cache (checked again under the lock)
+            with build_lock(self.path):
+                if not self._valid():
+                    if self.path.exists():
+                        log.warning("feature cache %s is incomplete or stale: rebuilding", self.path)
+                        shutil.rmtree(self.path, ignore_errors=True)
+                    self._build(list(records), on_error, progress)
+                    self.built = True
         meta = json.loads((self.path / "meta.json").read_text())
         #: key -> (error kind, path, reason) of clips that could not be decoded
         self.failures: dict[str, tuple[str, str, str]] = {k: (v[0], v[1], v[2])

@@ -48,6 +48,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from stella_avalanche.utils import build_lock
+
 if TYPE_CHECKING:
     from stella_avalanche.data.features import FeatureConfig
 
@@ -758,6 +760,15 @@ def generate_synthetic(root: str | os.PathLike | None = None, *, seed: int = 0,
     target = synthetic_root(seed, p, root)
     if not force and is_complete(target, seed=seed, preset=p):
         return target
+    # parallel runs wait for one generator, then reuse its data set
+    with build_lock(target):
+        if not force and is_complete(target, seed=seed, preset=p):
+            return target
+        return _generate(target, p, seed=seed, workers=workers, force=force, verbose=verbose)
+
+
+def _generate(target: Path, p: SyntheticPreset, *, seed: int, workers: int, force: bool, verbose: bool) -> Path:
+    """Write the data set into a temporary sibling of ``target`` and rename it into place."""
     if target.exists() and any(target.iterdir()) and not (target / _MARKER).exists():
         # A directory we did not write (or an interrupted non-atomic copy): refuse to clobber it.
         raise FileExistsError(f"{target} exists, is not empty and holds no synthetic {_MARKER}; "

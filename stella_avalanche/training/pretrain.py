@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stella_avalanche.training.template import make_adam
-from stella_avalanche.utils import atomic_torch_save, default_cache_dir
+from stella_avalanche.utils import atomic_torch_save, build_lock, default_cache_dir
 
 __all__ = ["pretrain_backbone", "pretrain_avm", "synthetic_initialisation", "InitSchedule",
            "load_backbone_checkpoint", "load_avm_checkpoint"]
@@ -157,16 +157,28 @@ def synthetic_initialisation(model_cfg: object, *, preset: str = "default", seed
 
     :returns: ``{"backbone": path, "avm": path}``.
     """
-    from stella_avalanche.data.synthetic import SyntheticInitDataset
-    from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import CAVMAE
-
     key = _init_key(model_cfg, preset, seed, schedule)
     root = Path(cache_dir or default_cache_dir() / "init") / f"synthetic-{preset}-{key}"
     paths = {"backbone": root / "backbone.pt", "avm": root / "avm.pt"}
     if not force and all(p.exists() for p in paths.values()):
         return paths
-    log.info("building the synthetic initialisation in %s (cached for later runs)", root)
+    # One builder at a time: parallel runs (compare.py --jobs) wait here and then reuse the cache.
+    with build_lock(root):
+        if not force and all(p.exists() for p in paths.values()):
+            return paths
+        _build_initialisation(model_cfg, preset=preset, seed=seed, schedule=schedule, key=key, paths=paths,
+                              device=device, force=force, num_workers=num_workers, progress=progress)
+    return paths
+
+
+def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule: InitSchedule, key: str,
+                          paths: dict[str, Path], device: str | torch.device, force: bool, num_workers: int,
+                          progress: bool) -> None:
+    from stella_avalanche.data.synthetic import SyntheticInitDataset
+    from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.cav import CAVMAE
+
+    log.info("building the synthetic initialisation in %s (cached for later runs)", paths["backbone"].parent)
     torch.manual_seed(seed)
     model = CAVMAE(model_cfg)
     data = SyntheticInitDataset(preset=preset, seed=seed)
@@ -184,4 +196,3 @@ def synthetic_initialisation(model_cfg: object, *, preset: str = "default", seed
     hist = pretrain_avm(model, avm, loader, steps=schedule.avm_steps, lr=schedule.avm_lr, device=device,
                         progress=progress, generator=torch.Generator().manual_seed(seed))
     atomic_torch_save({"avm": avm.state_dict(), "meta": {**meta, "history": hist[-50:]}}, paths["avm"])
-    return paths
