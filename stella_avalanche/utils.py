@@ -55,26 +55,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 @contextmanager
 def build_lock(target: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive inter-process lock on ``<target>.lock`` while a cache entry is built.
+    """Hold an exclusive inter-process lock while the cache entry ``target`` is built.
 
-    Several runs started together (``compare.py --jobs``) would otherwise all build the same
-    data set or initialisation at once and race to rename it into place. Callers re-check the
-    cache after entering, so the runs that waited reuse what the first one built. Where ``fcntl``
-    does not exist (Windows) this is a no-op and the atomic renames alone keep the cache valid.
+    Several runs started together (``compare.py --jobs``) would otherwise all build the same data
+    set or initialisation at once and race to rename it into place. The lock is taken on the
+    directory that will hold ``target`` (so no lock file is left behind); builds of different entries
+    in one directory therefore also take turns, which costs nothing on a machine whose cores the
+    first build already keeps busy. Callers re-check the cache after entering, so the runs that
+    waited reuse what the first one built. Where ``fcntl`` does not exist (Windows) this is a no-op
+    and the atomic renames alone keep the cache valid. Not re-entrant for one directory.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    parent = Path(target).parent
+    parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
-    with open(target.with_name(target.name + ".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def seed_everything(seed: int) -> None:
