@@ -272,3 +272,19 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
     assert len(pool) == 12 * TINY.init_retrieval_per_class
     assert pool.label.bincount().tolist() == [TINY.init_retrieval_per_class] * 12
     assert not torch.equal(pool[0]["video"], items[0]["video"])  # held out from the training stream
+
+
+def test_concurrent_generators_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs started together on a fresh machine: one generates, the other waits and reuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import stella_avalanche.data.synthetic as syn
+
+    calls = []
+    real = syn._generate
+    monkeypatch.setattr(syn, "_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: generate_synthetic(tmp_path / "d", seed=0, preset="tiny", workers=1),
+                              range(2)))
+    assert roots == [tmp_path / "d"] * 2 and len(calls) == 1
+    assert syn.is_complete(tmp_path / "d", seed=0, preset="tiny")
