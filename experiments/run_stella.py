@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Main entry: one continual pre-training strategy on one benchmark, evaluated by zero-shot
+r"""Main entry: one continual pre-training strategy on one benchmark, evaluated by zero-shot
 audio<->video retrieval after every task.
 
 Examples::
