@@ -85,6 +85,9 @@ def _one(args: argparse.Namespace) -> dict:
     timer = Timer()
     avm = build_avm(model) if args.strategy.startswith("stella") else None
     pk = {} if args.strategy == "finetune" else {"mem_size": args.mem_size}
+    if args.strategy != "finetune" and args.buffer_device != "default":
+        # one place for every strategy's buffer, so peak memory compares like with like
+        pk["buffer_device"] = str(device) if args.buffer_device == "device" else args.buffer_device
     strategy = make_strategy(args.strategy, model=model, avm=avm, plugins=[timer], plugin_kwargs=pk,
                              train_mb_size=args.batch_size, train_epochs=1, device=device, amp=args.amp)
     if device.type == "cuda":
@@ -96,10 +99,17 @@ def _one(args: argparse.Namespace) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     steady = timer.times[1:] or timer.times  # the first measured step may include lazy init
     return {"strategy": args.strategy, "device": str(device), "model": args.model,
-            "batch_size": args.batch_size, "mem_size": args.mem_size,
+            "batch_size": args.batch_size, "mem_size": args.mem_size, "amp": str(strategy.amp_dtype),
+            "buffer_device": pk.get("buffer_device", "default"),
             "samples_per_second": args.batch_size * len(steady) / sum(steady),
             "step_seconds": sum(steady) / len(steady), "peak_memory_bytes": int(peak),
             "buffer_bytes_per_item": int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)}
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def paper_buffer_bytes() -> dict:
@@ -136,6 +146,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps of a first experience that fills the buffer")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="auto")
+    p.add_argument("--buffer-device", default="device",
+                   help="where every replay buffer lives: 'device' (the training device, default), 'cpu', "
+                        "or 'default' (each plugin's own default: STELLA pinned CPU, the baselines the device)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -146,7 +159,8 @@ def main() -> int:
     for s in args.strategies:
         cmd = [sys.executable, __file__, "--one", s, "--model", args.model, "--device", args.device,
                "--batch-size", str(args.batch_size), "--mem-size", str(args.mem_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--amp", args.amp]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--amp", args.amp,
+               "--buffer-device", args.buffer_device]
         r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if r.returncode != 0:
             print(f"{s}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -154,8 +168,10 @@ def main() -> int:
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  measured {s}", file=sys.stderr)
     by = {r["strategy"]: r for r in rows}
+    head = rows[0] if rows else {}
     print(f"\nstep cost, model={args.model}, batch={args.batch_size}, replay memory={args.mem_size}, "
-          f"device={rows[0]['device'] if rows else '?'}")
+          f"device={head.get('device', '?')}{' (' + _device_name() + ')' if head.get('device', '').startswith('cuda') else ''}, "
+          f"amp={head.get('amp', '?')}, buffers on {args.buffer_device}")
     print(f"| strategy | samples/s | step (s) | peak memory (MB) | buffer bytes/item | "
           f"samples/s ÷ finetune | memory ÷ finetune | samples/s ÷ DER++ | memory ÷ DER++ |")
     print("|---|---|---|---|---|---|---|---|---|")
