@@ -201,8 +201,12 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
         for ax, m, title in ((axes[0], "A", "A: avg final recall (Avg of R@1/5/10, %)"), (axes[1], "F", "F: forgetting (Avg, %)")):
             mean = [r[f"{d}/Avg/{m}"][0] for r in rows]
             std = [r[f"{d}/Avg/{m}"][1] for r in rows]
-            ax.bar(range(len(rows)), np.nan_to_num(mean), yerr=np.nan_to_num(std), capsize=3,
-                   color=["C3" if r["strategy"].startswith("stella") else "C0" for r in rows])
+            ok = [i for i, v in enumerate(mean) if not np.isnan(v)]
+            ax.bar(ok, [mean[i] for i in ok], yerr=[std[i] for i in ok], capsize=3,
+                   color=["C3" if rows[i]["strategy"].startswith("stella") else "C0" for i in ok])
+            for i in sorted(set(range(len(rows))) - set(ok)):  # e.g. multitask has no forgetting
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.4")
+            ax.set_xlim(-0.6, len(rows) - 0.4)
             ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
             ax.set_title(f"{dn} {title}")
         fig.tight_layout()
