@@ -54,7 +54,7 @@ def pending_runs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     ``cpu_count // N`` threads, so N runs side by side do not oversubscribe the cores.
     """
     overrides = list(args.overrides)
-    jobs = max(1, getattr(args, "jobs", 1))
+    jobs = max(1, args.jobs)
     if jobs > 1 and not any(o.startswith("train.threads=") for o in overrides):
         overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
     todo = []
@@ -93,7 +93,7 @@ def run_missing(args: argparse.Namespace, launch: Callable[[list[str], str, bool
     inter-process lock in the library), so starting several at once on a fresh machine is safe.
     """
     todo = pending_runs(args)
-    jobs = max(1, getattr(args, "jobs", 1))
+    jobs = max(1, args.jobs)
 
     def one(item: tuple[str, int, list[str]]) -> str | None:
         strategy, seed, cmd = item

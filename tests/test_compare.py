@@ -103,3 +103,13 @@ def test_aggregate_only_tables_match_the_results(tmp_path, monkeypatch):
     assert cells[header.index("a2v/Avg/A/mean") // 2 + 1].startswith("**")   # best 𝒜 per column is bold
     for f in ("cost.md", "bars_a2v.png", "bars_v2a.png", "task_recall_a2v.png"):
         assert (tmp_path / f).is_file()
+
+
+@pytest.mark.skipif(not (PUBLISHED / "finetune" / "seed0" / "results.json").exists(),
+                    reason="published results.json files not present")
+def test_main_exits_nonzero_when_a_run_failed_but_still_writes_tables(tmp_path, monkeypatch):
+    _put(tmp_path, "finetune", 0, src=PUBLISHED / "finetune" / "seed0" / "results.json")
+    monkeypatch.setattr(compare, "run_missing", lambda args: ["stella s0"])
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--strategies", "finetune", "stella"])
+    assert compare.main() == 1
+    assert (tmp_path / "comparison.md").is_file()

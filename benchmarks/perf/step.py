@@ -98,18 +98,13 @@ def _one(args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     steady = timer.times[1:] or timer.times  # the first measured step may include lazy init
-    return {"strategy": args.strategy, "device": str(device), "model": args.model,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"strategy": args.strategy, "device": str(device), "device_name": name, "model": args.model,
             "batch_size": args.batch_size, "mem_size": args.mem_size, "amp": str(strategy.amp_dtype),
             "buffer_device": pk.get("buffer_device", "default"),
             "samples_per_second": args.batch_size * len(steady) / sum(steady),
             "step_seconds": sum(steady) / len(steady), "peak_memory_bytes": int(peak),
             "buffer_bytes_per_item": int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)}
-
-
-def _device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def paper_buffer_bytes() -> dict:
@@ -170,8 +165,8 @@ def main() -> int:
     by = {r["strategy"]: r for r in rows}
     head = rows[0] if rows else {}
     print(f"\nstep cost, model={args.model}, batch={args.batch_size}, replay memory={args.mem_size}, "
-          f"device={head.get('device', '?')}{' (' + _device_name() + ')' if head.get('device', '').startswith('cuda') else ''}, "
-          f"amp={head.get('amp', '?')}, buffers on {args.buffer_device}")
+          f"device={head.get('device', '?')} ({head.get('device_name', '?')}), amp={head.get('amp', '?')}, "
+          f"buffers on {args.buffer_device}")
     print(f"| strategy | samples/s | step (s) | peak memory (MB) | buffer bytes/item | "
           f"samples/s ÷ finetune | memory ÷ finetune | samples/s ÷ DER++ | memory ÷ DER++ |")
     print("|---|---|---|---|---|---|---|---|---|")
