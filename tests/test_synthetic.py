@@ -288,3 +288,23 @@ def test_concurrent_generators_generate_once(tmp_path: Path, monkeypatch: pytest
                               range(2)))
     assert roots == [tmp_path / "d"] * 2 and len(calls) == 1
     assert syn.is_complete(tmp_path / "d", seed=0, preset="tiny")
+
+
+def test_concurrent_initialisation_builders_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel runs on a fresh cache: one builds the stage-1/2 initialisation, the other reuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stella_avalanche.data.synthetic import default_features
+    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.training import pretrain as P
+
+    calls = []
+    real = P._build_initialisation
+    monkeypatch.setattr(P, "_build_initialisation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = model_config_for("tiny", default_features("tiny"))
+    sched = P.InitSchedule(backbone_steps=2, avm_steps=2, batch_size=4, warmup_steps=1)
+    with ThreadPoolExecutor(2) as pool:
+        out = list(pool.map(lambda _: P.synthetic_initialisation(cfg, preset="tiny", schedule=sched, cache_dir=tmp_path,
+                                                                 num_workers=0, progress=False), range(2)))
+    assert out[0] == out[1] and len(calls) == 1
+    assert all(p.is_file() for p in out[0].values())

@@ -113,7 +113,7 @@ def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         if step % 10 == 0:
             bar.set_postfix(vam=f"{history[-1]:.3f}")
     return history
