@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stella_avalanche.benchmarks.splits import SPLITS_DATA_DIR, prepare_audioset_splits
+from stella_avalanche.benchmarks.splits import prepare_audioset_splits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root holding AudioSet/data/{frames,audio,<Class_Name>_<train|eval>/video}")
     p.add_argument("--out", required=True, type=Path, help="output folder for the split CSVs")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed of the written splits (default 0)")
-    p.add_argument("--tasks-table", type=Path, default=SPLITS_DATA_DIR / "audioset_tasks.csv",
-                   help="171-row class table (default benchmarks/splits/audioset_tasks.csv)")
+    p.add_argument("--tasks-table", type=Path, default=None,
+                   help="171-row class table (default: the packaged stella_avalanche/benchmarks/split_tables/audioset_tasks.csv)")
     p.add_argument("--no-raw-video", action="store_true",
                    help="require extracted frames and audio files (ignore raw .mp4 videos)")
     p.add_argument("--quiet", action="store_true", help="do not print the per-task table")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stella_avalanche.benchmarks.splits import SPLITS_DATA_DIR, prepare_vggsound_splits
+from stella_avalanche.benchmarks.splits import prepare_vggsound_splits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed of the written splits (default 0)")
     p.add_argument("--max-per-class", type=int, default=400, help="train clips per trained class (default 400)")
     p.add_argument("--classes-per-task", type=int, default=20, help="trained classes per task (default 20)")
-    p.add_argument("--categories", type=Path, default=SPLITS_DATA_DIR / "vggsound_categories.csv",
-                   help="class -> task table (default benchmarks/splits/vggsound_categories.csv)")
+    p.add_argument("--categories", type=Path, default=None,
+                   help="class -> task table (default: the packaged stella_avalanche/benchmarks/split_tables/vggsound_categories.csv)")
     p.add_argument("--no-raw-video", action="store_true",
                    help="require extracted frames and audio files (ignore raw .mp4 videos)")
     p.add_argument("--quiet", action="store_true", help="do not print the per-task table")

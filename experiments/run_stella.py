@@ -20,13 +20,14 @@ import logging
 import sys
 from pathlib import Path
 
-from stella_avalanche.training.strategies import STRATEGY_NAMES
+from stella_avalanche.training.strategies import ABLATION_STRATEGIES, STRATEGY_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", choices=STRATEGY_NAMES, default=None,
-                   help="continual strategy (default: the config's, stella)")
+                   help="continual strategy (default: the config's, stella); ablation variants of STELLA: "
+                        + ", ".join(ABLATION_STRATEGIES))
     p.add_argument("--benchmark", choices=("synthetic", "vggsound", "audioset"), default="synthetic")
     p.add_argument("--data-root", default=None, help="data root of a real benchmark (prepared splits)")
     p.add_argument("--model", choices=("tiny", "base"), default=None, help="backbone size preset")
@@ -35,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, help="output directory (default runs/<benchmark>-<strategy>-seed<seed>)")
-    p.add_argument("--config", default=None, help="YAML preset (default: experiments/configs/<benchmark> preset)")
+    p.add_argument("--config", default=None,
+                   help="YAML config: a file path or a packaged preset name (synthetic_tiny, vggsound_paper, "
+                        "audioset_paper); default: the benchmark's preset")
     p.add_argument("--init-checkpoint", default=None,
                    help="stage-1 backbone: project checkpoint, CAV-MAE or ImageNet-MAE weights; 'none' = random")
     p.add_argument("--avm-checkpoint", default=None, help="stage-2 AVM checkpoint (pretrain_avm.py)")

@@ -1,8 +1,8 @@
 """One experiment = one strategy on one benchmark with one seed, end to end.
 
 ``experiments/run_stella.py`` is a thin CLI over :func:`run_experiment`; ``experiments/compare.py``
-calls it for strategies x seeds. Configuration is a nested dict (YAML presets under
-``experiments/configs/`` plus ``key=value`` overrides, merged with OmegaConf).
+calls it for strategies x seeds. Configuration is a nested dict (packaged YAML presets, see
+:mod:`stella_avalanche.config`, plus ``key=value`` overrides, merged with OmegaConf).
 """
 from __future__ import annotations
 
@@ -14,41 +14,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
+from stella_avalanche.config import default_preset, load_config
 from stella_avalanche.utils import atomic_write_json, resolve_device, seed_everything
 
-__all__ = ["load_config", "run_experiment", "model_config_for", "CONFIG_DIR", "default_config_path"]
+__all__ = ["load_config", "run_experiment", "model_config_for", "default_preset"]
 
 log = logging.getLogger("stella_avalanche")
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
-_DEFAULT_CONFIGS = {"synthetic": "synthetic_tiny.yaml", "vggsound": "vggsound_paper.yaml",
-                    "audioset": "audioset_paper.yaml"}
-
-
-def default_config_path(benchmark: str) -> Path:
-    """The preset YAML used when ``--config`` is not given."""
-    if benchmark not in _DEFAULT_CONFIGS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(_DEFAULT_CONFIGS)}")
-    return CONFIG_DIR / _DEFAULT_CONFIGS[benchmark]
-
-
-def load_config(path: Optional[str | Path] = None, *, benchmark: str = "synthetic",
-                overrides: Optional[list[str]] = None) -> dict:
-    """Load a YAML preset and apply dotted ``key=value`` overrides (values parsed as YAML)."""
-    from omegaconf import OmegaConf
-
-    path = Path(path) if path else default_config_path(benchmark)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    cfg = OmegaConf.create(yaml.safe_load(path.read_text()) or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True, force_add=True)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +125,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.training.pretrain import load_avm_checkpoint
-    from stella_avalanche.training.strategies import make_strategy
+    from stella_avalanche.training.strategies import get_spec, make_strategy
     from stella_avalanche.training.template import make_adam
     from stella_avalanche import checkpoint as C
     from stella_avalanche.distributed import all_gather_cat, init_from_env
@@ -170,12 +142,13 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     if tr.get("threads"):
         torch.set_num_threads(int(tr["threads"]))
     name = cfg["strategy"]["name"]
+    spec = get_spec(name)
     t0 = time.perf_counter()
 
     bm = _build_benchmark(cfg)
     features = getattr(bm, "features", None)
     model_cfg = _model_config(cfg, features)
-    need_avm = name in ("stella", "stella_plus")
+    need_avm = spec.needs_avm
     init = _resolve_init(cfg, model_cfg, dev, need_avm)
 
     seed_everything(seed)
@@ -204,9 +177,10 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     ckpt_plugin = C.CheckpointPlugin(directory=ckpt_dir, every_n_iterations=int(ck.get("every_n_iterations", 0)),
                                      keep_last=int(ck.get("keep_last", 3)),
                                      extra_state=lambda: {"tracker": tracker.state_dict()})
-    plugin_kwargs = {} if name in ("finetune", "multitask") else dict(cfg["strategy"].get("params") or {})
-    if plugin_kwargs:  # each rank draws its own replay items (per-rank reservoirs, as the paper's 4 x 500)
-        plugin_kwargs["seed"] = seed + 7919 * ctx.rank
+    # finetune / multitask have no plugin: the preset's replay parameters do not apply to them. The
+    # rank goes to make_strategy: each rank draws its own replay items (per-rank reservoirs, as the
+    # paper's 4 x 500)
+    plugin_kwargs = dict(cfg["strategy"].get("params") or {}) if spec.takes_params else {}
     optimizer = make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
                           weight_decay=float(tr["weight_decay"]))  # before DDP wrapping (parameter names)
     if ctx.enabled:
@@ -215,9 +189,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
         model = DistributedDataParallel(model.to(dev), device_ids=[dev.index] if dev.type == "cuda" else None,
                                         find_unused_parameters=True)
     strategy = make_strategy(
-        name, model=model, avm=avm,
-        # finetune / multitask have no plugin: the preset's replay parameters do not apply to them
-        plugin_kwargs=plugin_kwargs,
+        name, model=model, avm=avm, plugin_kwargs=plugin_kwargs, rank=ctx.rank, world_size=ctx.world_size,
         plugins=[ckpt_plugin],
         optimizer=optimizer,
         train_mb_size=int(tr["batch_size"]), train_epochs=int(tr["epochs"]),
@@ -225,7 +197,6 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
         amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
         num_workers=int(tr.get("num_workers", 0)))
 
-    strategy.world_size, strategy.rank = ctx.world_size, ctx.rank
     results_path = out_dir / "results.json"
 
     def write(done: bool) -> dict:
@@ -243,7 +214,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
             R.write_results_json(results_path, res)
         return res
 
-    if name == "multitask":
+    if spec.joint:
         from stella_avalanche.benchmarks.common import multitask_experience
 
         experiences = [multitask_experience(bm)]

@@ -25,6 +25,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -33,6 +34,7 @@ import pandas as pd
 
 from stella_avalanche.data.manifests import (ManifestError, normalise_display_name, read_cavmae_json,
                                              split_vggsound_video_id, write_split_csv)
+from stella_avalanche.resources import as_path, split_table
 from stella_avalanche.utils import atomic_write, atomic_write_json
 
 __all__ = [
@@ -88,8 +90,9 @@ AUDIOSET_FILES: dict[str, str] = {
     "dropped": "audioset_dropped.csv",
 }
 
-#: ``benchmarks/splits`` of the source tree: the split data files (category and class tables).
-SPLITS_DATA_DIR: Path = Path(__file__).resolve().parents[2] / "benchmarks" / "splits"
+#: the packaged split tables (category and class tables), a :mod:`importlib.resources` folder
+#: (``stella_avalanche/benchmarks/split_tables``; see :mod:`stella_avalanche.resources`).
+SPLITS_DATA_DIR = files("stella_avalanche") / "benchmarks" / "split_tables"
 
 _VGG_PREFIX = "vggsound/data"
 _AS_PREFIX = "AudioSet/data"
@@ -163,9 +166,12 @@ def load_vggsound_categories(path: str | os.PathLike | None = None) -> dict[str,
     """Read ``vggsound_categories.csv`` -> ``{normalised display name: task}``.
 
     :param path: the table (columns ``display_name, category, task, ...``); default
-        ``benchmarks/splits/vggsound_categories.csv``.
+        the packaged ``vggsound_categories.csv``.
     """
-    path = Path(path) if path is not None else SPLITS_DATA_DIR / "vggsound_categories.csv"
+    if path is None:  # the packaged table
+        with as_path(split_table("vggsound_categories.csv")) as packaged:
+            return load_vggsound_categories(packaged)
+    path = Path(path)
     df = _read_table(path)
     _require_columns(df, ("display_name", "task"), path)
     bad = sorted(set(df["task"]) - set(VGGSOUND_TASKS))
@@ -180,7 +186,10 @@ def load_audioset_tasks(path: str | os.PathLike | None = None) -> pd.DataFrame:
     :returns: DataFrame with columns ``index`` (row position = class id), ``mid``, ``display_name``,
         ``category`` (task name), ``role``; rows in file order.
     """
-    path = Path(path) if path is not None else SPLITS_DATA_DIR / "audioset_tasks.csv"
+    if path is None:  # the packaged table
+        with as_path(split_table("audioset_tasks.csv")) as packaged:
+            return load_audioset_tasks(packaged)
+    path = Path(path)
     df = _read_table(path)
     _require_columns(df, ("task", "display_name", "mid"), path)
     bad = sorted(set(df["task"]) - set(AUDIOSET_TASKS))
@@ -515,7 +524,7 @@ def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.P
     :param seed: shuffle seed of the written splits.
     :param max_per_class: train clips kept per trained class.
     :param classes_per_task: trained classes per task.
-    :param categories_csv: class -> task table; default ``benchmarks/splits/vggsound_categories.csv``.
+    :param categories_csv: class -> task table; default: the packaged ``vggsound_categories.csv``.
     :param allow_raw_video: accept raw ``.mp4`` files when frames / audio are not extracted.
     :param verbose: print the per-task table and the selected classes.
     :returns: :class:`SplitReport`.
@@ -716,7 +725,7 @@ def prepare_audioset_splits(train_json: str | os.PathLike, eval_json: str | os.P
     :param data_root: the root every written path is relative to.
     :param out_dir: output folder (also ``audioset_prepare_report.json``, ``audioset_dropped.csv``).
     :param seed: shuffle seed of the written splits.
-    :param tasks_csv: the 171-row table; default ``benchmarks/splits/audioset_tasks.csv``.
+    :param tasks_csv: the 171-row table; default: the packaged ``audioset_tasks.csv``.
     :param allow_raw_video: accept raw ``.mp4`` files when frames / audio are not extracted.
     :param verbose: print the per-task table.
     :returns: :class:`SplitReport`.
