@@ -1,0 +1,1 @@
+"""Performance accounting: the analytic per-step cost model (:mod:`.cost_model`)."""
