@@ -1,11 +1,13 @@
 """Project-owned checkpoints: resume a killed run exactly where it stopped.
 
 A checkpoint is one ``torch.save`` file holding plain state dicts (never pickled strategies or
-datasets, unlike Avalanche's dill checkpoints, see avalanche-notes.md §8):
+datasets, unlike Avalanche's dill checkpoints, which pickle whole strategies and break when a class
+changes):
 
 - the strategy's training state (:meth:`AudioVideoPretraining.training_state_dict`): model,
   optimizer(s), GradScaler, every plugin's ``state_dict()`` (buffers in their compact form, AVM,
-  EMA copies, selection generators), Avalanche clock and cost counters;
+  EMA copies, selection generators) keyed by the plugin's identity (:func:`plugin_state_key`), not
+  by its position in the plugin list, Avalanche clock and cost counters;
 - the evaluation state (recall-matrix rows so far);
 - the RNG states of python, numpy, torch (CPU and CUDA);
 - the position: experience index, epoch inside it, batches already done in that epoch.
@@ -31,7 +33,8 @@ from avalanche.training.plugins import SupervisedPlugin
 from stella_avalanche.utils import atomic_torch_save
 
 __all__ = ["Position", "CheckpointPlugin", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "restore_strategy", "rng_state", "set_rng_state"]
+           "restore_strategy", "rng_state", "set_rng_state", "plugin_state_key", "plugin_states",
+           "load_plugin_states", "PluginStateMismatch"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -58,6 +61,86 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PluginStateMismatch(RuntimeError):
+    """A checkpoint's plugin states do not match the plugins of the strategy resuming from it."""
+
+
+def plugin_state_key(plugin: Any) -> str:
+    """The identity under which a plugin's state is checkpointed.
+
+    A plugin may name itself with a ``state_key`` attribute (needed only to tell apart two stateful
+    plugins of one class whose order may change); otherwise the key is its class's qualified name.
+    """
+    explicit = getattr(plugin, "state_key", None)
+    if explicit:
+        return str(explicit)
+    cls = type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _keyed(plugins: Any) -> dict[str, Any]:
+    """``{identity: plugin}`` of the stateful plugins; a repeated identity gets ``#2``, ``#3``, ... in
+    list order (so several plugins of one class are matched in their order)."""
+    out: dict[str, Any] = {}
+    for p in plugins:
+        if not callable(getattr(p, "state_dict", None)):
+            continue
+        base = plugin_state_key(p)
+        key, n = base, 1
+        while key in out:
+            n += 1
+            key = f"{base}#{n}"
+        out[key] = p
+    return out
+
+
+def plugin_states(plugins: Any) -> dict[str, dict]:
+    """``{identity: state_dict()}`` of every plugin that has a ``state_dict`` method."""
+    return {k: p.state_dict() for k, p in _keyed(plugins).items()}
+
+
+_LEGACY_KEY = re.compile(r"^(\d+):(\w+)$")
+
+
+def _from_legacy(states: dict, keyed: dict[str, Any]) -> dict:
+    """Checkpoints written before identity keys used ``"<position>:<class name>"``: match those by
+    class name, in position order."""
+    by_class: dict[str, list[str]] = {}
+    for key in keyed:
+        by_class.setdefault(type(keyed[key]).__name__, []).append(key)
+    out = {}
+    for old in sorted(states, key=lambda k: int(_LEGACY_KEY.match(k).group(1))):  # type: ignore[union-attr]
+        name = _LEGACY_KEY.match(old).group(2)  # type: ignore[union-attr]
+        candidates = by_class.get(name, [])
+        out[candidates.pop(0) if candidates else f"<no {name} plugin>"] = states[old]
+    return out
+
+
+def load_plugin_states(plugins: Any, states: dict) -> None:
+    """Give every stateful plugin its checkpointed state, matched by identity (the order of the
+    plugin list does not matter).
+
+    :raises PluginStateMismatch: when the checkpoint holds a state no plugin claims, or a stateful
+        plugin has no state in the checkpoint (it would silently start from scratch), naming both
+        sides.
+    """
+    keyed = _keyed(plugins)
+    if states and all(_LEGACY_KEY.match(k) for k in states):
+        states = _from_legacy(states, keyed)
+    extra = sorted(set(states) - set(keyed))
+    missing = sorted(set(keyed) - set(states))
+    if extra or missing:
+        raise PluginStateMismatch(
+            "the checkpoint's plugin states do not match the strategy's plugins: "
+            + (f"states without a plugin: {extra}; " if extra else "")
+            + (f"plugins without a state: {missing}; " if missing else "")
+            + f"checkpoint has {sorted(states)}, strategy has {sorted(keyed)}. Resume with the same "
+              "strategy and plugins (their order may differ; give two plugins of one class a "
+              "`state_key` to tell them apart).")
+    for key, plugin in keyed.items():
+        plugin.load_state_dict(states[key])
 
 
 _ITER_COUNTERS = ("train_iterations", "train_exp_iterations", "train_epoch_iterations", "total_iterations")

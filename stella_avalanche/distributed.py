@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_from_env", "all_gather_cat", "is_main_process"]
+__all__ = ["DistContext", "init_from_env", "all_gather_cat", "is_main_process", "get_rank"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,13 @@ def init_from_env(device: Optional[str] = None) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
+def get_rank() -> int:
+    """This process's rank in the initialised process group; 0 without one (the one rank helper)."""
+    return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
+
+
 def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return get_rank() == 0
 
 
 def all_gather_cat(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, seeding, device and thread selection."""
+"""Small shared helpers: atomic file writes, seeding (and seed derivation), device selection, the
+process-wide progress-bar switch."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "seed_everything", "resolve_device",
-           "default_cache_dir", "build_lock"]
+           "default_cache_dir", "build_lock", "SEED_STRIDE", "SEED_PURPOSES", "derive_seed",
+           "progress_enabled", "set_progress"]
 
 
 @contextmanager
@@ -85,6 +87,63 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+#: the prime between derived seeds (ranks, purposes); small run seeds never make two of them collide
+SEED_STRIDE = 7919
+
+#: purpose -> (multiplier, offset): ``derive_seed`` returns ``base * multiplier + offset`` with
+#: ``base = seed + SEED_STRIDE * rank``. The formulas are those the seeded runs always used, so
+#: their numbers do not change. (Kept for that reason: a baseline's reservoir stream on rank r equals
+#: its draw stream on rank r + 1; the two streams drive different choices.)
+SEED_PURPOSES: dict[str, tuple[int, int]] = {
+    "plugin": (1, 0),                    # a strategy plugin's own seed (each DDP rank its own)
+    "replay_draws": (1, 0),              # ReplayPluginBase: replay sampling, MIR candidates, LUMP mixing, ...
+    "replay_buffer": (1, SEED_STRIDE),   # ReplayPluginBase: reservoir insertion
+    "stella_steps": (SEED_STRIDE, 1),    # STELLAPlugin: patch sampling and matching-loss negatives
+    "stella_buffer": (SEED_STRIDE, 2),   # STELLAPlugin: reservoir insertion
+}
+
+
+def derive_seed(seed: int, purpose: str, *, rank: int = 0) -> int:
+    """The seed of one random stream of a run: a function of the run seed, the purpose and the rank.
+
+    Every generator of the package that is not the global one is seeded through here, so that two
+    streams of one run never share a seed by accident and the rank offset is applied exactly once.
+    The strategy factory derives a plugin's seed with ``purpose="plugin"`` and the DDP rank; the
+    plugin then derives its own streams from that seed with ``rank=0`` (the rank is already in it).
+
+    :param seed: the run seed (or a plugin's seed).
+    :param purpose: a key of :data:`SEED_PURPOSES`.
+    :param rank: the DDP rank (0 without DDP).
+    :returns: a non-negative int below 2**63.
+    """
+    try:
+        mult, offset = SEED_PURPOSES[purpose]
+    except KeyError:
+        raise ValueError(f"unknown seed purpose {purpose!r}; known: {', '.join(SEED_PURPOSES)}") from None
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    base = int(seed) + SEED_STRIDE * int(rank)
+    return (base * mult + offset) % (2**63 - 1)
+
+
+_PROGRESS = {"enabled": True}
+
+
+def set_progress(enabled: bool) -> None:
+    """Switch every progress bar of the package on or off (``run_stella.py --quiet`` switches them
+    off: feature-cache builds, the synthetic initialisation, Avalanche's interactive logger)."""
+    _PROGRESS["enabled"] = bool(enabled)
+
+
+def progress_enabled() -> bool:
+    """Whether progress bars are shown: switched on (:func:`set_progress`) and, under DDP, rank 0."""
+    if not _PROGRESS["enabled"]:
+        return False
+    from stella_avalanche.distributed import get_rank
+
+    return get_rank() == 0
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

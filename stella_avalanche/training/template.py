@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, Sampler
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
+from stella_avalanche.batch_keys import MODEL_INPUT_KEYS  # re-exported: the keys ``forward`` passes on
+
 __all__ = ["AudioVideoPretraining", "NonFiniteLossError", "make_adam", "unwrap_model",
            "MODEL_INPUT_KEYS", "EpochSampler"]
 
-#: batch keys forwarded to ``model.pretrain_forward``
-MODEL_INPUT_KEYS = ("video", "audio", "video_keep", "audio_keep", "video_patches", "audio_patches")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -355,14 +355,13 @@ class AudioVideoPretraining(SupervisedTemplate):
     # ------------------------------------------------------------------ state (checkpoints)
     def training_state_dict(self) -> dict:
         """Everything needed to continue training: model, optimizer, scaler, plugin states (plugins
-        own their extra optimizers, buffers and generators), Avalanche clock and cost counters (the
+        own their extra optimizers, buffers and generators; keyed by plugin identity, see
+        :func:`stella_avalanche.checkpoint.plugin_state_key`), Avalanche clock and cost counters (the
         checkpoint module adds RNG states and the position)."""
-        plugins = {}
-        for i, p in enumerate(self.plugins):
-            if hasattr(p, "state_dict") and callable(p.state_dict):
-                plugins[f"{i}:{type(p).__name__}"] = p.state_dict()
+        from stella_avalanche.checkpoint import plugin_states
+
         return {"model": self.backbone.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "plugins": plugins,
+                "scaler": self.scaler.state_dict(), "plugins": plugin_states(self.plugins),
                 "clock": {k: v for k, v in vars(self.clock).items() if isinstance(v, int)},
                 "cost": {"train_seconds": self.train_seconds, "train_samples": self.train_samples}}
 
@@ -372,11 +371,9 @@ class AudioVideoPretraining(SupervisedTemplate):
         self.backbone.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        names = {f"{i}:{type(p).__name__}": p for i, p in enumerate(self.plugins)}
-        for key, st in state["plugins"].items():
-            if key not in names:
-                raise RuntimeError(f"checkpoint holds state of plugin {key!r}, absent from the strategy")
-            names[key].load_state_dict(st)
+        from stella_avalanche.checkpoint import load_plugin_states
+
+        load_plugin_states(self.plugins, state["plugins"])  # by plugin identity, not list position
         for k, v in state["clock"].items():
             setattr(self.clock, k, v)
         self.train_seconds = state["cost"]["train_seconds"]
