@@ -23,6 +23,7 @@ __all__ = [
     "patch_importance",
     "importance_from_projections",
     "candidate_ids",
+    "uniform_candidate_ids",
     "summary_queries",
     "rca_probability",
     "bernoulli_exclusion",
@@ -137,6 +138,18 @@ def candidate_ids(I: Tensor, K: int) -> Tensor:
     if not 0 < K <= I.shape[-1]:
         raise ValueError(f"K={K} must be in [1, {I.shape[-1]}]")
     return torch.topk(I.float(), K, dim=-1, largest=True, sorted=True).indices
+
+
+def uniform_candidate_ids(rows: int, L: int, K: int, *, generator: Optional[torch.Generator] = None,
+                          device: torch.device | str = "cpu") -> Tensor:
+    """``K`` distinct ids per row drawn uniformly at random: :func:`candidate_ids` of a constant
+    importance, its ties broken at random (the ``importance="uniform"`` ablation).
+
+    :return: (rows, K) int64.
+    """
+    if not 0 < K <= L:
+        raise ValueError(f"K={K} must be in [1, {L}]")
+    return torch.topk(_rand((rows, L), generator=generator, device=torch.device(device)), K, dim=-1).indices
 
 
 def _candidate_weights(I: Tensor, cand: Tensor) -> Tensor:
@@ -371,11 +384,20 @@ class PatchSelector:
     :param audio_time_tokens: T_a.
     :param audio_freq_tokens: F_a.
     :param head_chunk: AVM heads processed at once when computing importance (memory bound).
+    :param importance: ``"avm"`` (LPIS, the method) or ``"uniform"`` (ablation): every token of a
+        modality gets importance ``1/L``, candidates are a uniformly random ``K``-subset, so the video
+        draw is uniform and the audio chunks are visited in uniform random order.
+    :param rca: replay-guided exclusion (the method); ``False`` (ablation) sets ``C = 0``: no token
+        is ever excluded and no exclusion coin is drawn.
     """
 
     def __init__(self, *, keep_ratio_video: float = 0.5, keep_ratio_audio: float = 0.5, chunk: int = 4,
                  tau: float = 0.4, video_tokens: int, audio_time_tokens: int, audio_freq_tokens: int,
-                 head_chunk: int = 1) -> None:
+                 head_chunk: int = 1, importance: str = "avm", rca: bool = True) -> None:
+        if importance not in ("avm", "uniform"):
+            raise ValueError(f"importance must be 'avm' or 'uniform', got {importance!r}")
+        self.importance = importance
+        self.rca = bool(rca)
         self.video_tokens = int(video_tokens)
         self.audio_time_tokens = int(audio_time_tokens)
         self.audio_freq_tokens = int(audio_freq_tokens)
@@ -393,7 +415,8 @@ class PatchSelector:
 
     def __repr__(self) -> str:
         return (f"PatchSelector(K_V={self.keep_video}/{self.video_tokens}, K_A={self.keep_audio}/"
-                f"{self.audio_tokens}, chunk={self.chunk}, tau={self.tau})")
+                f"{self.audio_tokens}, chunk={self.chunk}, tau={self.tau}, importance={self.importance}, "
+                f"rca={self.rca})")
 
     def select(self, *, proj: Mapping[str, Tensor], replay: Optional[Mapping[str, Tensor]] = None,
                select_replay: bool = True, generator: Optional[torch.Generator] = None) -> SelectionResult:
@@ -412,9 +435,16 @@ class PatchSelector:
         if q_v.shape[2] != self.video_tokens or q_a.shape[2] != self.audio_tokens:
             raise ValueError(f"projections have L_V={q_v.shape[2]}, L_A={q_a.shape[2]}; selector expects "
                              f"{self.video_tokens}, {self.audio_tokens}")
-        I_v, I_a = importance_from_projections(q_a, k_a, q_v, k_v, self.tau, head_chunk=self.head_chunk)
-        cand_v = candidate_ids(I_v, self.keep_video)
-        cand_a = candidate_ids(I_a, self.keep_audio)
+        if self.importance == "avm":
+            I_v, I_a = importance_from_projections(q_a, k_a, q_v, k_v, self.tau, head_chunk=self.head_chunk)
+            cand_v = candidate_ids(I_v, self.keep_video)
+            cand_a = candidate_ids(I_a, self.keep_audio)
+        else:  # ablation: equal importance, ties broken uniformly at random
+            n, dev = q_v.shape[0], q_v.device
+            I_v = torch.full((n, self.video_tokens), 1.0 / self.video_tokens, device=dev)
+            I_a = torch.full((n, self.audio_tokens), 1.0 / self.audio_tokens, device=dev)
+            cand_v = uniform_candidate_ids(n, self.video_tokens, self.keep_video, generator=generator, device=dev)
+            cand_a = uniform_candidate_ids(n, self.audio_tokens, self.keep_audio, generator=generator, device=dev)
         qbar_v = summary_queries(q_v, I_v, cand_v)
         qbar_a = summary_queries(q_a, I_a, cand_a)
         if replay is None:  # step 7: first step, deterministic top-K, audio without chunking
@@ -422,8 +452,11 @@ class PatchSelector:
             return SelectionResult(cand_v, cand_a, I_v, I_a, zeros_v, zeros_a, qbar_a, qbar_v,
                                    cand_v, cand_a, True)
         # step 8 (D13: both RCA maps from the candidate sets, before any selection)
-        C_v = rca_probability(k_v, replay["qbar_a"], qbar_a, cand_v)
-        C_a = rca_probability(k_a, replay["qbar_v"], qbar_v, cand_a)
+        if self.rca:
+            C_v = rca_probability(k_v, replay["qbar_a"], qbar_a, cand_v)
+            C_a = rca_probability(k_a, replay["qbar_v"], qbar_v, cand_a)
+        else:  # ablation: C = 0, nothing is excluded
+            C_v, C_a = torch.zeros_like(I_v), torch.zeros_like(I_a)
         if select_replay:
             dev = I_v.device
             all_I_v = torch.cat([I_v, replay["I_v"].to(dev).float()])
@@ -433,8 +466,12 @@ class PatchSelector:
         else:
             all_I_v, all_I_a, all_C_v, all_C_a = I_v, I_a, C_v, C_a
         # step 9
-        X_v = bernoulli_exclusion(all_C_v, generator)
-        X_a = bernoulli_exclusion(all_C_a, generator)
+        if self.rca:
+            X_v = bernoulli_exclusion(all_C_v, generator)
+            X_a = bernoulli_exclusion(all_C_a, generator)
+        else:  # stored C of replay rows are ignored too (they are 0 when stored by this variant)
+            X_v = torch.zeros(all_C_v.shape, dtype=torch.bool, device=all_C_v.device)
+            X_a = torch.zeros(all_C_a.shape, dtype=torch.bool, device=all_C_a.device)
         video_ids = sample_video_ids(all_I_v, X_v, self.keep_video, generator)
         audio_ids = select_audio_chunks(all_I_a, X_a, self.keep_audio, time_tokens=self.audio_time_tokens,
                                         freq_tokens=self.audio_freq_tokens, chunk=self.chunk,

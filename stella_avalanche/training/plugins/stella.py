@@ -118,6 +118,10 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
     :param audio_storage: "uint8" (per-item affine, default) or "float16" buffer audio.
     :param stats_dtype: dtype of the stored I, C and qbar (fp16 by default; z are always fp32).
     :param head_chunk: AVM heads processed at once for the importance maps.
+    :param importance: ``"avm"`` (LPIS, the method) or ``"uniform"`` (ablation: equal importance,
+        so candidates and video patches are drawn uniformly and audio chunks visited in uniform order).
+    :param rca: replay-guided exclusion (the method); ``False`` (ablation): ``C = 0``, no exclusion.
+        ``importance="uniform", rca=False`` is random patch selection (strategy ``stella_random``).
     """
 
     def __init__(self, *, avm: nn.Module, mem_size: int = 2000, replay_batch: Optional[int] = None,
@@ -126,10 +130,18 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
                  refresh_replay_stats: bool = False, lr: float = 1e-4,
                  betas: tuple[float, float] = (0.95, 0.999), weight_decay: float = 5e-7, seed: int = 0,
                  buffer_device: str | torch.device = "cpu", audio_storage: str = "uint8",
-                 stats_dtype: torch.dtype = torch.float16, head_chunk: int = 1) -> None:
+                 stats_dtype: torch.dtype = torch.float16, head_chunk: int = 1, importance: str = "avm",
+                 rca: bool = True) -> None:
         super().__init__()
         if plus and refresh_replay_stats:
             raise ValueError("refresh_replay_stats needs full replay clips: not available with plus=True")
+        if importance not in ("avm", "uniform"):
+            raise ValueError(f"importance must be 'avm' or 'uniform', got {importance!r}")
+        if refresh_replay_stats and (importance != "avm" or not rca):
+            raise ValueError("refresh_replay_stats recomputes AVM importance and RCA: it needs "
+                             "importance='avm' and rca=True")
+        self.importance = importance
+        self.rca = bool(rca)
         if mem_size < 1:
             raise ValueError(f"mem_size must be >= 1, got {mem_size}")
         if replay_batch is not None and replay_batch < 1:
@@ -191,7 +203,7 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
                 keep_ratio_video=self.keep_ratio_video, keep_ratio_audio=self.keep_ratio_audio,
                 chunk=self.chunk, tau=self.tau_att, video_tokens=cfg.num_video_tokens,
                 audio_time_tokens=cfg.audio_time_tokens, audio_freq_tokens=cfg.audio_freq_tokens,
-                head_chunk=self.head_chunk)
+                head_chunk=self.head_chunk, importance=self.importance, rca=self.rca)
             if self.plus:
                 fields = stella_plus_fields(
                     keep_video=self.selector.keep_video, keep_audio=self.selector.keep_audio,
