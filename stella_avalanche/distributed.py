@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_from_env", "all_gather_cat", "is_main_process", "get_rank"]
+__all__ = ["DistContext", "init_from_env", "all_gather_cat", "is_main_process", "wrap_ddp", "get_rank"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,27 @@ def init_from_env(device: Optional[str] = None) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, *, find_unused_parameters: bool = False
+             ) -> torch.nn.Module:
+    """Wrap ``model`` (moved to ``ctx.device``) in PyTorch DDP.
+
+    ``find_unused_parameters`` is off: every trainable parameter of the backbone takes part in each
+    pre-training forward, whatever the strategy (full clips, kept ids or STELLA+ patches;
+    ``tests/test_ddp_params.py`` checks this), so the extra autograd-graph traversal DDP would do
+    after every forward to look for unused parameters is pure overhead. Turn it on only for a model
+    whose forward skips parameters; DDP then raises at the second step if it is needed and off.
+
+    :param model: the bare backbone (build the optimizer from it before wrapping: parameter names).
+    :param ctx: this process's :class:`DistContext` (CUDA: one device per process).
+    :param find_unused_parameters: passed to ``DistributedDataParallel``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = ctx.device
+    return DistributedDataParallel(model.to(dev), device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def get_rank() -> int:

@@ -128,7 +128,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     from stella_avalanche.training.strategies import get_spec, make_strategy
     from stella_avalanche.training.template import make_adam
     from stella_avalanche import checkpoint as C
-    from stella_avalanche.distributed import all_gather_cat, init_from_env
+    from stella_avalanche.distributed import all_gather_cat, init_from_env, wrap_ddp
     from avalanche.training.plugins import EvaluationPlugin
 
     cfg = copy.deepcopy(cfg)
@@ -184,10 +184,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     optimizer = make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
                           weight_decay=float(tr["weight_decay"]))  # before DDP wrapping (parameter names)
     if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model.to(dev), device_ids=[dev.index] if dev.type == "cuda" else None,
-                                        find_unused_parameters=True)
+        model = wrap_ddp(model, ctx)  # no unused-parameter search: every parameter takes part
     strategy = make_strategy(
         name, model=model, avm=avm, plugin_kwargs=plugin_kwargs, rank=ctx.rank, world_size=ctx.world_size,
         plugins=[ckpt_plugin],
