@@ -226,6 +226,44 @@ def test_per_task_gallery_with_gather_dedup(avalanche_run) -> None:
     assert per_task.last_report["num_queries"] == N_TASKS * PER_TASK
 
 
+def _same_recall(a: dict, b: dict) -> None:
+    """Two ``{"R@K": L x T}`` recall blocks agree (up to float rounding)."""
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k] == pytest.approx(b[k]) if not isinstance(a[k][0], list) else \
+            all(ra == pytest.approx(rb) for ra, rb in zip(a[k], b[k], strict=True)), k
+
+
+def test_matrix_keeps_per_query_ranks_of_every_row(avalanche_run) -> None:
+    from stella_avalanche.evaluation.report import recall_from_ranks
+    from stella_avalanche.evaluation.retrieval import retrieval_ranks
+
+    plugins = [m for m in avalanche_run["evaluator"].metrics if isinstance(m, RecallMatrixPlugin)]
+    pooled = next(p for p in plugins if p.gallery == "pooled")
+    per_task = next(p for p in plugins if p.gallery == "per_task")
+    ranks = pooled.matrix.ranks_lists()
+    assert ranks is not None and ranks["gallery"] == "pooled"
+    # queries in (task, index) order; one row of N ranks per end-of-experience evaluation only
+    assert ranks["task"] == sorted(ranks["task"]) and ranks["index"] == list(range(PER_TASK)) * N_TASKS
+    assert len(ranks["a2v"]) == N_TASKS and all(len(r) == N_TASKS * PER_TASK for r in ranks["v2a"])
+    for l, (a, v) in enumerate(avalanche_run["snap"].tables):
+        exp = retrieval_ranks(a, v, task_ids=torch.arange(N_TASKS * PER_TASK) // PER_TASK)
+        tg = retrieval_ranks(a, v, task_ids=torch.arange(N_TASKS * PER_TASK) // PER_TASK, per_task_gallery=True)
+        assert ranks["a2v"][l] == exp.a2v.tolist() and ranks["v2a"][l] == exp.v2a.tolist()
+        assert ranks["a2v_task_gallery"][l] == tg.a2v.tolist()
+    # the ranks reproduce both matrices
+    for d in ("a2v", "v2a"):
+        rec = recall_from_ranks(ranks[d], ranks["task"], num_tasks=N_TASKS)
+        _same_recall(rec, pooled.matrix.as_lists()[d])
+        rec_tg = recall_from_ranks(ranks[f"{d}_task_gallery"], ranks["task"], num_tasks=N_TASKS)
+        _same_recall(rec_tg, per_task.matrix.as_lists()[d])
+    assert "a2v_task_gallery" not in per_task.matrix.ranks_lists()
+    # the ranks survive the checkpoint state
+    clone = RecallMatrix()
+    clone.load_state_dict(pooled.matrix.state_dict())
+    assert clone.ranks_lists() == ranks
+
+
 def test_metric_names_and_values(avalanche_run) -> None:
     m = avalanche_run["metrics"]
     a, v = avalanche_run["snap"].tables[-1]

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from stella_avalanche.evaluation.metrics import RecallMatrix
 from stella_avalanche.evaluation.report import (build_results, load_results, plot_recall_matrix, plot_task_curves,
@@ -79,14 +80,13 @@ def test_write_round_trip_and_atomicity(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match="not valid JSON"):
         write_results_json(path, bad)
     assert load_results(path) == r
-    # a crash in the middle of writing (half a file written) leaves the old file and no temp file
-    import stella_avalanche.utils as utils
+    # a crash in the middle of writing (temporary file open) leaves the old file and no temp file
+    import stella_avalanche.evaluation.report as report
 
-    def half_dump(obj, fh, **kw):
-        fh.write('{"strategy": ')
+    def crash(data):
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(utils.json, "dump", half_dump)
+    monkeypatch.setattr(report, "dumps_compact", crash)
     with pytest.raises(RuntimeError, match="mid-write"):
         write_results_json(path, _results(seed=7))
     monkeypatch.undo()
@@ -98,6 +98,54 @@ def test_write_round_trip_and_atomicity(tmp_path, monkeypatch) -> None:
         write_results_json(tmp_path / "x.json", broken)
     with pytest.raises(ValueError, match="one per task"):
         _results(tasks=TASKS[:2])
+
+
+def _same_recall(a: dict, b: dict) -> None:
+    """Two ``{"R@K": L x T}`` recall blocks agree (up to float rounding)."""
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k] == pytest.approx(b[k]) if not isinstance(a[k][0], list) else \
+            all(ra == pytest.approx(rb) for ra, rb in zip(a[k], b[k], strict=True)), k
+
+
+def test_per_query_ranks_round_trip_and_reproduce_the_recall(tmp_path) -> None:
+    from stella_avalanche.evaluation.report import recall_from_ranks
+
+    g = torch.Generator().manual_seed(0)
+    tasks = torch.arange(3).repeat_interleave(20)                    # 3 tasks x 20 queries
+    index = torch.arange(20).repeat(3)
+    rm = RecallMatrix(num_tasks=3)
+    all_ranks = []
+    for l in range(3):
+        r = {d: torch.randint(1, 40, (60,), generator=g) for d in ("a2v", "v2a", "a2v_task_gallery", "v2a_task_gallery")}
+        r["a2v_task_gallery"] = torch.minimum(r["a2v_task_gallery"], r["a2v"])
+        all_ranks.append(r)
+        row = {d: recall_from_ranks([r[d].tolist()], tasks.tolist(), num_tasks=3) for d in ("a2v", "v2a")}
+        rm.set_row(l, {d: {k: v[0] for k, v in row[d].items()} for d in row},
+                   ranks={**r, "task": tasks, "index": index})
+    res = _results(recall_matrix=rm)
+    path = write_results_json(tmp_path / "results.json", res)
+    back = load_results(path)
+    assert back == res
+    assert back["ranks"]["a2v"] == [r["a2v"].tolist() for r in all_ranks]
+    assert back["ranks"]["task"] == tasks.tolist() and back["ranks"]["index"] == index.tolist()
+    for d in ("a2v", "v2a"):
+        _same_recall(recall_from_ranks(back["ranks"][d], back["ranks"]["task"], num_tasks=3), back["recall"][d])
+    # the per-task gallery beside the pooled one, derived from its ranks
+    tg = recall_from_ranks(back["ranks"]["a2v_task_gallery"], back["ranks"]["task"], num_tasks=3)
+    _same_recall(back["recall_task_gallery"]["a2v"], tg)
+    assert back["summary_task_gallery"]["a2v"]["R@1"]["A"] == pytest.approx(sum(tg["R@1"][-1]) / 3)
+    # compact: every rank list on one line
+    text = path.read_text()
+    lines = {line.strip().rstrip(",") for line in text.splitlines()}
+    assert all("[" + ", ".join(map(str, r["v2a"].tolist())) + "]" in lines for r in all_ranks)
+    # malformed ranks are refused, naming the field
+    bad = json.loads(json.dumps(res))
+    bad["ranks"]["v2a"][1] = bad["ranks"]["v2a"][1][:-1]
+    with pytest.raises(ValueError, match="ranks.v2a"):
+        write_results_json(tmp_path / "bad.json", bad)
+    with pytest.raises(ValueError, match="other queries"):
+        rm.set_row(0, rm.rows[0], ranks={**all_ranks[0], "task": tasks, "index": index.flip(0)})
 
 
 def test_summary_table_layout() -> None:

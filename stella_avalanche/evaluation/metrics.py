@@ -29,17 +29,20 @@ from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
 
 from stella_avalanche.evaluation.loggers import JSONLLogger
-from stella_avalanche.evaluation.retrieval import DEFAULT_KS, DIRECTIONS, recall_report
+from stella_avalanche.evaluation.retrieval import DEFAULT_KS, DIRECTIONS, recall_report, retrieval_ranks
 
 __all__ = [
     "average_accuracy", "forgetting", "RecallMatrix", "RetrievalEmbeddingStore",
     "RetrievalRecallPerExperience", "RecallMatrixPlugin", "retrieval_metrics", "find_recall_matrix_plugin",
-    "GatherFn", "JSONLLogger",
+    "GatherFn", "JSONLLogger", "RANK_KEYS",
 ]
 
 #: ``gather_fn(tensors) -> tensors``: concatenates every rank's tensors along dim 0 (DDP hook).
 GatherFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 _DIR_LABEL = {"a2v": "A2V", "v2a": "V2A"}
+#: per-query rank lists kept per matrix row: strict ranks in the matrix's gallery and, for a pooled
+#: matrix, in the per-task gallery too (cheap: one more pass over the same embeddings)
+RANK_KEYS: tuple[str, ...] = ("a2v", "v2a", "a2v_task_gallery", "v2a_task_gallery")
 
 
 # --------------------------------------------------------------------------------------------- 𝒜, ℱ
@@ -122,6 +125,9 @@ class RecallMatrix:
         self.intermediate: list[dict[str, Any]] = []
         self.modality_gap: dict[int, list] = {}
         self.initial_modality_gap: list | None = None
+        #: row -> {rank key: N ints}; the queries' ``task`` / ``index`` (N,) are shared by all rows
+        self.ranks: dict[int, dict[str, list[int]]] = {}
+        self.rank_queries: dict[str, list[int]] | None = None
 
     # -- building
     def _check_row(self, row: Mapping[str, Mapping[str, Sequence]]) -> Row:
@@ -151,13 +157,43 @@ class RecallMatrix:
                                     for k in self.ks} for d in self.directions})
 
     def set_row(self, exp_index: int, row: Mapping[str, Mapping[str, Sequence]], *,
-                modality_gap: Sequence[float | None] | None = None) -> None:
-        """Store (or overwrite) the row measured after training experience ``exp_index`` (0-based)."""
+                modality_gap: Sequence[float | None] | None = None,
+                ranks: Mapping[str, Any] | None = None) -> None:
+        """Store (or overwrite) the row measured after training experience ``exp_index`` (0-based).
+
+        :param ranks: optional per-query strict ranks of this evaluation: ``task`` and ``index``
+            (N,) identify the queries (the same N queries in every row), ``a2v`` / ``v2a`` (N,) and
+            optionally ``a2v_task_gallery`` / ``v2a_task_gallery`` (N,) the ranks, all int sequences
+            or tensors in one common query order.
+        """
         if exp_index < 0:
             raise ValueError(f"exp_index must be >= 0, got {exp_index}")
         self.rows[int(exp_index)] = self._check_row(row)
         if modality_gap is not None:
             self.modality_gap[int(exp_index)] = list(modality_gap)
+        if ranks is not None:
+            self.ranks[int(exp_index)] = self._check_ranks(ranks)
+
+    def _check_ranks(self, ranks: Mapping[str, Any]) -> dict[str, list[int]]:
+        def ints(x: Any) -> list[int]:
+            return [int(v) for v in (x.tolist() if hasattr(x, "tolist") else x)]
+
+        queries = {k: ints(ranks[k]) for k in ("task", "index") if k in ranks}
+        if set(queries) != {"task", "index"}:
+            raise ValueError(f"ranks need the queries' 'task' and 'index', got keys {sorted(ranks)}")
+        n = len(queries["task"])
+        if self.rank_queries is None:
+            self.rank_queries = queries
+        elif queries != self.rank_queries:
+            raise ValueError("ranks of this row belong to other queries (task/index) than earlier rows")
+        out = {k: ints(ranks[k]) for k in RANK_KEYS if k in ranks}
+        for k in DIRECTIONS:
+            if k not in out:
+                raise ValueError(f"ranks lack direction {k!r} (have {sorted(ranks)})")
+        for k, v in out.items():
+            if len(v) != n or (v and min(v) < 1):
+                raise ValueError(f"ranks[{k!r}] must hold {n} ranks >= 1, got {len(v)} values")
+        return out
 
     def set_initial(self, row: Mapping[str, Mapping[str, Sequence]], *,
                     modality_gap: Sequence[float | None] | None = None) -> None:
@@ -191,6 +227,21 @@ class RecallMatrix:
         rows = self._ordered_rows()
         return {d: {f"R@{k}": [list(r[d][f"R@{k}"]) for r in rows] for k in self.ks} for d in self.directions}
 
+    def ranks_lists(self) -> dict[str, Any] | None:
+        """Per-query ranks of every row as stored in results.json, when every row has them.
+
+        ``{"task": [N], "index": [N], "a2v": L x N, "v2a": L x N[, "a2v_task_gallery": L x N,
+        "v2a_task_gallery": L x N]}``: entry ``[l][q]`` is the strict rank of query ``q`` after
+        training experience ``l`` in the matrix's gallery (``*_task_gallery``: its own task's clips).
+        """
+        keys = sorted(self.rows)
+        if not keys or any(k not in self.ranks for k in keys) or self.rank_queries is None:
+            return None
+        present = [k for k in RANK_KEYS if all(k in self.ranks[r] for r in keys)]
+        out: dict[str, Any] = {"gallery": self.gallery, **copy.deepcopy(self.rank_queries)}
+        out.update({k: [list(self.ranks[r][k]) for r in keys] for k in present})
+        return out
+
     def modality_gap_lists(self) -> list[list] | None:
         """(L, T) modality gap per row, when every row has one."""
         keys = sorted(self.rows)
@@ -212,7 +263,9 @@ class RecallMatrix:
                               "rows": {str(k): v for k, v in self.rows.items()}, "initial": self.initial,
                               "intermediate": self.intermediate,
                               "modality_gap": {str(k): v for k, v in self.modality_gap.items()},
-                              "initial_modality_gap": self.initial_modality_gap})
+                              "initial_modality_gap": self.initial_modality_gap,
+                              "ranks": {str(k): v for k, v in self.ranks.items()},
+                              "rank_queries": self.rank_queries})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
@@ -226,6 +279,8 @@ class RecallMatrix:
         self.intermediate = list(state["intermediate"])
         self.modality_gap = {int(k): v for k, v in state.get("modality_gap", {}).items()}
         self.initial_modality_gap = state.get("initial_modality_gap")
+        self.ranks = {int(k): v for k, v in (state.get("ranks") or {}).items()}
+        self.rank_queries = state.get("rank_queries")
 
 
 # ---------------------------------------------------------------------------- embedding collection
@@ -396,11 +451,14 @@ class RecallMatrixPlugin(GenericPluginMetric):
     :param stream_name: the stream to score.
     :param gather_fn: optional all-rank concatenation hook (DDP).
     :param emit_per_task: also emit one value per task (``/TaskNNN``).
+    :param keep_ranks: store every end-of-experience evaluation's per-query ranks in the matrix
+        (queries in (task, index) order; a pooled matrix also keeps the per-task-gallery ranks).
     """
 
     def __init__(self, *, ks: Sequence[int] = DEFAULT_KS, gallery: Literal["pooled", "per_task"] = "pooled",
                  num_tasks: int | None = None, stream_name: str = "retrieval",
-                 gather_fn: GatherFn | None = None, emit_per_task: bool = True) -> None:
+                 gather_fn: GatherFn | None = None, emit_per_task: bool = True,
+                 keep_ranks: bool = True) -> None:
         if gallery not in ("pooled", "per_task"):
             raise ValueError(f"gallery must be 'pooled' or 'per_task', got {gallery!r}")
         super().__init__(RetrievalEmbeddingStore(gather_fn=gather_fn), reset_at="stream", emit_at="stream",
@@ -409,6 +467,7 @@ class RecallMatrixPlugin(GenericPluginMetric):
         self.gallery = gallery
         self.stream_name = stream_name
         self.emit_per_task = emit_per_task
+        self.keep_ranks = bool(keep_ranks)
         self.matrix = RecallMatrix(ks=self.ks, num_tasks=num_tasks, gallery=gallery)
         self.last_report: dict | None = None
         self._stream_len: int | None = None
@@ -472,8 +531,18 @@ class RecallMatrixPlugin(GenericPluginMetric):
             return None
         num_tasks = self.matrix.num_tasks if self.matrix.num_tasks is not None else self._stream_len
         report = recall_report(data["z_audio"], data["z_video"], data["task"], ks=self.ks,
-                               gallery=self.gallery, num_tasks=num_tasks)
+                               gallery=self.gallery, num_tasks=num_tasks, return_ranks=self.keep_ranks)
         report["modality_gap"] = _modality_gap(data["z_audio"], data["z_video"], data["task"], num_tasks)
+        if self.keep_ranks:
+            ranks = dict(report.pop("ranks"))
+            if self.gallery == "pooled":
+                tg = retrieval_ranks(data["z_audio"], data["z_video"], task_ids=data["task"], per_task_gallery=True)
+                ranks["a2v_task_gallery"], ranks["v2a_task_gallery"] = tg.a2v, tg.v2a
+            # one canonical query order, (task, index), whatever order the ranks' batches arrived in
+            order = torch.from_numpy(np.lexsort((data["index"].numpy(), data["task"].numpy())))
+            ranks = {k: v[order] for k, v in ranks.items()}
+            ranks["task"], ranks["index"] = data["task"][order], data["index"][order]
+            report["ranks"] = ranks
         return report
 
     def after_eval(self, strategy: Any):
@@ -511,7 +580,7 @@ class RecallMatrixPlugin(GenericPluginMetric):
         elif done == 0:
             self.matrix.set_initial(row, modality_gap=gap)
         else:
-            self.matrix.set_row(done - 1, row, modality_gap=gap)
+            self.matrix.set_row(done - 1, row, modality_gap=gap, ranks=report.get("ranks"))
 
     def state_dict(self) -> dict[str, Any]:
         """The recall matrix state (for the project checkpoint)."""

@@ -8,7 +8,12 @@
      "forgetting_definition": "standard"|"official", "config": {...},
      "cost": {"train_seconds", "samples_per_second", "peak_memory_bytes", "buffer_bytes"}}
 
-``recall[dir][K][l][k]`` is R@K on task k's queries after training experience l. ``F`` follows
+``recall[dir][K][l][k]`` is R@K on task k's queries after training experience l. When the run kept
+them, ``ranks`` holds the per-query strict ranks of every end-of-experience evaluation
+(``{"gallery", "task": [N], "index": [N], "a2v"|"v2a": L x N[, "a2v_task_gallery"|"v2a_task_gallery":
+L x N]}``, queries in (task, index) order), from which ``recall_task_gallery`` / ``summary_task_gallery``
+(the per-task gallery beside the pooled one) are derived; :func:`recall_from_ranks` recomputes any
+recall matrix from them. Lists of numbers are written on one line each (a compact file). ``F`` follows
 ``forgetting_definition``; every summary cell also carries ``F_standard`` and ``F_official``, and the
 top-level ``forgetting_official`` repeats the official-code variant. A single-row matrix (the
 multitask upper bound) has ``F = null``. Plots use matplotlib's Agg canvas directly (no pyplot state).
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -25,10 +31,11 @@ import numpy as np
 
 from stella_avalanche.evaluation.metrics import RecallMatrix, average_accuracy, forgetting
 from stella_avalanche.evaluation.retrieval import DIRECTIONS
-from stella_avalanche.utils import atomic_write, atomic_write_json
+from stella_avalanche.utils import atomic_write
 
 __all__ = ["build_results", "validate_results", "write_results_json", "load_results", "summary_table_markdown",
-           "plot_recall_matrix", "plot_task_curves", "write_report", "COST_KEYS"]
+           "plot_recall_matrix", "plot_task_curves", "write_report", "COST_KEYS", "recall_from_ranks",
+           "dumps_compact"]
 
 COST_KEYS: tuple[str, ...] = ("train_seconds", "samples_per_second", "peak_memory_bytes", "buffer_bytes")
 _TOP_KEYS = ("strategy", "benchmark", "seed", "tasks", "recall", "summary", "forgetting_definition", "config",
@@ -68,6 +75,29 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else float(np.mean(values))
 
 
+def recall_from_ranks(ranks: Sequence[Sequence[int]], tasks: Sequence[int], *, num_tasks: int,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, list[list[float]]]:
+    """Recall matrices from per-query ranks: ``{"R@K": L x T}`` in percent.
+
+    :param ranks: L x N strict ranks (row l = after training experience l).
+    :param tasks: (N,) task id of every query.
+    :param num_tasks: T; a task without queries gets ``None``.
+    :param ks: the K values.
+    """
+    r = np.asarray(ranks, dtype=np.int64)
+    t = np.asarray(tasks, dtype=np.int64)
+    if r.ndim != 2 or r.shape[1] != t.shape[0]:
+        raise ValueError(f"ranks must be L x N with N = len(tasks) = {t.shape[0]}, got shape {r.shape}")
+    onehot = (t[:, None] == np.arange(num_tasks)[None, :]).astype(np.float64)   # (N, T)
+    counts = onehot.sum(axis=0)
+    out = {}
+    for k in ks:
+        hits = (r <= int(k)).astype(np.float64) @ onehot                          # (L, T)
+        rec = 100.0 * hits / np.maximum(counts, 1)[None, :]
+        out[f"R@{k}"] = [[(float(v) if counts[j] else None) for j, v in enumerate(row)] for row in rec]
+    return out
+
+
 def build_results(*, strategy: str, benchmark: str, seed: int, tasks: Sequence[str],
                   recall_matrix: RecallMatrix | Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
                   config: Mapping[str, Any] | None = None, cost: Mapping[str, Any] | None = None,
@@ -96,6 +126,9 @@ def build_results(*, strategy: str, benchmark: str, seed: int, tasks: Sequence[s
         gap = recall_matrix.modality_gap_lists()
         if gap is not None:
             extras["modality_gap"] = gap
+        ranks = recall_matrix.ranks_lists()
+        if ranks is not None:
+            extras["ranks"] = ranks
     else:
         recall = {d: {k: [list(r) for r in m] for k, m in recall_matrix[d].items()} for d in recall_matrix}
     tasks = [str(t) for t in tasks]
@@ -120,6 +153,18 @@ def build_results(*, strategy: str, benchmark: str, seed: int, tasks: Sequence[s
         summary[d]["Avg"] = {key: _mean_or_none([c[key] for c in cells])
                              for key in ("A", "F", "F_standard", "F_official")}
         official[d]["Avg"] = summary[d]["Avg"]["F_official"]
+    ranks = extras.get("ranks")
+    if ranks is not None and ranks.get("gallery") == "pooled" and "a2v_task_gallery" in ranks:
+        # the per-task gallery beside the pooled one (derived from the ranks; not the paper's protocol)
+        ks = [int(lab[2:]) for lab in _k_labels(recall[DIRECTIONS[0]])]
+        tg = {d: recall_from_ranks(ranks[f"{d}_task_gallery"], ranks["task"], num_tasks=len(tasks), ks=ks)
+              for d in DIRECTIONS}
+        extras["recall_task_gallery"] = tg
+        extras["summary_task_gallery"] = {
+            d: {**{lab: {"A": average_accuracy(m), "F": forgetting(m, forgetting_definition)} for lab, m in tg[d].items()},
+                "Avg": {key: _mean_or_none([(average_accuracy(m) if key == "A" else forgetting(m, forgetting_definition))
+                                            for m in tg[d].values()]) for key in ("A", "F")}}
+            for d in DIRECTIONS}
     cost_out = {k: (cost or {}).get(k) for k in COST_KEYS}
     cost_out.update({k: v for k, v in (cost or {}).items() if k not in cost_out})
     results = {"strategy": str(strategy), "benchmark": str(benchmark), "seed": int(seed), "tasks": tasks,
@@ -151,13 +196,37 @@ def validate_results(results: Mapping[str, Any]) -> None:
     missing = [k for k in COST_KEYS if k not in results["cost"]]
     if missing:
         raise ValueError(f"results.cost lacks {missing}")
+    ranks = results.get("ranks")
+    if ranks is not None:
+        rows = len(results["recall"][DIRECTIONS[0]]["R@1"])
+        n = len(ranks.get("task", []))
+        if len(ranks.get("index", [])) != n:
+            raise ValueError("results.ranks.task and results.ranks.index must have the same length")
+        for key in [d for d in DIRECTIONS] + [k for k in ranks if k.endswith("_task_gallery")]:
+            m = ranks.get(key)
+            if m is None or len(m) != rows or any(len(r) != n for r in m):
+                raise ValueError(f"results.ranks.{key} must be {rows} x {n} (one rank per query per recall row)")
+
+
+_NUMBER_LIST = re.compile(r"\[\n[0-9eE+\-.,\s]*\]")
+
+
+def dumps_compact(data: Any) -> str:
+    """``json.dumps(indent=2)`` with every list of plain numbers on one line.
+
+    Only lists spanning several lines are rewritten; a JSON string never contains a raw newline, so
+    string contents are never touched.
+    """
+    text = json.dumps(data, indent=2, allow_nan=False)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(0)[1:-1].split(",")) + "]", text)
 
 
 def write_results_json(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
     """Validate and write ``results`` atomically (valid JSON at every moment). Returns the path."""
     validate_results(results)
     data = _to_jsonable(results)
-    atomic_write_json(path, data, indent=2, allow_nan=False)
+    with atomic_write(path, "w") as fh:  # the temporary file is removed if anything below fails
+        fh.write(dumps_compact(data))
     return Path(path)
 
 

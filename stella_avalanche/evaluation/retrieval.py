@@ -241,6 +241,7 @@ def recall_report(
     num_tasks: int | None = None,
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
+    return_ranks: bool = False,
 ) -> dict:
     """Recall@K (percent), median rank and pessimistic median rank, overall and per task.
 
@@ -253,6 +254,9 @@ def recall_report(
     :param num_tasks: report tasks ``0..num_tasks-1`` (absent ones get ``None``); default: the ids present.
     :param chunk_size: tile side (see :func:`retrieval_ranks`).
     :param device: compute device.
+    :param return_ranks: also return the strict per-query ranks under ``"ranks"``:
+        ``{"a2v": (N,), "v2a": (N,)}`` int64 CPU tensors in query order (so any statistic of the
+        evaluation can be recomputed offline).
     :return: ``{"a2v"|"v2a": {"R@K": {"overall": %, "per_task": {task: %}}, "MR": {...},
         "MR_pessimistic": {...}}, "num_queries": N, "gallery": gallery}`` with int task keys.
     """
@@ -274,4 +278,6 @@ def recall_report(
                     for d in DIRECTIONS}
     report["num_queries"] = int(tasks.numel())
     report["gallery"] = gallery
+    if return_ranks:
+        report["ranks"] = {d: ranks.strict(d) for d in DIRECTIONS}
     return report
