@@ -1,0 +1,208 @@
+"""Bootstrap intervals of 𝒜 and ℱ from per-query ranks (pure numpy, no torch).
+
+What is resampled (one bootstrap replicate ``b``):
+
+* **queries**, stratified by task: each task's ``n_t`` queries are drawn ``n_t`` times with replacement,
+  giving a weight (a count) per query. The same weights are used for every row of a run's recall matrix
+  (the same clips are evaluated after every task), for every seed and for every strategy, so the
+  difference of two strategies is *paired* over queries: the clips that are hard for both cancel.
+* **seeds**, per strategy: its ``S`` runs are drawn ``S`` times with replacement and the statistic is
+  the mean over the drawn runs (strategies are not paired over seeds: their seed counts may differ).
+
+The statistic of one run under query weights ``w`` is computed exactly as in
+``stella_avalanche/evaluation/metrics.py``: per-task recall ``a[l, t] = 100 Σ_{q∈t} w_q 1[r_lq ≤ K] / n_t``,
+``𝒜 = mean_t a[T, t]``, standard ``ℱ = 1/(T-1) Σ_{t<T} max_{t≤l<T} (a[l,t] − a[T,t])``, each averaged over
+K ∈ {1, 5, 10} ("Avg"). With all weights 1 it reproduces the run's summary.
+
+A run without ranks (older results.json) enters with its summary value in every replicate: only its
+seeds are resampled; :func:`bootstrap` reports which strategies lacked ranks.
+
+Vectorised: one (B, N) x (N, L·T·K) matrix product per run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["RunRanks", "query_weights", "run_replicates", "BootstrapResult", "bootstrap", "interval",
+           "contains_zero", "run_from_results"]
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class RunRanks:
+    """One run of one direction: its per-query ranks, or only its summary values.
+
+    :param ranks: (L, N) strict ranks (row l = after training experience l), or ``None``.
+    :param tasks: (N,) task id of each query (``None`` without ranks).
+    :param index: (N,) sample index of each query (with ``tasks`` it identifies the clip).
+    :param num_tasks: T (columns of the recall matrix).
+    :param summary: ``{"A": 𝒜, "F": ℱ or None}`` (Avg over K), used when ``ranks`` is None.
+    """
+
+    ranks: Optional[np.ndarray]
+    tasks: Optional[np.ndarray]
+    index: Optional[np.ndarray]
+    num_tasks: int
+    summary: Mapping[str, Optional[float]] = field(default_factory=dict)
+
+    @property
+    def has_ranks(self) -> bool:
+        return self.ranks is not None
+
+
+def run_from_results(results: Mapping, direction: str) -> RunRanks:
+    """A :class:`RunRanks` from a results.json dict (its pooled-gallery ranks when present)."""
+    num_tasks = len(results["tasks"])
+    avg = results["summary"][direction]["Avg"]
+    summary = {"A": avg.get("A"), "F": avg.get("F_standard", avg.get("F"))}
+    rk = results.get("ranks")
+    if not rk or direction not in rk:
+        return RunRanks(None, None, None, num_tasks, summary)
+    return RunRanks(np.asarray(rk[direction], dtype=np.int64), np.asarray(rk["task"], dtype=np.int64),
+                    np.asarray(rk["index"], dtype=np.int64), num_tasks, summary)
+
+
+def query_weights(tasks: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, N) stratified bootstrap counts: each task's queries resampled with replacement.
+
+    :param tasks: (N,) task id per query. :param n_boot: B. :param rng: numpy generator.
+    :return: (B, N) float64 counts; every row sums to N and to ``n_t`` within each task.
+    """
+    tasks = np.asarray(tasks)
+    n = tasks.shape[0]
+    flat = np.empty((n_boot, n), dtype=np.int64)
+    col = 0
+    for t in np.unique(tasks):  # loop over tasks only; the draws of a task are one array
+        members = np.flatnonzero(tasks == t)
+        flat[:, col:col + members.size] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
+        col += members.size
+    rows = np.repeat(np.arange(n_boot), n)
+    return np.bincount(rows * n + flat.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def _stats_from_recall(a: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """𝒜 and standard ℱ per replicate from recall ``a`` (B, L, T, K); both averaged over K."""
+    b, rows, cols, nk = a.shape
+    m = a[:, :, :rows] if rows < cols else a                       # partial run: tasks seen so far
+    A = m[:, -1].mean(axis=1).mean(axis=-1)                         # (B,)
+    if rows == 1:
+        return A, None
+    drop = m[:, :-1] - m[:, -1:]                                    # (B, L-1, T', K)
+    valid = np.arange(rows - 1)[:, None] >= np.arange(m.shape[2])[None, :]
+    masked = np.where(valid[None, :, :, None], drop, -np.inf)[:, :, : rows - 1]
+    F = masked.max(axis=1).sum(axis=1) / (rows - 1)                 # (B, K)
+    return A, F.mean(axis=-1)
+
+
+def run_replicates(run: RunRanks, weights: Optional[np.ndarray], *, ks: Sequence[int] = DEFAULT_KS
+                   ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """𝒜 and ℱ (Avg over ``ks``) of one run under each replicate's query weights.
+
+    :param run: the run. :param weights: (B, N) query counts in the run's query order, or ``None``
+        for the point estimate (all weights 1). Without ranks the summary value is repeated B times.
+    :return: ``(A (B,), F (B,) or None)``.
+    """
+    if not run.has_ranks:
+        b = 1 if weights is None else weights.shape[0]
+        f = run.summary.get("F")
+        return (np.full(b, float(run.summary["A"])), None if f is None else np.full(b, float(f)))
+    ranks = np.asarray(run.ranks)
+    tasks = np.asarray(run.tasks)
+    rows, n = ranks.shape
+    w = np.ones((1, n)) if weights is None else np.asarray(weights, dtype=np.float64)
+    onehot = (tasks[:, None] == np.arange(run.num_tasks)[None, :]).astype(np.float64)   # (N, T)
+    counts = np.maximum(onehot.sum(axis=0), 1.0)                                         # n_t
+    hits = (ranks[:, :, None] <= np.asarray(ks)[None, None, :]).astype(np.float64)      # (L, N, K)
+    design = np.einsum("nt,lnk->nltk", onehot, hits).reshape(n, -1)                      # (N, L·T·K)
+    a = (w @ design).reshape(w.shape[0], rows, run.num_tasks, len(ks))
+    a = 100.0 * a / counts[None, None, :, None]
+    return _stats_from_recall(a)
+
+
+@dataclass
+class BootstrapResult:
+    """Replicates of every strategy's seed-mean statistic.
+
+    ``point[s]`` = ``{"A", "F"}`` means over seeds with all query weights 1 (F None when undefined);
+    ``samples[s]`` = ``{"A": (B,), "F": (B,) or None}``; ``std[s]`` = population std over seeds;
+    ``seeds[s]`` = number of runs; ``without_ranks`` = strategies with at least one run lacking ranks.
+    """
+
+    point: dict[str, dict[str, Optional[float]]]
+    samples: dict[str, dict[str, Optional[np.ndarray]]]
+    std: dict[str, dict[str, Optional[float]]]
+    seeds: dict[str, int]
+    without_ranks: list[str]
+    n_boot: int
+
+
+def _check_same_queries(runs: Mapping[str, Sequence[RunRanks]]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    ref = None
+    for s, group in runs.items():
+        for i, r in enumerate(group):
+            if not r.has_ranks:
+                continue
+            if ref is None:
+                ref = (np.asarray(r.tasks), np.asarray(r.index), s, i)
+            elif not (np.array_equal(ref[0], r.tasks) and np.array_equal(ref[1], r.index)):
+                raise ValueError(f"run {i} of {s!r} was evaluated on other queries (task/index) than run "
+                                 f"{ref[3]} of {ref[2]!r}: paired resampling needs one retrieval set")
+    return None if ref is None else (ref[0], ref[1])
+
+
+def bootstrap(runs: Mapping[str, Sequence[RunRanks]], *, n_boot: int = 2000, seed: int = 0,
+              ks: Sequence[int] = DEFAULT_KS, resample_queries: bool = True,
+              resample_seeds: bool = True) -> BootstrapResult:
+    """Joint bootstrap of all strategies (queries shared and paired, seeds per strategy).
+
+    :param runs: strategy -> its runs (one direction). All runs with ranks must share the queries.
+    :param n_boot: replicates B. :param seed: numpy seed (the result is reproducible).
+    :param ks: the K values averaged into "Avg".
+    :param resample_queries: resample queries (stratified by task).
+    :param resample_seeds: resample each strategy's runs.
+    """
+    rng = np.random.default_rng(seed)
+    queries = _check_same_queries(runs)
+    weights = query_weights(queries[0], n_boot, rng) if (queries is not None and resample_queries) else None
+    point, samples, std, seeds, missing = {}, {}, {}, {}, []
+    for s, group in runs.items():
+        if not group:
+            continue
+        if any(not r.has_ranks for r in group):
+            missing.append(s)
+        pts = [run_replicates(r, None, ks=ks) for r in group]
+        if weights is None:  # queries fixed: every replicate of a run is its point value
+            reps = [tuple(None if x is None else np.repeat(x, n_boot) for x in p) for p in pts]
+        else:
+            reps = [run_replicates(r, weights, ks=ks) for r in group]
+        idx = (rng.integers(0, len(group), size=(n_boot, len(group))) if resample_seeds
+               else np.broadcast_to(np.arange(len(group)), (n_boot, len(group))))
+        cols = np.arange(n_boot)[:, None]
+        point[s], samples[s], std[s] = {}, {}, {}
+        for j, key in enumerate(("A", "F")):
+            if any(r[j] is None for r in reps):
+                point[s][key], samples[s][key], std[s][key] = None, None, None
+                continue
+            per_run = np.stack([r[j] for r in reps])                    # (S, B)
+            samples[s][key] = per_run[idx, cols].mean(axis=1)           # (B,)
+            vals = np.array([float(p[j][0]) for p in pts])
+            point[s][key], std[s][key] = float(vals.mean()), float(vals.std())
+        seeds[s] = len(group)
+    return BootstrapResult(point, samples, std, seeds, missing, n_boot)
+
+
+def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap ``samples`` at ``level``."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    lo, hi = np.percentile(np.asarray(samples, dtype=np.float64), [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def contains_zero(ci: tuple[float, float]) -> bool:
+    """Whether an interval does not exclude zero (the difference is not distinguishable from zero)."""
+    return ci[0] <= 0.0 <= ci[1]

@@ -1,0 +1,104 @@
+"""stella_avalanche/evaluation/bootstrap.py: planted differences, identical strategies, agreement with
+the metrics of results.json, and runs without ranks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stella_avalanche.evaluation import bootstrap as B
+from stella_avalanche.evaluation.metrics import average_accuracy, forgetting
+from stella_avalanche.evaluation.report import recall_from_ranks
+
+T, PER = 4, 50
+N = T * PER
+TASKS = np.repeat(np.arange(T), PER)
+INDEX = np.tile(np.arange(PER), T)
+
+
+def _ranks(rng: np.random.Generator) -> np.ndarray:
+    """(T, N) ranks of a run: ~30 % of the queries within rank 10, drifting over rows."""
+    return rng.integers(1, 35, size=(T, N))
+
+
+def _run(ranks: np.ndarray) -> B.RunRanks:
+    return B.RunRanks(ranks, TASKS, INDEX, T)
+
+
+def _metrics(ranks: np.ndarray) -> tuple[float, float]:
+    rec = recall_from_ranks(ranks, TASKS, num_tasks=T)
+    return (float(np.mean([average_accuracy(m) for m in rec.values()])),
+            float(np.mean([forgetting(m) for m in rec.values()])))
+
+
+def test_point_values_equal_the_metrics_of_results_json() -> None:
+    ranks = _ranks(np.random.default_rng(0))
+    A, F = B.run_replicates(_run(ranks), None)
+    a_ref, f_ref = _metrics(ranks)
+    assert A[0] == pytest.approx(a_ref) and F[0] == pytest.approx(f_ref)
+
+
+def test_query_weights_are_stratified_by_task() -> None:
+    w = B.query_weights(TASKS, 50, np.random.default_rng(1))
+    assert w.shape == (50, N) and np.all(w.sum(1) == N)
+    per_task = np.stack([w[:, TASKS == t].sum(1) for t in range(T)], axis=1)
+    assert np.all(per_task == PER) and w.std() > 0
+
+
+def test_bootstrap_recovers_a_planted_difference() -> None:
+    rng = np.random.default_rng(2)
+    base = [_ranks(rng) for _ in range(4)]
+    better = []
+    lifted = np.concatenate([np.flatnonzero(TASKS == t)[:10] for t in range(T)])   # 10 queries per task
+    for r in base:
+        b = r.copy()
+        b[-1, lifted] = 1            # after the last task these queries are found first
+        better.append(b)
+    planted = np.mean([_metrics(b)[0] - _metrics(r)[0] for r, b in zip(base, better)])
+    assert planted > 5               # a real effect: 20 % of the queries become hits
+    res = B.bootstrap({"x": [_run(r) for r in base], "y": [_run(b) for b in better]}, n_boot=1000, seed=0)
+    diff = res.samples["y"]["A"] - res.samples["x"]["A"]
+    lo, hi = B.interval(diff)
+    assert res.point["y"]["A"] - res.point["x"]["A"] == pytest.approx(planted)
+    assert lo <= planted <= hi and not B.contains_zero((lo, hi))
+    assert res.without_ranks == [] and res.seeds == {"x": 4, "y": 4}
+
+
+def test_identical_strategies_give_an_interval_containing_zero() -> None:
+    rng = np.random.default_rng(3)
+    runs = [_ranks(rng) for _ in range(3)]
+    res = B.bootstrap({"x": [_run(r) for r in runs], "copy": [_run(r.copy()) for r in runs],
+                       # same process, other seeds: still not distinguishable
+                       "twin": [_run(_ranks(rng)) for _ in range(3)]}, n_boot=1000, seed=1)
+    for other in ("copy", "twin"):
+        for m in ("A", "F"):
+            ci = B.interval(res.samples[other][m] - res.samples["x"][m])
+            assert B.contains_zero(ci), (other, m, ci)
+    # identical runs with queries resampled but not seeds: the paired difference is exactly zero
+    fixed = B.bootstrap({"x": [_run(r) for r in runs], "copy": [_run(r.copy()) for r in runs]},
+                        n_boot=200, resample_seeds=False)
+    assert np.all(fixed.samples["copy"]["A"] == fixed.samples["x"]["A"])
+    assert np.ptp(fixed.samples["x"]["A"]) > 0      # the queries were resampled
+
+
+def test_runs_without_ranks_use_their_summary_and_are_reported() -> None:
+    results = {"tasks": [f"t{k}" for k in range(T)],
+               "summary": {"a2v": {"Avg": {"A": 7.0, "F": 2.0, "F_standard": 2.0}}}}
+    old = B.run_from_results(results, "a2v")
+    assert not old.has_ranks
+    ranks = _ranks(np.random.default_rng(4))
+    new = B.run_from_results({**results, "ranks": {"task": TASKS.tolist(), "index": INDEX.tolist(),
+                                                   "a2v": ranks.tolist()}}, "a2v")
+    assert new.has_ranks
+    res = B.bootstrap({"old": [old, old], "new": [new]}, n_boot=100)
+    assert res.without_ranks == ["old"] and np.all(res.samples["old"]["A"] == 7.0)
+    assert res.point["new"]["A"] == pytest.approx(_metrics(ranks)[0])
+    # a multitask-like single-row run has no forgetting
+    single = B.run_replicates(B.RunRanks(ranks[:1], TASKS, INDEX, T), None)
+    assert single[1] is None
+
+
+def test_runs_on_other_queries_are_refused() -> None:
+    ranks = _ranks(np.random.default_rng(5))
+    other = B.RunRanks(ranks, TASKS, INDEX[::-1].copy(), T)
+    with pytest.raises(ValueError, match="other queries"):
+        B.bootstrap({"a": [_run(ranks)], "b": [other]}, n_boot=10)
