@@ -4,13 +4,20 @@
     python experiments/compare.py --out docs/results/synthetic --jobs 2         # all 11 strategies, seeds 0 1 2
     python experiments/compare.py --strategies finetune stella --seeds 0 1 --out runs/cmp
     python experiments/compare.py --out docs/results/synthetic --aggregate-only  # re-aggregate, no training
+    python experiments/compare.py --out runs/cmp --ablation --mem-sizes 100 200 400   # + ablation, memory sweep
+    python experiments/compare.py --out runs/cmp --seeds-for finetune,derpp=0,1,2,3,4 # more seeds for some
 
-Runs go to ``<out>/runs/<strategy>/seed<seed>/`` (one ``run_stella.py`` process each; ``--jobs N`` runs
-N of them side by side, splitting the CPU threads between them).
+Runs go to ``<out>/runs/<key>/seed<seed>/`` (one ``run_stella.py`` process each; ``--jobs N`` runs
+N of them side by side, splitting the CPU threads between them). The key is the strategy name, or
+``<strategy>-mem<M>`` for a memory-sweep run whose memory differs from the preset's.
 A run whose results.json is complete is skipped; an interrupted one is resumed from its checkpoint,
 so an interrupted comparison continues where it stopped. Outputs in ``<out>``: ``comparison.md``,
 ``comparison.csv`` (mean ± std over seeds, population std as in the official scripts), ``cost.md``,
-``bars_<dir>.png`` (𝒜 / ℱ per strategy) and ``task_recall_<dir>.png`` (final per-task recall).
+``bars_<dir>.png`` (𝒜 / ℱ per strategy) and ``task_recall_<dir>.png`` (final per-task recall);
+``intervals.md`` / ``intervals.csv`` (95 % bootstrap intervals of Avg 𝒜 and ℱ, paired differences to
+DER++ and to finetune, see ``stella_avalanche/evaluation/bootstrap.py``); ``power.md`` (interval widths
+against the target of a quarter of the multitask − finetune gap); with ``--ablation`` ``ablation.md``;
+with ``--mem-sizes`` ``mem_sweep.md`` and ``mem_sweep.png``.
 """
 from __future__ import annotations
 
@@ -28,16 +35,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stella_avalanche.training.strategies import STRATEGY_NAMES  # noqa: E402
+from stella_avalanche.evaluation import bootstrap as BS  # noqa: E402
+from stella_avalanche.training.strategies import (ABLATION_STRATEGIES, MAIN_STRATEGIES, REGISTRY,  # noqa: E402
+                                                  STRATEGY_NAMES)
 from stella_avalanche.utils import atomic_write  # noqa: E402
 
 DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
 COLS = ("R@1", "R@5", "R@10", "Avg")
-PAPER_ORDER = ("finetune", "er", "mir", "derpp", "gmed", "clser", "lump", "esmer", "stella", "stella_plus",
-               "multitask")
-PRETTY = {"finetune": "Finetune", "er": "ER", "mir": "MIR", "derpp": "DER++", "gmed": "GMED",
-          "clser": "CLS-ER", "lump": "LUMP", "esmer": "ESMER", "stella": "STELLA", "stella_plus": "STELLA+",
-          "multitask": "Multitask"}
+#: table order and names come from the strategy registry (stella_avalanche/training/strategies.py)
+PAPER_ORDER = STRATEGY_NAMES
+PRETTY = {n: s.display for n, s in REGISTRY.items()}
+#: strategies of the memory sweep and of the component ablation (with its two end points)
+SWEEP_STRATEGIES = ("derpp", "stella", "stella_plus")
+ABLATION_TABLE = ("derpp", *ABLATION_STRATEGIES, "stella")
 
 
 def _complete(res: Path) -> bool:
@@ -47,8 +57,101 @@ def _complete(res: Path) -> bool:
         return False
 
 
+def parse_seeds_for(specs: list[str]) -> dict[str, list[int]]:
+    """``["finetune,derpp=0,1,2,3,4", ...]`` -> ``{"finetune": [0..4], "derpp": [0..4]}``."""
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        names, sep, seeds = spec.partition("=")
+        try:
+            values = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not sep or not values:
+            raise SystemExit(f"--seeds-for {spec!r}: expected NAME[,NAME...]=SEED[,SEED...]")
+        for n in names.split(","):
+            if n not in REGISTRY:
+                raise SystemExit(f"--seeds-for {spec!r}: unknown strategy {n!r}")
+            out[n] = values
+    return out
+
+
+def default_mem_size(args: argparse.Namespace) -> int:
+    """The preset's ``strategy.params.mem_size`` after the ``key=value`` overrides."""
+    from stella_avalanche.experiment import load_config
+
+    cfg = load_config(args.config, benchmark=args.benchmark, overrides=list(args.overrides))
+    return int((cfg.get("strategy", {}).get("params") or {}).get("mem_size", 0))
+
+
+def mem_key(strategy: str, mem: int, default_mem: int) -> str:
+    """Run key of ``strategy`` at memory ``mem``: the plain name at the preset's memory (shared run)."""
+    return strategy if mem == default_mem else f"{strategy}-mem{mem}"
+
+
+def item_bytes(out: Path) -> dict[str, int]:
+    """Buffer bytes per item of each strategy, read from any complete run under ``out`` (the size of
+    an item does not depend on the memory size)."""
+    found: dict[str, int] = {}
+    for res in sorted(out.glob("runs/*/seed*/results.json")):
+        try:
+            r = json.loads(res.read_text())
+        except (OSError, ValueError):
+            continue
+        b = int((r.get("cost") or {}).get("buffer_bytes") or 0)
+        if r.get("complete") and b > 0:
+            found.setdefault(r["strategy"], b)
+    return found
+
+
+def equal_bytes_items(mem: int, bytes_per_item: dict[str, int], strategy: str = "stella_plus",
+                      reference: str = "derpp") -> int | None:
+    """How many ``strategy`` items fit the byte budget of ``mem`` ``reference`` items (None if unknown)."""
+    if strategy not in bytes_per_item or reference not in bytes_per_item:
+        return None
+    return int(mem * bytes_per_item[reference] // bytes_per_item[strategy])
+
+
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
+    """``(key, strategy, seed, extra overrides)`` of every run of the comparison, in launch order.
+
+    The strategies x seeds of ``--strategies`` (``--seeds-for`` replaces the seeds of some), with
+    ``--ablation`` the ablation variants, with ``--mem-sizes`` DER++, STELLA and STELLA+ at every memory
+    size and STELLA+ at DER++'s byte budget (once both item sizes are known from complete runs).
+    """
+    seeds_for = parse_seeds_for(getattr(args, "seeds_for", None) or [])
+    sweep_seeds = getattr(args, "sweep_seeds", None) or args.seeds
+    names = list(args.strategies)
+    if getattr(args, "ablation", False):
+        names += [n for n in ABLATION_TABLE if n not in names]
+    plan: list[tuple[str, str, int, list[str]]] = []
+    seen: set[tuple[str, int]] = set()
+
+    def add(key: str, strategy: str, seeds: list[int], extra: list[str]) -> None:
+        for seed in seeds:
+            if (key, seed) not in seen:
+                seen.add((key, seed))
+                plan.append((key, strategy, seed, extra))
+
+    for n in names:
+        add(n, n, seeds_for.get(n, list(args.seeds)), [])
+    mems = getattr(args, "mem_sizes", None) or []
+    if mems:
+        default_mem = default_mem_size(args)
+        for mem in mems:
+            for n in SWEEP_STRATEGIES:
+                add(mem_key(n, mem, default_mem), n, sweep_seeds,
+                    [] if mem == default_mem else [f"strategy.params.mem_size={mem}"])
+        sizes = item_bytes(args.out)
+        for mem in mems:
+            eq = equal_bytes_items(mem, sizes)
+            if eq is not None:
+                add(mem_key("stella_plus", eq, default_mem), "stella_plus", sweep_seeds,
+                    [] if eq == default_mem else [f"strategy.params.mem_size={eq}"])
+    return plan
+
+
 def pending_runs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
-    """``(strategy, seed, command)`` for every run whose results.json is missing or incomplete.
+    """``(key, seed, command)`` for every planned run whose results.json is missing or incomplete.
 
     With ``--jobs N > 1`` and no explicit ``train.threads`` override each run gets
     ``cpu_count // N`` threads, so N runs side by side do not oversubscribe the cores.
@@ -58,20 +161,19 @@ def pending_runs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     if jobs > 1 and not any(o.startswith("train.threads=") for o in overrides):
         overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
     todo = []
-    for strategy in args.strategies:
-        for seed in args.seeds:
-            out = args.out / "runs" / strategy / f"seed{seed}"
-            if _complete(out / "results.json"):
-                print(f"[skip] {strategy} seed {seed}: complete", flush=True)
-                continue
-            cmd = [sys.executable, str(ROOT / "experiments" / "run_stella.py"), "--strategy", strategy,
-                   "--benchmark", args.benchmark, "--seed", str(seed), "--out", str(out), "--device", args.device,
-                   "--resume", "--quiet"]
-            if args.config:
-                cmd += ["--config", args.config]
-            if args.data_root:
-                cmd += ["--data-root", args.data_root]
-            todo.append((strategy, seed, cmd + overrides))
+    for key, strategy, seed, extra in planned_runs(args):
+        out = args.out / "runs" / key / f"seed{seed}"
+        if _complete(out / "results.json"):
+            print(f"[skip] {key} seed {seed}: complete", flush=True)
+            continue
+        cmd = [sys.executable, str(ROOT / "experiments" / "run_stella.py"), "--strategy", strategy,
+               "--benchmark", args.benchmark, "--seed", str(seed), "--out", str(out), "--device", args.device,
+               "--resume", "--quiet"]
+        if args.config:
+            cmd += ["--config", args.config]
+        if args.data_root:
+            cmd += ["--data-root", args.data_root]
+        todo.append((key, seed, cmd + overrides + extra))
     return todo
 
 
@@ -107,16 +209,30 @@ def run_missing(args: argparse.Namespace, launch: Callable[[list[str], str, bool
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         failed = [t for t in pool.map(one, todo) if t is not None]
+    if todo and not failed and getattr(args, "mem_sizes", None):
+        # the equal-byte STELLA+ runs are planned once both item sizes are known from complete runs
+        more = [t for t in pending_runs(args) if (t[0], t[1]) not in {(k, s) for k, s, _ in todo}]
+        if more:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                failed = [t for t in pool.map(one, more) if t is not None]
     return failed
 
 
 def load_runs(out: Path) -> dict[str, list[dict]]:
+    """Complete results of every run under ``out/runs``, grouped by run key (the directory name)."""
     runs: dict[str, list[dict]] = {}
     for res in sorted(out.glob("runs/*/seed*/results.json")):
         r = json.loads(res.read_text())
         if r.get("complete"):
-            runs.setdefault(r["strategy"], []).append(r)
+            runs.setdefault(res.parent.parent.name, []).append(r)
     return runs
+
+
+def main_table_keys(runs: dict[str, list[dict]]) -> list[str]:
+    """Keys of the main comparison: registered main strategies (paper order), then unregistered keys
+    that are neither ablation variants nor memory-sweep runs."""
+    keys = [s for s in MAIN_STRATEGIES if s in runs]
+    return keys + sorted(k for k in runs if k not in REGISTRY and "-mem" not in k)
 
 
 def _stat(values: list) -> tuple[float, float]:
@@ -126,9 +242,9 @@ def _stat(values: list) -> tuple[float, float]:
     return float(v.mean()), float(v.std())  # population std, as the official aggregation
 
 
-def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
+def aggregate(runs: dict[str, list[dict]], keys: list[str] | None = None) -> list[dict]:
     rows = []
-    for s in [s for s in PAPER_ORDER if s in runs] + sorted(set(runs) - set(PAPER_ORDER)):
+    for s in (keys if keys is not None else main_table_keys(runs)):
         row = {"strategy": s, "seeds": len(runs[s])}
         for d, _ in DIRS:
             for c in COLS:
@@ -227,10 +343,240 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
         plt.close(fig)
 
 
+# ------------------------------------------------------------------ bootstrap intervals and power
+def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0) -> dict[str, BS.BootstrapResult]:
+    """One joint bootstrap per direction over every run key (queries shared, so differences are paired)."""
+    return {d: BS.bootstrap({k: [BS.run_from_results(r, d) for r in group] for k, group in runs.items()},
+                            n_boot=n_boot, seed=seed) for d, _ in DIRS}
+
+
+def _ci_text(ci: tuple[float, float]) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _diff(boot: BS.BootstrapResult, a: str, b: str, m: str) -> tuple[float, tuple[float, float]] | None:
+    """Point difference a − b of statistic ``m`` and its paired 95 % bootstrap interval."""
+    pa, pb = boot.point.get(a, {}).get(m), boot.point.get(b, {}).get(m)
+    if a == b or pa is None or pb is None:
+        return None
+    return pa - pb, BS.interval(boot.samples[a][m] - boot.samples[b][m])
+
+
+def _diff_text(d: tuple[float, tuple[float, float]] | None) -> str:
+    if d is None:
+        return "–"
+    txt = f"{d[0]:+.2f} {_ci_text(d[1])}"
+    return f"{txt} ≈0" if BS.contains_zero(d[1]) else txt
+
+
+def interval_rows(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> list[dict]:
+    """Per key and direction: mean, std, 95 % interval of Avg 𝒜 / ℱ and the paired differences."""
+    rows = []
+    for k in keys:
+        row: dict = {"key": k}
+        for d, _ in DIRS:
+            b = boot[d]
+            if k not in b.point:
+                continue
+            row[f"{d}/seeds"] = b.seeds[k]
+            for m in ("A", "F"):
+                p = b.point[k][m]
+                row[f"{d}/{m}"] = None if p is None else (p, b.std[k][m], BS.interval(b.samples[k][m]))
+                for ref in ("derpp", "finetune"):
+                    row[f"{d}/{m}-{ref}"] = _diff(b, k, ref, m)
+        rows.append(row)
+    return rows
+
+
+def _cell(v: tuple[float, float, tuple[float, float]] | None) -> str:
+    return "–" if v is None else f"{v[0]:.2f} ± {v[1]:.2f} {_ci_text(v[2])}"
+
+
+def interval_markdown(rows: list[dict], boot: dict[str, BS.BootstrapResult], title: str) -> str:
+    """Tables (one per direction) of Avg 𝒜 / ℱ with intervals and the paired differences."""
+    lines = [f"## {title}", "",
+             "Avg of R@1/5/10 in %. Cells: mean ± std over seeds (population std) [95 % bootstrap interval, "
+             "resampling queries (stratified by task) and seeds]. Δ: paired difference to DER++ / Finetune "
+             "[95 % interval]; ≈0 marks a difference whose interval contains zero (not distinguishable "
+             "from zero)."]
+    missing = sorted({k for d, _ in DIRS for k in boot[d].without_ranks} & {r["key"] for r in rows})
+    if missing:
+        lines += ["", "Runs of " + ", ".join(PRETTY.get(k, k) for k in missing) + " have no per-query ranks in "
+                  "their results.json: only their seeds are resampled (the query part of their interval is missing)."]
+    for d, dn in DIRS:
+        lines += ["", f"### {dn}", "", "| method | seeds | 𝒜 | ℱ | Δ𝒜 vs DER++ | Δℱ vs DER++ | Δ𝒜 vs Finetune | "
+                  "Δℱ vs Finetune |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if f"{d}/seeds" not in r:
+                continue
+            cells = [PRETTY.get(r["key"], r["key"]), str(r[f"{d}/seeds"]), _cell(r[f"{d}/A"]), _cell(r[f"{d}/F"])]
+            cells += [_diff_text(r[f"{d}/{m}-{ref}"]) for ref in ("derpp", "finetune") for m in ("A", "F")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
+
+
+def write_intervals(rows: list[dict], boot: dict[str, BS.BootstrapResult], out: Path) -> str:
+    md = "# Bootstrap intervals\n\n" + interval_markdown(rows, boot, "Main comparison")
+    with atomic_write(out / "intervals.md") as fh:
+        fh.write(md)
+    with atomic_write(out / "intervals.csv") as fh:
+        fh.write("key,direction,metric,seeds,mean,std,ci_lo,ci_hi,"
+                 "diff_derpp,diff_derpp_lo,diff_derpp_hi,diff_finetune,diff_finetune_lo,diff_finetune_hi\n")
+        for r in rows:
+            for d, _ in DIRS:
+                for m in ("A", "F"):
+                    v = r.get(f"{d}/{m}")
+                    if v is None:
+                        continue
+                    diffs = []
+                    for ref in ("derpp", "finetune"):
+                        x = r[f"{d}/{m}-{ref}"]
+                        diffs += ["", "", ""] if x is None else [f"{x[0]:.4f}", f"{x[1][0]:.4f}", f"{x[1][1]:.4f}"]
+                    fh.write(f"{r['key']},{d},{m},{r[f'{d}/seeds']},{v[0]:.4f},{v[1]:.4f},{v[2][0]:.4f},"
+                             f"{v[2][1]:.4f}," + ",".join(diffs) + "\n")
+    return md
+
+
+def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str:
+    """Widths of the paired Δ𝒜 intervals against the target: a quarter of the multitask − finetune gap.
+
+    Uses the per-query ranks where the runs have them; says which strategies lacked them (then only
+    their seeds are resampled and the width is an underestimate of the full one).
+    """
+    lines = ["# Statistical power of the comparison", "",
+             "Target: the 95 % interval of a difference of two strategies' Avg 𝒜 is at most a quarter of the "
+             "multitask − finetune gap. Width = upper − lower bound of the paired bootstrap interval."]
+    for d, dn in DIRS:
+        b = boot[d]
+        lines += ["", f"## {dn}", ""]
+        if "multitask" not in b.point or "finetune" not in b.point:
+            lines.append("needs complete multitask and finetune runs")
+            continue
+        gap = b.point["multitask"]["A"] - b.point["finetune"]["A"]
+        target = gap / 4
+        widths = []
+        for k in keys:
+            for ref in ("derpp", "finetune"):
+                x = _diff(b, k, ref, "A")
+                if x is not None and k != "multitask":
+                    widths.append((x[1][1] - x[1][0], k, ref))
+        lines.append(f"multitask − finetune gap {gap:.2f}, target width ≤ {target:.2f}")
+        if not widths:
+            continue
+        w = np.array([x[0] for x in widths])
+        seeds = [b.seeds[k] for k in keys if k in b.seeds]
+        lines += [f"Δ𝒜 interval widths over {len(w)} differences (to DER++ and to Finetune): median {np.median(w):.2f}, "
+                  f"max {w.max():.2f} ({PRETTY.get(max(widths)[1], max(widths)[1])} vs "
+                  f"{PRETTY.get(max(widths)[2], max(widths)[2])}); {int((w <= target).sum())} of {len(w)} within target.",
+                  f"Seeds per strategy: {min(seeds)}-{max(seeds)}. If the width shrinks as 1/sqrt(seeds), the median "
+                  f"width reaches the target with about {int(np.ceil(np.median(seeds) * (np.median(w) / target) ** 2))} "
+                  "seeds per strategy (a rough guide: more clips per task shrink the query part too)."]
+        if b.without_ranks:
+            lines.append("Without per-query ranks (seeds resampled only, widths underestimated): "
+                         + ", ".join(PRETTY.get(k, k) for k in b.without_ranks) + ".")
+        else:
+            lines.append("All runs have per-query ranks: queries and seeds are resampled.")
+    md = "\n".join(lines) + "\n"
+    return md
+
+
+# ------------------------------------------------------------------ ablation and memory sweep
+def ablation_markdown(boot: dict[str, BS.BootstrapResult]) -> str | None:
+    keys = [k for k in ABLATION_TABLE if k in boot[DIRS[0][0]].point]
+    if not any(k in ABLATION_STRATEGIES for k in keys):
+        return None
+    head = ("# STELLA component ablation\n\nDER++ = neither component (full clips); STELLA: random patches = "
+            "uniform importance, no RCA; LPIS only = importance, no RCA; RCA only = RCA over uniform importance; "
+            "STELLA = both (``STELLAPlugin(importance=..., rca=...)``).\n\n")
+    return head + interval_markdown(interval_rows(boot, keys), boot, "Ablation")
+
+
+def sweep_rows(runs: dict[str, list[dict]], boot: dict[str, BS.BootstrapResult], mems: list[int],
+               default_mem: int, sizes: dict[str, int]) -> list[dict]:
+    """One row per (curve, memory): DER++, STELLA, STELLA+ at M items and STELLA+ at DER++'s bytes of M."""
+    rows = []
+    for label, strategy in (("DER++", "derpp"), ("STELLA", "stella"), ("STELLA+", "stella_plus"),
+                            ("STELLA+ at DER++ bytes", "stella_plus")):
+        for mem in mems:
+            items = mem if not label.endswith("bytes") else equal_bytes_items(mem, sizes)
+            key = None if items is None else mem_key(strategy, items, default_mem)
+            row = {"curve": label, "mem": mem, "items": items, "key": key}
+            for d, _ in DIRS:
+                b = boot[d]
+                if key is not None and key in b.point and b.point[key]["A"] is not None:
+                    row[d] = (b.point[key]["A"], b.std[key]["A"], BS.interval(b.samples[key]["A"]), b.seeds[key])
+            rows.append(row)
+    return rows
+
+
+def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: Path) -> str:
+    lines = ["# Memory-size sweep", "",
+             "Avg 𝒜 (mean of R@1/5/10, %) against the replay memory M (items per rank): mean ± std over seeds "
+             "[95 % bootstrap interval]. The last row gives STELLA+ as many items as fit the bytes of M DER++ "
+             "items (items in parentheses)."]
+    if sizes:
+        lines.append("Buffer bytes per item: " + ", ".join(f"{PRETTY.get(k, k)} {v:,}" for k, v in sorted(sizes.items())
+                                                          if k in SWEEP_STRATEGIES) + ".")
+    for d, dn in DIRS:
+        lines += ["", f"## {dn}", "", "| curve | " + " | ".join(f"M = {m}" for m in mems) + " |",
+                  "|---|" + "---|" * len(mems)]
+        for label in dict.fromkeys(r["curve"] for r in rows):
+            cells = []
+            for r in (x for x in rows if x["curve"] == label):
+                v = r.get(d)
+                txt = "–" if v is None else f"{v[0]:.2f} ± {v[1]:.2f} {_ci_text(v[2])}"
+                if label.endswith("bytes") and r["items"] is not None:
+                    txt += f" ({r['items']} items)"
+                cells.append(txt)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    with atomic_write(out / "mem_sweep.md") as fh:
+        fh.write(md)
+    return md
+
+
+def plot_sweep(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (d, dn) in zip(axes, DIRS):
+        for i, label in enumerate(dict.fromkeys(r["curve"] for r in rows)):
+            pts = [(r["mem"], r[d]) for r in rows if r["curve"] == label and d in r]
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts], dtype=float)
+            y = np.array([p[1][0] for p in pts])
+            err = np.array([[y_ - p[1][2][0], p[1][2][1] - y_] for y_, p in zip(y, pts)]).T
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label,
+                        linestyle="--" if label.endswith("bytes") else "-", color=f"C{i}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["mem"] for r in rows}), [str(m) for m in sorted({r["mem"] for r in rows})])
+        ax.set_xlabel("memory M (DER++ items; byte budget for the dashed curve)")
+        ax.set_ylabel("Avg 𝒜 (%)")
+        ax.set_title(f"{dn}: 𝒜 against memory (95 % intervals)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "mem_sweep.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategies", nargs="*", default=list(STRATEGY_NAMES), choices=STRATEGY_NAMES)
+    p.add_argument("--strategies", nargs="*", default=list(MAIN_STRATEGIES), choices=STRATEGY_NAMES,
+                   help="default: the 11 strategies of the main table")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds-for", nargs="*", default=[], metavar="NAMES=SEEDS",
+                   help="other seeds for some strategies, e.g. finetune,derpp,stella=0,1,2,3,4")
+    p.add_argument("--ablation", action="store_true",
+                   help="also run the STELLA component ablation (stella_random, stella_lpis, stella_rca)")
+    p.add_argument("--mem-sizes", nargs="*", type=int, default=[], metavar="M",
+                   help="memory sweep of DER++, STELLA and STELLA+ (and STELLA+ at DER++'s byte budget)")
+    p.add_argument("--sweep-seeds", nargs="*", type=int, default=None, help="seeds of the memory sweep "
+                   "(default: --seeds)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of the intervals")
     p.add_argument("--benchmark", default="synthetic")
     p.add_argument("--data-root", default=None)
     p.add_argument("--config", default=None)
@@ -247,10 +593,27 @@ def main() -> int:
     if not runs:
         print(f"no complete results under {args.out}/runs", file=sys.stderr)
         return 1
-    rows = aggregate(runs)
+    keys = main_table_keys(runs)
+    rows = aggregate(runs, keys)
     print(write_tables(rows, args.out, args.benchmark))
     plot(rows, runs, args.out)
-    print(f"wrote {args.out}/comparison.md, comparison.csv, cost.md and plots")
+    boot = bootstrap_all(runs, n_boot=args.n_boot)
+    print(write_intervals(interval_rows(boot, keys), boot, args.out))
+    power = power_report(boot, keys)
+    with atomic_write(args.out / "power.md") as fh:
+        fh.write(power)
+    print(power)
+    ablation = ablation_markdown(boot)
+    if ablation is not None:
+        with atomic_write(args.out / "ablation.md") as fh:
+            fh.write(ablation)
+        print(ablation)
+    if args.mem_sizes:
+        sizes = item_bytes(args.out)
+        srows = sweep_rows(runs, boot, list(args.mem_sizes), default_mem_size(args), sizes)
+        print(write_sweep(srows, list(args.mem_sizes), sizes, args.out))
+        plot_sweep(srows, args.out)
+    print(f"wrote {args.out}/comparison.md, comparison.csv, cost.md, intervals.md, power.md and plots")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun the same command to resume them)",
               file=sys.stderr)

@@ -113,3 +113,84 @@ def test_main_exits_nonzero_when_a_run_failed_but_still_writes_tables(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--strategies", "finetune", "stella"])
     assert compare.main() == 1
     assert (tmp_path / "comparison.md").is_file()
+
+
+# ------------------------------------------------------------------ intervals, ablation, memory sweep
+def _results_with_ranks(strategy: str, seed: int, shift: int, mem: int = 200, buffer_bytes: int = 0) -> dict:
+    """A complete results.json of 3 tasks x 20 queries whose ranks improve with ``shift``."""
+    from stella_avalanche.evaluation.metrics import RecallMatrix
+    from stella_avalanche.evaluation.report import build_results, recall_from_ranks
+
+    rng = np.random.default_rng(1000 * seed + shift)
+    tasks, index = np.repeat(np.arange(3), 20), np.tile(np.arange(20), 3)
+    rows = 1 if strategy == "multitask" else 3
+    rm = RecallMatrix(num_tasks=3)
+    for l in range(rows):
+        ranks = {d: np.maximum(1, rng.integers(1, 30, size=60) - shift) for d in ("a2v", "v2a")}
+        rec = {d: recall_from_ranks([ranks[d].tolist()], tasks.tolist(), num_tasks=3) for d in ranks}
+        rm.set_row(l, {d: {k: v[0] for k, v in rec[d].items()} for d in rec},
+                   ranks={**{d: r.tolist() for d, r in ranks.items()}, "task": tasks.tolist(), "index": index.tolist()})
+    res = build_results(strategy=strategy, benchmark="synthetic", seed=seed, tasks=["t0", "t1", "t2"],
+                        recall_matrix=rm, config={"strategy": {"name": strategy, "params": {"mem_size": mem}}},
+                        cost={"buffer_bytes": buffer_bytes})
+    res["complete"] = True
+    return res
+
+
+def _put_res(out: Path, key: str, seed: int, res: dict) -> None:
+    d = out / "runs" / key / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def test_memory_sweep_plan_and_equal_byte_budget(tmp_path):
+    args = _args(tmp_path, strategies=["finetune"], seeds=[0], mem_sizes=[100, 200], sweep_seeds=[0, 1],
+                 ablation=True, seeds_for=["finetune=0,1,2"])
+    plan = [(k, s, seed, extra) for k, s, seed, extra in compare.planned_runs(args)]
+    keys = {(k, seed) for k, _, seed, _ in plan}
+    assert {("finetune", 0), ("finetune", 1), ("finetune", 2)} <= keys            # --seeds-for
+    assert {("stella_random", 0), ("stella_lpis", 0), ("stella_rca", 0)} <= keys   # --ablation
+    # the preset's memory (200) shares the plain runs; other sizes get their own key and override
+    assert ("derpp-mem100", 1) in keys and ("stella_plus", 1) in keys and ("stella-mem200", 0) not in keys
+    assert next(e for k, _, _, e in plan if k == "stella-mem100") == ["strategy.params.mem_size=100"]
+    assert not any(k.startswith("stella_plus-mem") and k != "stella_plus-mem100" for k, _ in keys)  # sizes unknown
+    _put_res(tmp_path, "derpp", 0, _results_with_ranks("derpp", 0, 3, buffer_bytes=83480))
+    _put_res(tmp_path, "stella_plus", 0, _results_with_ranks("stella_plus", 0, 3, buffer_bytes=35214))
+    assert compare.equal_bytes_items(100, compare.item_bytes(tmp_path)) == 100 * 83480 // 35214 == 237
+    plan = compare.planned_runs(args)
+    eq = [(k, extra) for k, s, seed, extra in plan if k in ("stella_plus-mem237", "stella_plus-mem474")]
+    assert ("stella_plus-mem237", ["strategy.params.mem_size=237"]) in eq and len(eq) == 4
+    cmds = {(k, s): c for k, s, c in compare.pending_runs(args)}
+    assert ("derpp", 0) not in cmds and "strategy.params.mem_size=474" in cmds[("stella_plus-mem474", 1)]
+    with pytest.raises(SystemExit, match="unknown strategy"):
+        compare.parse_seeds_for(["nope=1"])
+
+
+def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypatch):
+    shifts = {"finetune": 0, "derpp": 6, "stella": 6, "stella_plus": 4, "multitask": 12, "stella_random": 5,
+              "stella_lpis": 6, "stella_rca": 5}
+    for s, shift in shifts.items():
+        for seed in (0, 1):
+            by = {"derpp": 83480, "stella_plus": 35214}.get(s, 0)
+            _put_res(tmp_path, s, seed, _results_with_ranks(s, seed, shift, buffer_bytes=by))
+            if s in compare.SWEEP_STRATEGIES:
+                _put_res(tmp_path, f"{s}-mem100", seed, _results_with_ranks(s, seed, shift - 2, 100, by))
+    for seed in (0, 1):
+        _put_res(tmp_path, "stella_plus-mem237", seed, _results_with_ranks("stella_plus", seed, 5, 237, 35214))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--aggregate-only", "--n-boot", "300",
+                                      "--mem-sizes", "100", "200"])
+    assert compare.main() == 0
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| DER++ |" in md and "random patches" not in md and "mem100" not in md   # main table only
+    iv = (tmp_path / "intervals.md").read_text()
+    assert "| Finetune | 2 |" in iv and "**≈0**" in iv and "no per-query ranks" not in iv
+    ft_vs_mt = next(line for line in iv.splitlines() if line.startswith("| Multitask |"))
+    assert "≈0" not in ft_vs_mt.split(" | ")[-2]               # multitask beats finetune clearly
+    csv = (tmp_path / "intervals.csv").read_text().splitlines()
+    assert csv[0].startswith("key,direction,metric") and any(line.startswith("stella,a2v,A,2,") for line in csv)
+    assert "target width" in (tmp_path / "power.md").read_text()
+    ab = (tmp_path / "ablation.md").read_text()
+    assert all(compare.PRETTY[k] in ab for k in compare.ABLATION_TABLE)
+    sw = (tmp_path / "mem_sweep.md").read_text()
+    assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
+    assert (tmp_path / "mem_sweep.png").is_file()
