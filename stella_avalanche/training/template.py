@@ -276,6 +276,10 @@ class AudioVideoPretraining(SupervisedTemplate):
     def make_optimizer(self, **kwargs: Any) -> None:  # see check_model_and_optimizer
         return None
 
+    #: the batch keys :meth:`forward` passes to the model (the host contract, ``training/contract.py``:
+    #: a subclass that overrides ``forward`` must declare its own)
+    model_input_keys = MODEL_INPUT_KEYS
+
     def forward(self) -> dict:
         batch = self.mbatch
         if self.is_training:
@@ -321,6 +325,14 @@ class AudioVideoPretraining(SupervisedTemplate):
             opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ cost accounting
+    def _before_training(self, **kwargs: Any) -> None:
+        # the host contract, once per train() call before any plugin hook: stock plugins that cannot
+        # work here and plugins whose needs this strategy does not meet fail now, naming the reason
+        from stella_avalanche.training.contract import check_strategy
+
+        check_strategy(self)
+        super()._before_training(**kwargs)
+
     def _before_training_exp(self, **kwargs: Any) -> None:
         super()._before_training_exp(**kwargs)
         self._t_exp = time.perf_counter()

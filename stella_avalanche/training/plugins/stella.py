@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from avalanche.training.plugins import SupervisedPlugin
 
+from stella_avalanche.batch_keys import AUDIO, KEEP_KEYS, PATCH_KEYS, VIDEO
 from stella_avalanche.training.buffer import (
     ReservoirBuffer,
     audio_from_uint8,
@@ -35,6 +36,7 @@ from stella_avalanche.training.buffer import (
     video_patches_to_uint8,
     video_to_uint8,
 )
+from stella_avalanche.training.contract import HostRequirements, check_host
 from stella_avalanche.training.selection import (
     PatchSelector,
     candidate_ids,
@@ -230,12 +232,19 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
             self._load_built(state)
 
     # ------------------------------------------------------------------ callbacks
+    @property
+    def host_requirements(self) -> HostRequirements:
+        """What the strategy must provide (``training/contract.py``): the kept-patch ids (and for
+        STELLA+ the patch rows) must reach the model, the AVM optimizer is stepped with the main one."""
+        keys = (VIDEO, AUDIO, *KEEP_KEYS, *(PATCH_KEYS if self.plus else ()))
+        return HostRequirements(host=("extra_optimizers", "device"), model_inputs=keys,
+                                model=("config", "patchify_video", "patchify_audio", "encode_modality",
+                                       "fuse_joint"))
+
     def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        check_host(strategy, self)  # a host that would ignore the kept ids is an error, not a no-op
         self._build(strategy)
-        extra = getattr(strategy, "extra_optimizers", None)
-        if extra is None:
-            raise AttributeError("STELLAPlugin needs strategy.extra_optimizers (AudioVideoPretraining) "
-                                 "to step the AVM optimizer")
+        extra = strategy.extra_optimizers
         if not any(o is self.avm_optimizer for o in extra):
             extra.append(self.avm_optimizer)
         self.avm.train()
