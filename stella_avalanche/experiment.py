@@ -167,7 +167,8 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     gallery = cfg.get("eval", {}).get("gallery", "pooled")
     ks = tuple(cfg.get("eval", {}).get("ks", (1, 5, 10)))
     metrics = M.retrieval_metrics(ks=ks, gallery=gallery, num_tasks=len(bm.task_names),
-                                  gather_fn=all_gather_cat if ctx.enabled else None)
+                                  gather_fn=all_gather_cat if ctx.enabled else None,
+                                  gallery_pools=int(cfg.get("eval", {}).get("gallery_pools", 1)))
     tracker = M.find_recall_matrix_plugin(metrics)
     evaluator = EvaluationPlugin(*metrics, loggers=make_loggers(out_dir, interactive=progress and ctx.is_main)
                                  if ctx.is_main else None)

@@ -309,3 +309,30 @@ def test_jsonl_logger_and_make_loggers(tmp_path) -> None:
     assert recs == [{"name": "A2V_R@1_Pooled/eval_phase/retrieval_stream/Task000", "value": 12.5, "x": 7},
                     {"name": "nan", "value": None, "x": 8}, {"name": "after_resume", "value": 3, "x": 9}]
     assert (tmp_path / "log.txt").exists() and (tmp_path / "tb").is_dir()
+
+
+def test_matrix_plugin_gallery_pools() -> None:
+    """gallery_pools=P ranks each query within its sub-pool (clip index % P) and records P."""
+    g = torch.Generator().manual_seed(5)
+    n, pools = 36, 3
+    za, zv = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    task, index = torch.arange(n) // 12, torch.arange(n) % 12
+    plugin = RecallMatrixPlugin(num_tasks=3, gallery_pools=pools)
+    for t in range(3):  # one retrieval experience per task (the store keys clips by experience and index)
+        m = task == t
+        plugin._metric.update(z_audio=za[m], z_video=zv[m], task=task[m], index=index[m], exp=t)
+    rep = plugin.result()
+    sub = recall_report(za, zv, task, num_tasks=3, gallery_groups=index % pools, return_ranks=True)
+    assert torch.equal(rep["ranks"]["a2v"], sub["ranks"]["a2v"])
+    assert rep["a2v"]["R@1"]["per_task"] == sub["a2v"]["R@1"]["per_task"]
+    within = recall_report(za, zv, task, num_tasks=3, gallery="per_task", gallery_groups=index % pools,
+                           return_ranks=True)
+    assert torch.equal(rep["ranks"]["v2a_task_gallery"], within["ranks"]["v2a"])
+    plugin.matrix.set_row(0, plugin.matrix.row_from_report(rep), ranks=rep["ranks"])
+    assert plugin.matrix.ranks_lists()["gallery_pools"] == pools
+    with pytest.raises(ValueError, match="gallery_pools"):
+        RecallMatrixPlugin(gallery_pools=0)
+    uneven = RecallMatrixPlugin(num_tasks=3, gallery_pools=5)
+    uneven._metric.update(z_audio=za[:12], z_video=zv[:12], task=task[:12], index=index[:12], exp=0)
+    with pytest.warns(UserWarning, match="differ in size"):
+        uneven.result()

@@ -137,3 +137,21 @@ def test_errors_and_chunk_budget() -> None:
     # identical embeddings everywhere: all strict ranks 1, pessimistic ranks N
     same = retrieval_ranks(torch.ones(6, 3), torch.ones(6, 3), chunk_size=4)
     assert torch.all(same.a2v == 1) and torch.all(same.v2a_pess == 6)
+
+
+def test_gallery_groups_rank_every_query_within_its_sub_pool() -> None:
+    g = torch.Generator().manual_seed(3)
+    n = 48
+    a, v = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    tasks = torch.arange(n) // 24                      # 2 tasks
+    groups = torch.arange(n) % 3                       # 3 sub-pools, 8 clips per task each
+    for gallery in ("pooled", "per_task"):
+        rep = recall_report(a, v, tasks, gallery=gallery, gallery_groups=groups, return_ranks=True, ks=(1, 5))
+        for p in range(3):
+            sub = groups == p
+            ref = retrieval_ranks(a[sub], v[sub], task_ids=tasks[sub], per_task_gallery=gallery == "per_task")
+            assert torch.equal(rep["ranks"]["a2v"][sub], ref.a2v) and torch.equal(rep["ranks"]["v2a"][sub], ref.v2a)
+        hits = (rep["ranks"]["a2v"] <= 5).double()
+        assert rep["a2v"]["R@5"]["per_task"][1] == pytest.approx(100 * float(hits[tasks == 1].mean()))
+    with pytest.raises(ValueError, match="gallery_groups"):
+        recall_report(a, v, tasks, gallery_groups=groups[:-1])

@@ -112,14 +112,16 @@ class RecallMatrix:
     :param directions: retrieval directions kept.
     :param num_tasks: number of columns (tasks); inferred from the first row when None.
     :param gallery: "pooled" or "per_task" (recorded with the matrix).
+    :param gallery_pools: number of disjoint sub-pools the gallery was split into (recorded).
     """
 
     def __init__(self, *, ks: Sequence[int] = DEFAULT_KS, directions: Sequence[str] = DIRECTIONS,
-                 num_tasks: int | None = None, gallery: str = "pooled") -> None:
+                 num_tasks: int | None = None, gallery: str = "pooled", gallery_pools: int = 1) -> None:
         self.ks = tuple(int(k) for k in ks)
         self.directions = tuple(directions)
         self.num_tasks = num_tasks
         self.gallery = gallery
+        self.gallery_pools = int(gallery_pools)
         self.rows: dict[int, Row] = {}
         self.initial: Row | None = None
         self.intermediate: list[dict[str, Any]] = []
@@ -238,7 +240,8 @@ class RecallMatrix:
         if not keys or any(k not in self.ranks for k in keys) or self.rank_queries is None:
             return None
         present = [k for k in RANK_KEYS if all(k in self.ranks[r] for r in keys)]
-        out: dict[str, Any] = {"gallery": self.gallery, **copy.deepcopy(self.rank_queries)}
+        out: dict[str, Any] = {"gallery": self.gallery, "gallery_pools": int(self.gallery_pools),
+                               **copy.deepcopy(self.rank_queries)}
         out.update({k: [list(self.ranks[r][k]) for r in keys] for k in present})
         return out
 
@@ -265,7 +268,7 @@ class RecallMatrix:
                               "modality_gap": {str(k): v for k, v in self.modality_gap.items()},
                               "initial_modality_gap": self.initial_modality_gap,
                               "ranks": {str(k): v for k, v in self.ranks.items()},
-                              "rank_queries": self.rank_queries})
+                              "rank_queries": self.rank_queries, "gallery_pools": self.gallery_pools})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
@@ -281,6 +284,7 @@ class RecallMatrix:
         self.initial_modality_gap = state.get("initial_modality_gap")
         self.ranks = {int(k): v for k, v in (state.get("ranks") or {}).items()}
         self.rank_queries = state.get("rank_queries")
+        self.gallery_pools = int(state.get("gallery_pools", 1))
 
 
 # ---------------------------------------------------------------------------- embedding collection
@@ -453,12 +457,18 @@ class RecallMatrixPlugin(GenericPluginMetric):
     :param emit_per_task: also emit one value per task (``/TaskNNN``).
     :param keep_ranks: store every end-of-experience evaluation's per-query ranks in the matrix
         (queries in (task, index) order; a pooled matrix also keeps the per-task-gallery ranks).
+    :param gallery_pools: P > 1 splits the retrieval set into P disjoint sub-pools, clip ``index % P``,
+        and ranks every query within its own sub-pool (with "per_task": within its task's part of it).
+        A large retrieval set then gives P times the queries of a gallery of the usual size, so the
+        recall keeps its scale (a larger gallery lowers every R@K) while its query noise shrinks. The
+        pools are class-balanced when each task's retrieval clips are listed class by class with a
+        multiple of P clips per class (the synthetic generator's layout).
     """
 
     def __init__(self, *, ks: Sequence[int] = DEFAULT_KS, gallery: Literal["pooled", "per_task"] = "pooled",
                  num_tasks: int | None = None, stream_name: str = "retrieval",
                  gather_fn: GatherFn | None = None, emit_per_task: bool = True,
-                 keep_ranks: bool = True) -> None:
+                 keep_ranks: bool = True, gallery_pools: int = 1) -> None:
         if gallery not in ("pooled", "per_task"):
             raise ValueError(f"gallery must be 'pooled' or 'per_task', got {gallery!r}")
         super().__init__(RetrievalEmbeddingStore(gather_fn=gather_fn), reset_at="stream", emit_at="stream",
@@ -468,7 +478,11 @@ class RecallMatrixPlugin(GenericPluginMetric):
         self.stream_name = stream_name
         self.emit_per_task = emit_per_task
         self.keep_ranks = bool(keep_ranks)
-        self.matrix = RecallMatrix(ks=self.ks, num_tasks=num_tasks, gallery=gallery)
+        if int(gallery_pools) < 1:
+            raise ValueError(f"gallery_pools must be >= 1, got {gallery_pools}")
+        self.gallery_pools = int(gallery_pools)
+        self.matrix = RecallMatrix(ks=self.ks, num_tasks=num_tasks, gallery=gallery,
+                                   gallery_pools=self.gallery_pools)
         self.last_report: dict | None = None
         self._stream_len: int | None = None
         self._seen_exps: set[int] = set()
@@ -530,13 +544,22 @@ class RecallMatrixPlugin(GenericPluginMetric):
         if data is None:
             return None
         num_tasks = self.matrix.num_tasks if self.matrix.num_tasks is not None else self._stream_len
+        pools = data["index"] % self.gallery_pools if self.gallery_pools > 1 else None
+        if pools is not None:
+            sizes = torch.bincount(data["task"] * self.gallery_pools + pools)
+            if int(sizes[sizes > 0].min()) != int(sizes.max()):
+                warnings.warn(f"gallery_pools={self.gallery_pools}: the sub-pools of a task differ in size "
+                              f"({int(sizes[sizes > 0].min())} to {int(sizes.max())} clips); list each task's "
+                              "retrieval clips class by class with a multiple of gallery_pools clips per class")
         report = recall_report(data["z_audio"], data["z_video"], data["task"], ks=self.ks,
-                               gallery=self.gallery, num_tasks=num_tasks, return_ranks=self.keep_ranks)
+                               gallery=self.gallery, num_tasks=num_tasks, return_ranks=self.keep_ranks,
+                               gallery_groups=pools)
         report["modality_gap"] = _modality_gap(data["z_audio"], data["z_video"], data["task"], num_tasks)
         if self.keep_ranks:
             ranks = dict(report.pop("ranks"))
             if self.gallery == "pooled":
-                tg = retrieval_ranks(data["z_audio"], data["z_video"], task_ids=data["task"], per_task_gallery=True)
+                within = data["task"] if pools is None else data["task"] * self.gallery_pools + pools
+                tg = retrieval_ranks(data["z_audio"], data["z_video"], task_ids=within, per_task_gallery=True)
                 ranks["a2v_task_gallery"], ranks["v2a_task_gallery"] = tg.a2v, tg.v2a
             # one canonical query order, (task, index), whatever order the ranks' batches arrived in
             order = torch.from_numpy(np.lexsort((data["index"].numpy(), data["task"].numpy())))
@@ -607,7 +630,8 @@ def _modality_gap(z_audio: torch.Tensor, z_video: torch.Tensor, task: torch.Tens
 
 def retrieval_metrics(ks: Sequence[int] = DEFAULT_KS, gallery: Literal["pooled", "per_task"] = "pooled", *,
                       per_experience: bool = True, num_tasks: int | None = None,
-                      stream_name: str = "retrieval", gather_fn: GatherFn | None = None) -> list:
+                      stream_name: str = "retrieval", gather_fn: GatherFn | None = None,
+                      gallery_pools: int = 1) -> list:
     """Metric objects for ``EvaluationPlugin``: per-experience recall and the recall-matrix metric.
 
     :param ks: the K values of R@K.
@@ -616,13 +640,14 @@ def retrieval_metrics(ks: Sequence[int] = DEFAULT_KS, gallery: Literal["pooled",
     :param num_tasks: columns of the matrix (default: the retrieval stream's length).
     :param stream_name: the retrieval stream's name.
     :param gather_fn: optional all-rank concatenation hook (DDP).
+    :param gallery_pools: sub-pools of the recall matrix's gallery (see :class:`RecallMatrixPlugin`).
     :return: list of PluginMetrics; find the matrix with :func:`find_recall_matrix_plugin`.
     """
     metrics: list = []
     if per_experience:
         metrics.append(RetrievalRecallPerExperience(ks=ks, stream_name=stream_name, gather_fn=gather_fn))
     metrics.append(RecallMatrixPlugin(ks=ks, gallery=gallery, num_tasks=num_tasks, stream_name=stream_name,
-                                      gather_fn=gather_fn))
+                                      gather_fn=gather_fn, gallery_pools=gallery_pools))
     return metrics
 
 

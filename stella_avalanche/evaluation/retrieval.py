@@ -242,6 +242,7 @@ def recall_report(
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     return_ranks: bool = False,
+    gallery_groups: torch.Tensor | Sequence[int] | None = None,
 ) -> dict:
     """Recall@K (percent), median rank and pessimistic median rank, overall and per task.
 
@@ -254,6 +255,9 @@ def recall_report(
     :param num_tasks: report tasks ``0..num_tasks-1`` (absent ones get ``None``); default: the ids present.
     :param chunk_size: tile side (see :func:`retrieval_ranks`).
     :param device: compute device.
+    :param gallery_groups: (N,) optional group id per clip: every query's gallery is further
+        restricted to the clips of its own group (e.g. disjoint sub-pools of a large retrieval set, each
+        a gallery of the protocol's size, so that more queries do not make the task harder).
     :param return_ranks: also return the strict per-query ranks under ``"ranks"``:
         ``{"a2v": (N,), "v2a": (N,)}`` int64 CPU tensors in query order (so any statistic of the
         evaluation can be recomputed offline).
@@ -265,7 +269,14 @@ def recall_report(
     if any(int(k) < 1 for k in ks):
         raise ValueError(f"every K must be >= 1, got {tuple(ks)}")
     tasks = torch.as_tensor(task_ids).to(torch.int64).reshape(-1).cpu()
-    ranks = retrieval_ranks(z_audio, z_video, task_ids=tasks, per_task_gallery=gallery == "per_task",
+    restrict = tasks if gallery == "per_task" else None
+    if gallery_groups is not None:
+        groups = torch.as_tensor(gallery_groups).to(torch.int64).reshape(-1).cpu()
+        if groups.shape != tasks.shape or (groups.numel() and int(groups.min()) < 0):
+            raise ValueError(f"gallery_groups must hold {tasks.numel()} ids >= 0, got shape {tuple(groups.shape)}")
+        # one id per (task, group) pair when both restrict the gallery
+        restrict = groups if restrict is None else restrict * (int(groups.max()) + 1) + groups
+    ranks = retrieval_ranks(z_audio, z_video, task_ids=restrict, per_task_gallery=restrict is not None,
                             chunk_size=chunk_size, device=device)
     if num_tasks is not None:
         task_list = list(range(int(num_tasks)))
