@@ -117,3 +117,23 @@ def test_strategy_resumes_with_reordered_plugins():
     s2 = AudioVideoPretraining(model=build_model("tiny"), plugins=[_Other(0), _Counter(0)], device="cpu")
     s2.load_training_state_dict(state)
     assert [p.value for p in s2.plugins if isinstance(p, _Counter)] == [8, 7]  # _Other first, then _Counter
+
+
+def test_strategy_factory_offsets_the_rank_once():
+    from stella_avalanche.models.avm import AVMatching
+    from stella_avalanche.models.cav import build_model
+    from stella_avalanche.training.strategies import make_strategy
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    s = make_strategy("stella", model=model, avm=AVMatching.from_config(model.config), rank=1, world_size=2,
+                      device="cpu", seed=3)
+    plugin = s.stella_plugin
+    assert plugin.seed == 3 + SEED_STRIDE
+    # the step stream is (seed + stride * rank) * stride + 1, with no second "+ rank"
+    want = torch.Generator().manual_seed((3 + SEED_STRIDE) * SEED_STRIDE + 1).get_state()
+    assert torch.equal(plugin.generator.get_state(), want)
+    d = make_strategy("derpp", model=model, rank=1, world_size=2, device="cpu", seed=3)
+    assert d.plugins[0].seed == 3 + SEED_STRIDE
+    assert torch.equal(d.plugins[0]._buffer_generator.get_state(),
+                       torch.Generator().manual_seed(3 + 2 * SEED_STRIDE).get_state())

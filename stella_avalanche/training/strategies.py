@@ -22,15 +22,17 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from stella_avalanche.distributed import get_rank
 from stella_avalanche.training.template import AudioVideoPretraining
+from stella_avalanche.utils import SEED_STRIDE, derive_seed
 
 __all__ = ["STELLA", "make_strategy", "StrategySpec", "REGISTRY", "STRATEGY_NAMES", "MAIN_STRATEGIES",
            "ABLATION_STRATEGIES", "BASELINE_PLUGINS", "get_spec", "display_name", "paper_order",
            "RANK_SEED_STRIDE"]
 
 #: per-rank offset of a replay plugin's seed (each rank draws its own replay items, as the paper's
-#: per-GPU reservoirs)
-RANK_SEED_STRIDE = 7919
+#: per-GPU reservoirs); see ``stella_avalanche.utils.derive_seed``
+RANK_SEED_STRIDE = SEED_STRIDE
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class STELLA(AudioVideoPretraining):
         from stella_avalanche.training.plugins.stella import STELLAPlugin
 
         skw = dict(stella_kwargs or {})
-        skw.setdefault("seed", kwargs.get("seed", 0))
+        # built directly (not by make_strategy): the plugin's seed is per rank of the process group
+        skw.setdefault("seed", derive_seed(int(kwargs.get("seed", 0)), "plugin", rank=get_rank()))
         self.stella_plugin = STELLAPlugin(avm=avm, plus=plus, **skw)
         super().__init__(model=model, plugins=[self.stella_plugin, *(plugins or [])], **kwargs)
 
@@ -173,7 +176,7 @@ def make_strategy(name: str, *, model: nn.Module, avm: Optional[nn.Module] = Non
             raise ValueError(f"strategy {spec.name!r} takes no plugin arguments, got {sorted(plugin_kwargs)}")
         strategy = AudioVideoPretraining(model=model, plugins=plugins, **kwargs)
     else:
-        plugin_kwargs.setdefault("seed", int(kwargs.get("seed", 0)) + RANK_SEED_STRIDE * int(rank))
+        plugin_kwargs.setdefault("seed", derive_seed(int(kwargs.get("seed", 0)), "plugin", rank=int(rank)))
         fixed = {k: v for k, v in spec.plugin_defaults.items() if k in plugin_kwargs and plugin_kwargs[k] != v}
         if fixed:
             raise ValueError(f"strategy {spec.name!r} fixes {sorted(fixed)} to "

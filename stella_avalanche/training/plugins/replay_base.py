@@ -40,6 +40,7 @@ from torch.func import functional_call
 from avalanche.training.plugins import SupervisedPlugin
 
 from stella_avalanche.training.buffer import ReservoirBuffer, video_from_uint8, video_to_uint8
+from stella_avalanche.utils import derive_seed
 
 __all__ = [
     "ReplayPluginBase",
@@ -238,8 +239,8 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         self.buffer_device = buffer_device
         self.buffer: Optional[ReservoirBuffer] = None
         #: the plugin's own draws (replay sampling, MIR candidates, LUMP λ, EMA coin flips, ...)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self._buffer_generator = torch.Generator().manual_seed(self.seed + 7919)
+        self.generator = torch.Generator().manual_seed(derive_seed(self.seed, "replay_draws"))
+        self._buffer_generator = torch.Generator().manual_seed(derive_seed(self.seed, "replay_buffer"))
         #: training steps completed (drives the EMA / running-statistics α schedules)
         self.step = 0
         # per-iteration state (never checkpointed: it lives between before_forward and the end of

@@ -44,6 +44,7 @@ from stella_avalanche.training.selection import (
     rca_probability,
     summary_queries,
 )
+from stella_avalanche.utils import derive_seed
 
 __all__ = ["STELLAPlugin"]
 
@@ -57,12 +58,6 @@ def _backbone(strategy: Any) -> nn.Module:
         bb = strategy.model
         bb = bb.module if hasattr(bb, "module") and isinstance(bb.module, nn.Module) else bb
     return bb
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return 0
 
 
 def _placeholder(like: Tensor, rows: int) -> Tensor:
@@ -115,7 +110,9 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
         using the stored values.
     :param lr: AVM Adam learning rate (1e-4). :param betas: (0.95, 0.999).
     :param weight_decay: L2 on AVM matrices (5e-7).
-    :param seed: seeds the selection / VAM and buffer generators (offset by the DDP rank).
+    :param seed: the plugin's seed, already per DDP rank (``make_strategy`` derives it with
+        ``derive_seed(run seed, "plugin", rank=rank)``); the selection / VAM and buffer generators
+        are derived from it (``stella_avalanche.utils.derive_seed``).
     :param buffer_device: where the buffer lives ("cpu" is pinned when CUDA is available).
     :param audio_storage: "uint8" (per-item affine, default) or "float16" buffer audio.
     :param stats_dtype: dtype of the stored I, C and qbar (fp16 by default; z are always fp32).
@@ -169,7 +166,7 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
         self.buffer: Optional[ReservoirBuffer] = None
         self.selector: Optional[PatchSelector] = None
         self.avm_optimizer: Optional[torch.optim.Optimizer] = None
-        self.generator = torch.Generator().manual_seed(self.seed * 7919 + 1 + _rank())
+        self.generator = torch.Generator().manual_seed(derive_seed(self.seed, "stella_steps"))
         self._pending_state: Optional[dict] = None
         self._reset_step()
         # scalars of the last step, kept as tensors (no device sync in the step; see last_stats)
@@ -221,7 +218,7 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
                 raise ValueError("token ids exceed int16: STELLA+ id storage needs L <= 32767")
             self.buffer = ReservoirBuffer(
                 self.mem_size, fields=fields, device=self.buffer_device,
-                generator=torch.Generator().manual_seed(self.seed * 7919 + 2 + _rank()))
+                generator=torch.Generator().manual_seed(derive_seed(self.seed, "stella_buffer")))
         if self.avm_optimizer is None:
             from stella_avalanche.training.template import make_adam
 
