@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.experiment import model_config_for
     from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.training.pretrain import load_backbone_checkpoint, pretrain_avm, synthetic_initialisation
+    from stella_avalanche.models.loading import load_backbone_weights
+    from stella_avalanche.training.pretrain import pretrain_avm, synthetic_initialisation
     from stella_avalanche.utils import atomic_torch_save, resolve_device
 
     device = resolve_device(args.device)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                         num_workers=4)
     cfg = model_config_for(args.model, feats)
     model = CAVMAE(cfg)
-    load_backbone_checkpoint(model, args.backbone)
+    load_backbone_weights(model, args.backbone)
     avm = build_avm(model)
     hist = pretrain_avm(model, avm, loader, steps=args.steps or 10000, lr=args.lr, device=device,
                         generator=torch.Generator().manual_seed(args.seed))

@@ -89,25 +89,6 @@ def _resolve_init(cfg: dict, model_cfg: Any, device: torch.device, need_avm: boo
     return out
 
 
-def _load_weights(model: torch.nn.Module, path: str) -> None:
-    """A project checkpoint, a CAV-MAE pre-training checkpoint or an ImageNet-MAE checkpoint."""
-    from stella_avalanche.training.pretrain import load_backbone_checkpoint
-
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and "model" in obj and "meta" in obj:
-        load_backbone_checkpoint(model, path)
-        return
-    from stella_avalanche.models import weights
-
-    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
-    keys = list(state)
-    if any(k.replace("module.", "").startswith(("blocks_a.", "patch_embed_a.")) for k in keys):
-        report = weights.load_cavmae_checkpoint(model, state)
-    else:
-        report = weights.load_imagenet_mae(model, state)
-    log.info("loaded %s: %s", path, report)
-
-
 def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str = "auto",
                    progress: bool = True, resume: bool = False) -> dict:
     """Train one strategy over a benchmark's stream, evaluate retrieval after every task, and write
@@ -124,6 +105,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     from stella_avalanche.evaluation.loggers import make_loggers
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.loading import load_backbone_weights
     from stella_avalanche.training.pretrain import load_avm_checkpoint
     from stella_avalanche.training.strategies import get_spec, make_strategy
     from stella_avalanche.training.template import make_adam
@@ -154,7 +136,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     seed_everything(seed)
     model = CAVMAE(model_cfg)
     if init["backbone"]:
-        _load_weights(model, init["backbone"])
+        load_backbone_weights(model, init["backbone"])
     avm = None
     if need_avm:
         avm = build_avm(model)

@@ -28,8 +28,7 @@ def test_derive_seed_applies_the_rank_once_and_separates_streams():
     assert plugin_seed == seed + SEED_STRIDE * rank
     # a plugin derives its streams from its (already per-rank) seed: no second rank offset
     assert derive_seed(plugin_seed, "stella_steps") == (seed + SEED_STRIDE * rank) * SEED_STRIDE + 1
-    # STELLA's two streams never coincide across ranks or with each other (the old double offset
-    # made rank r's step stream start at seed*7919 + 1 + r: rank 1's steps = rank 0's buffer)
+    # STELLA's two streams never coincide across ranks or with each other
     stella = [derive_seed(derive_seed(seed, "plugin", rank=r), p)
               for r in range(8) for p in ("stella_steps", "stella_buffer")]
     assert len(set(stella)) == len(stella)
@@ -137,3 +136,35 @@ def test_strategy_factory_offsets_the_rank_once():
     assert d.plugins[0].seed == 3 + SEED_STRIDE
     assert torch.equal(d.plugins[0]._buffer_generator.get_state(),
                        torch.Generator().manual_seed(3 + 2 * SEED_STRIDE).get_state())
+
+
+def test_one_backbone_loader_reads_every_format(tmp_path, monkeypatch):
+    from stella_avalanche.models import weights
+    from stella_avalanche.models.cav import build_model
+    from stella_avalanche.models.loading import load_backbone_weights
+
+    torch.manual_seed(1)
+    src = build_model("tiny")
+    ref = {k: v.clone() for k, v in src.state_dict().items()}
+    torch.save({"model": src.state_dict(), "meta": {"steps": 3}}, tmp_path / "project.pt")
+    torch.save(src.state_dict(), tmp_path / "bare.pt")
+    for name in ("project.pt", "bare.pt"):
+        torch.manual_seed(2)
+        dst = build_model("tiny")
+        out = load_backbone_weights(dst, tmp_path / name)
+        assert out["format"] == "project"
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in ref.items())
+    assert load_backbone_weights(build_model("tiny"), tmp_path / "project.pt")["meta"] == {"steps": 3}
+    # a project checkpoint of another model size is an error naming the keys, not a partial load
+    torch.save({"model": {"blocks_x.0.w": torch.zeros(1)}, "meta": {}}, tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="does not match the model: missing"):
+        load_backbone_weights(build_model("tiny"), tmp_path / "other.pt")
+    # foreign formats go to their mappers
+    calls = []
+    monkeypatch.setattr(weights, "load_cavmae_checkpoint", lambda m, s: calls.append(("cavmae", sorted(s))))
+    monkeypatch.setattr(weights, "load_imagenet_mae", lambda m, s: calls.append(("mae", sorted(s))))
+    torch.save({"state_dict": {"module.blocks_a.0.norm1.weight": torch.ones(2)}}, tmp_path / "cav.pt")
+    torch.save({"model": {"blocks.0.norm1.weight": torch.ones(2)}}, tmp_path / "mae.pt")
+    assert load_backbone_weights(build_model("tiny"), tmp_path / "cav.pt")["format"] == "cavmae"
+    assert load_backbone_weights(build_model("tiny"), tmp_path / "mae.pt")["format"] == "imagenet_mae"
+    assert [c[0] for c in calls] == ["cavmae", "mae"]
