@@ -437,11 +437,31 @@ def write_intervals(rows: list[dict], boot: dict[str, BS.BootstrapResult], out: 
     return md
 
 
-def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str:
+def queries_per_task(results: dict) -> int | None:
+    """Retrieval queries per task of a run: from its ranks, else (synthetic benchmark) from the
+    generator preset named in its config (the current generator's sizes)."""
+    rk = results.get("ranks")
+    if rk and rk.get("task"):
+        return int(np.bincount(rk["task"]).max())
+    b = (results.get("config") or {}).get("benchmark") or {}
+    if b.get("name") != "synthetic":
+        return None
+    try:
+        from stella_avalanche.data.synthetic import get_preset
+
+        p = get_preset(b.get("preset", "default"))
+        return int(p.retrieval_per_class * p.classes_per_task)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
+                 runs: dict[str, list[dict]] | None = None, n_queries: int | None = None) -> str:
     """Widths of the paired Δ𝒜 intervals against the target: a quarter of the multitask − finetune gap.
 
     Uses the per-query ranks where the runs have them; says which strategies lacked them (then only
-    their seeds are resampled and the width is an underestimate of the full one).
+    their seeds are resampled and the width is an underestimate of the full one) and, for those, gives
+    the binomial estimate of the query part (:func:`~stella_avalanche.evaluation.bootstrap.query_sd_from_recall`).
     """
     lines = ["# Statistical power of the comparison", "",
              "Target: the 95 % interval of a difference of two strategies' Avg 𝒜 is at most a quarter of the "
@@ -474,6 +494,19 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str:
         if b.without_ranks:
             lines.append("Without per-query ranks (seeds resampled only, widths underestimated): "
                          + ", ".join(PRETTY.get(k, k) for k in b.without_ranks) + ".")
+            sds = []
+            for k in b.without_ranks:
+                for r in (runs or {}).get(k, []):
+                    n = n_queries or queries_per_task(r)
+                    if n:
+                        last = {lab: m[-1] for lab, m in r["recall"][d].items()}
+                        sds.append((BS.query_sd_from_recall(last, n), n))
+            if sds:
+                q = float(np.mean([x[0] for x in sds]))
+                lines.append(f"Missing query part, estimated from their per-task recalls ({sds[0][1]} queries per task): "
+                             f"one run's Avg 𝒜 has a query-sampling SD of {q:.2f}; it does not average out over seeds "
+                             f"(all seeds share the queries) and adds 2·{q:.2f}²·(1 − ρ) to the variance of a "
+                             "difference, ρ = the two strategies' per-query correlation, which only ranks can measure.")
         else:
             lines.append("All runs have per-query ranks: queries and seeds are resampled.")
     md = "\n".join(lines) + "\n"
@@ -489,6 +522,13 @@ def ablation_markdown(boot: dict[str, BS.BootstrapResult]) -> str | None:
             "uniform importance, no RCA; LPIS only = importance, no RCA; RCA only = RCA over uniform importance; "
             "STELLA = both (``STELLAPlugin(importance=..., rca=...)``).\n\n")
     return head + interval_markdown(interval_rows(boot, keys), boot, "Ablation")
+
+
+def sweep_sizes(runs: dict[str, list[dict]], default_mem: int) -> list[int]:
+    """Memory sizes of the sweep runs present under ``runs`` (DER++ / STELLA keys ``<name>-mem<M>``, plus
+    the preset's memory, whose runs are the main ones)."""
+    sizes = {int(k.rsplit("-mem", 1)[1]) for k in runs for n in ("derpp", "stella") if k.startswith(f"{n}-mem")}
+    return sorted(sizes | {default_mem}) if sizes else []
 
 
 def sweep_rows(runs: dict[str, list[dict]], boot: dict[str, BS.BootstrapResult], mems: list[int],
@@ -577,6 +617,9 @@ def main() -> int:
     p.add_argument("--sweep-seeds", nargs="*", type=int, default=None, help="seeds of the memory sweep "
                    "(default: --seeds)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of the intervals")
+    p.add_argument("--queries-per-task", type=int, default=None,
+                   help="retrieval queries per task of runs without ranks (power.md estimate; default: from the "
+                        "synthetic preset in their config)")
     p.add_argument("--benchmark", default="synthetic")
     p.add_argument("--data-root", default=None)
     p.add_argument("--config", default=None)
@@ -599,7 +642,7 @@ def main() -> int:
     plot(rows, runs, args.out)
     boot = bootstrap_all(runs, n_boot=args.n_boot)
     print(write_intervals(interval_rows(boot, keys), boot, args.out))
-    power = power_report(boot, keys)
+    power = power_report(boot, keys, runs, args.queries_per_task)
     with atomic_write(args.out / "power.md") as fh:
         fh.write(power)
     print(power)
@@ -608,10 +651,12 @@ def main() -> int:
         with atomic_write(args.out / "ablation.md") as fh:
             fh.write(ablation)
         print(ablation)
-    if args.mem_sizes:
+    default_mem = default_mem_size(args)
+    mems = list(args.mem_sizes) or sweep_sizes(runs, default_mem)   # re-aggregation finds the sweep itself
+    if mems:
         sizes = item_bytes(args.out)
-        srows = sweep_rows(runs, boot, list(args.mem_sizes), default_mem_size(args), sizes)
-        print(write_sweep(srows, list(args.mem_sizes), sizes, args.out))
+        srows = sweep_rows(runs, boot, mems, default_mem, sizes)
+        print(write_sweep(srows, mems, sizes, args.out))
         plot_sweep(srows, args.out)
     print(f"wrote {args.out}/comparison.md, comparison.csv, cost.md, intervals.md, power.md and plots")
     if failed:

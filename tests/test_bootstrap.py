@@ -102,3 +102,11 @@ def test_runs_on_other_queries_are_refused() -> None:
     other = B.RunRanks(ranks, TASKS, INDEX[::-1].copy(), T)
     with pytest.raises(ValueError, match="other queries"):
         B.bootstrap({"a": [_run(ranks)], "b": [other]}, n_boot=10)
+
+
+def test_query_sd_from_recall_matches_the_bootstrap_of_one_run() -> None:
+    ranks = _ranks(np.random.default_rng(6))
+    rec = recall_from_ranks(ranks, TASKS, num_tasks=T)
+    sd = B.query_sd_from_recall({k: m[-1] for k, m in rec.items()}, PER)
+    boot = B.run_replicates(_run(ranks), B.query_weights(TASKS, 4000, np.random.default_rng(7)))[0]
+    assert sd == pytest.approx(boot.std(), rel=0.1)

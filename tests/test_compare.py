@@ -177,8 +177,8 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
                 _put_res(tmp_path, f"{s}-mem100", seed, _results_with_ranks(s, seed, shift - 2, 100, by))
     for seed in (0, 1):
         _put_res(tmp_path, "stella_plus-mem237", seed, _results_with_ranks("stella_plus", seed, 5, 237, 35214))
-    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--aggregate-only", "--n-boot", "300",
-                                      "--mem-sizes", "100", "200"])
+    # no --mem-sizes: re-aggregation finds the sweep (100 and the preset's 200) from the run keys
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--aggregate-only", "--n-boot", "300"])
     assert compare.main() == 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| DER++ |" in md and "random patches" not in md and "mem100" not in md   # main table only

@@ -27,7 +27,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["RunRanks", "query_weights", "run_replicates", "BootstrapResult", "bootstrap", "interval",
-           "contains_zero", "run_from_results"]
+           "contains_zero", "run_from_results", "query_sd_from_recall"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
@@ -206,3 +206,22 @@ def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 def contains_zero(ci: tuple[float, float]) -> bool:
     """Whether an interval does not exclude zero (the difference is not distinguishable from zero)."""
     return ci[0] <= 0.0 <= ci[1]
+
+
+def query_sd_from_recall(last_row: Mapping[str, Sequence[float]], queries_per_task: int | Sequence[int]) -> float:
+    """Standard deviation of one run's Avg 𝒜 due to the finite query set, from its recall alone.
+
+    For runs without per-query ranks. A query's Avg hit ``h = mean_K 1[r <= K]`` has, within task t,
+    ``Var(h) = 1/|K|² Σ_{K,K'} (p_min(K,K') − p_K p_K')`` (the indicators are nested, so this is exact
+    from the per-task recalls ``p_K``); ``Var(𝒜) = Σ_t Var_t / (T² n_t)``.
+
+    :param last_row: ``{"R@K": [per-task recall in %]}`` of the last matrix row.
+    :param queries_per_task: n_t (one number for all tasks, or one per task).
+    :return: the standard deviation in percentage points.
+    """
+    labels = sorted(last_row, key=lambda k: int(k[2:]))
+    ks = [int(k[2:]) for k in labels]
+    p = {k: np.asarray(last_row[lab], dtype=np.float64) / 100.0 for k, lab in zip(ks, labels)}
+    var = sum(p[min(a, b)] - p[a] * p[b] for a in ks for b in ks) / len(ks) ** 2
+    n = np.broadcast_to(np.asarray(queries_per_task, dtype=np.float64), var.shape)
+    return float(100.0 * np.sqrt((var / n).sum()) / var.shape[0])
