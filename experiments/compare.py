@@ -415,8 +415,34 @@ def interval_markdown(rows: list[dict], boot: dict[str, BS.BootstrapResult], tit
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
 
-def write_intervals(rows: list[dict], boot: dict[str, BS.BootstrapResult], out: Path) -> str:
+def task_gallery_markdown(runs: dict[str, list[dict]], keys: list[str]) -> str:
+    """Avg 𝒜 / ℱ with the per-task gallery (each query ranked among its own task's clips), from the runs
+    whose results.json carry it (derived from their ranks); empty when none does."""
+    lines = []
+    for k in keys:
+        group = [r["summary_task_gallery"] for r in runs.get(k, []) if "summary_task_gallery" in r]
+        if not group:
+            continue
+        cells = [PRETTY.get(k, k), str(len(group))]
+        for d, _ in DIRS:
+            for m in ("A", "F"):
+                cells.append(_fmt(_stat([g[d]["Avg"][m] for g in group])))
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["## Per-task gallery", "", "Beside the pooled gallery (the paper's protocol): each query ranked among its "
+            "own task's retrieval clips only; higher numbers, not comparable with the paper. Mean ± std over seeds.",
+            "", "| method | seeds | " + " | ".join(f"{n} {m}" for _, n in DIRS for m in ("𝒜", "ℱ")) + " |",
+            "|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
+def write_intervals(rows: list[dict], boot: dict[str, BS.BootstrapResult], out: Path,
+                    runs: dict[str, list[dict]] | None = None) -> str:
     md = "# Bootstrap intervals\n\n" + interval_markdown(rows, boot, "Main comparison")
+    extra = task_gallery_markdown(runs or {}, [r["key"] for r in rows])
+    if extra:
+        md += "\n" + extra
     with atomic_write(out / "intervals.md") as fh:
         fh.write(md)
     with atomic_write(out / "intervals.csv") as fh:
@@ -641,7 +667,7 @@ def main() -> int:
     print(write_tables(rows, args.out, args.benchmark))
     plot(rows, runs, args.out)
     boot = bootstrap_all(runs, n_boot=args.n_boot)
-    print(write_intervals(interval_rows(boot, keys), boot, args.out))
+    print(write_intervals(interval_rows(boot, keys), boot, args.out, runs))
     power = power_report(boot, keys, runs, args.queries_per_task)
     with atomic_write(args.out / "power.md") as fh:
         fh.write(power)

@@ -127,7 +127,8 @@ def _results_with_ranks(strategy: str, seed: int, shift: int, mem: int = 200, bu
     rm = RecallMatrix(num_tasks=3)
     for l in range(rows):
         ranks = {d: np.maximum(1, rng.integers(1, 30, size=60) - shift) for d in ("a2v", "v2a")}
-        rec = {d: recall_from_ranks([ranks[d].tolist()], tasks.tolist(), num_tasks=3) for d in ranks}
+        ranks.update({f"{d}_task_gallery": np.minimum(r, 20) for d, r in ranks.items()})
+        rec = {d: recall_from_ranks([ranks[d].tolist()], tasks.tolist(), num_tasks=3) for d in ("a2v", "v2a")}
         rm.set_row(l, {d: {k: v[0] for k, v in rec[d].items()} for d in rec},
                    ranks={**{d: r.tolist() for d, r in ranks.items()}, "task": tasks.tolist(), "index": index.tolist()})
     res = build_results(strategy=strategy, benchmark="synthetic", seed=seed, tasks=["t0", "t1", "t2"],
@@ -184,6 +185,7 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert "| DER++ |" in md and "random patches" not in md and "mem100" not in md   # main table only
     iv = (tmp_path / "intervals.md").read_text()
     assert "| Finetune | 2 |" in iv and "**≈0**" in iv and "no per-query ranks" not in iv
+    assert "## Per-task gallery" in iv and "| DER++ | 2 |" in iv.split("## Per-task gallery")[1]
     ft_vs_mt = next(line for line in iv.splitlines() if line.startswith("| Multitask |"))
     assert "≈0" not in ft_vs_mt.split(" | ")[-2]               # multitask beats finetune clearly
     csv = (tmp_path / "intervals.csv").read_text().splitlines()
