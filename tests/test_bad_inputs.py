@@ -2,8 +2,9 @@
 or, under ``on_error="skip"``, a counted and logged skip, and never a lost result.
 
 Media come from ``conftest.media_files`` (tiny PyAV-made files); the few extra broken files are
-written here. Decode failures are only found when a dataset builds its feature cache (an uncached
-dataset only checks that files exist and raises at ``__getitem__``), so each skip case builds a cache.
+written here. Decode failures are found at construction only when a dataset builds its feature
+cache (an uncached dataset only checks that files exist; a clip that fails when read raises, or under
+"skip" is dropped from its batch: tests/test_runtime_skip.py), so each skip case here builds a cache.
 """
 from __future__ import annotations
 
@@ -94,10 +95,13 @@ def test_02_corrupt_video(media_files, good, tmp_path, caplog):
     with pytest.raises(media.CorruptMediaError, match="cannot open video") as info:
         media.read_frames(path, [0.0, 0.64], SYN)
     assert info.value.path == path and path in str(info.value)
-    # uncached: the file exists, so the error surfaces when the sample is read, never replaced
-    ds = AudioVideoDataset(good + [bad], features=SYN, train=False, task_names=TASKS, on_error="skip")
+    # uncached: the file exists, so the error surfaces when the sample is read, never replaced:
+    # raised, or under "skip" a marker that collate_av drops from the batch (tests/test_runtime_skip.py)
+    ds = AudioVideoDataset(good + [bad], features=SYN, train=False, task_names=TASKS)
     with pytest.raises(media.CorruptMediaError, match="corrupt.mp4"):
         ds[2]
+    ds = AudioVideoDataset(good + [bad], features=SYN, train=False, task_names=TASKS, on_error="skip")
+    assert isinstance(ds[2], D.SkippedClip) and ds[2].path == path and ds[2].kind == "corrupt"
     _check_skipped(good, [bad], tmp_path / "skip", {"corrupt": 1}, [path, "cannot open video"], caplog)
     _check_cached_raise(good, bad, tmp_path / "raise", media.CorruptMediaError, path)
 

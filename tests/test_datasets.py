@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from conftest import frame_level
 from stella_avalanche.data import media
-from stella_avalanche.data.datasets import AudioVideoDataset, FeatureCache, collate_av
+from stella_avalanche.data.datasets import AudioVideoDataset, FeatureCache, SkippedClip, collate_av
 from stella_avalanche.data.features import FeatureConfig
 from stella_avalanche.data.manifests import ClipRecord, LabelTable
 
@@ -91,12 +91,18 @@ def test_skip_counts_and_report(good, bad, caplog):
     assert any("skipped 2 of 7" in r.message for r in caplog.records)
 
 
-def test_run_time_errors_are_raised_not_substituted(good, bad):
+def test_run_time_errors_are_raised_or_marked_never_substituted(good, bad):
     ds = AudioVideoDataset(good[:1] + [bad["corrupt"]], features=SYN, train=False, task_names=TASKS,
-                           on_error="skip")   # files exist: the decode error surfaces at run time
+                           on_error="raise")   # files exist: the decode error surfaces at run time
     assert len(ds) == 2
     with pytest.raises(media.CorruptMediaError, match="corrupt.mp3"):
         ds[1]
+    # skip: a marker naming the file comes back instead of a sample (collate_av drops it, see
+    # tests/test_runtime_skip.py), never another clip
+    ds = AudioVideoDataset(good[:1] + [bad["corrupt"]], features=SYN, train=False, task_names=TASKS,
+                           on_error="skip")
+    marker = ds[1]
+    assert isinstance(marker, SkippedClip) and "corrupt.mp3" in marker.path and marker.index == 1
 
 
 def test_cache_build_reuse_rebuild_and_skips(tmp_path, good, bad):

@@ -8,8 +8,12 @@
 
 Bad clips are found when the dataset is built (missing files, incomplete frame directories, and
 with a cache every decode failure) and either raise or, with ``on_error="skip"``, are dropped and
-counted. A clip that fails later, at run time, always raises: another sample is **never**
-substituted (that would silently break the audio/video pairing of retrieval sets).
+counted. Without a cache a clip can also fail later, when it is read: under ``on_error="raise"``
+that raises; under ``on_error="skip"`` the sample comes back as a :class:`SkippedClip` marker,
+:func:`collate_av` drops it from its batch (listing it under ``batch_keys.SKIPPED``) and the strategy
+counts it (:func:`record_runtime_skips`: the dataset's :meth:`~AudioVideoDataset.skip_report` and
+the run log). Another sample is **never** substituted (that would silently break the audio/video
+pairing of retrieval sets).
 
 :class:`FeatureCache` stores, per clip, the uint8 source-size frames at every time any window can
 use and the *un-augmented* normalised fbank (float16) in memory-mapped ``.npy`` files, so that a
@@ -24,6 +28,8 @@ import logging
 import os
 import shutil
 import uuid
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from stella_avalanche.batch_keys import SKIPPED
 from stella_avalanche.data import media
 from stella_avalanche.data.features import (FeatureConfig, augment_fbank, cache_frame_times,
                                              compute_fbank, frame_times, load_waveform, time_key,
@@ -38,7 +45,8 @@ from stella_avalanche.data.features import (FeatureConfig, augment_fbank, cache_
 from stella_avalanche.data.manifests import ClipRecord, LabelTable
 from stella_avalanche.utils import atomic_write, atomic_write_json, build_lock
 
-__all__ = ["AudioVideoDataset", "FeatureCache", "collate_av", "manifest_hash"]
+__all__ = ["AudioVideoDataset", "FeatureCache", "collate_av", "manifest_hash", "SkippedClip",
+           "record_runtime_skips"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +58,63 @@ _ERRORS: dict[str, type[media.MediaError]] = {
                               media.ShortVideoError, media.SilentAudioError, media.ShortAudioError)}
 
 
-def collate_av(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack a list of sample dicts into a batch dict (``torch.utils.data.default_collate``)."""
-    return default_collate(batch)
+@dataclass(frozen=True)
+class SkippedClip:
+    """What ``AudioVideoDataset[i]`` returns, under ``on_error="skip"`` and without a cache, for a
+    clip that fails to decode: no sample, only what went wrong (picklable, so it crosses
+    DataLoader worker processes).
+
+    :param dataset: token of the dataset it came from (:func:`record_runtime_skips` finds it).
+    :param index: position in that dataset. :param key: clip key. :param kind: ``MediaError.kind``.
+    :param path: the file that failed. :param reason: the decoder's complaint.
+    """
+
+    dataset: str
+    index: int
+    key: str
+    kind: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason} (clip {self.key}, {self.kind})"
+
+
+def collate_av(batch: list[dict[str, torch.Tensor] | SkippedClip]) -> dict[str, Any]:
+    """Stack a list of sample dicts into a batch dict (``torch.utils.data.default_collate``).
+
+    Clips that failed to decode (:class:`SkippedClip`) are dropped from the batch; they are listed,
+    as a tuple, under ``batch_keys.SKIPPED`` for the strategy to count.
+
+    :raises media.MediaError: when every clip of the batch failed (a batch of none cannot be
+        trained on), naming them.
+    """
+    skipped = tuple(b for b in batch if isinstance(b, SkippedClip))
+    if not skipped:
+        return default_collate(batch)
+    kept = [b for b in batch if not isinstance(b, SkippedClip)]
+    if not kept:
+        raise media.MediaError(skipped[0].path, f"every clip of a batch of {len(batch)} failed to decode "
+                               "(on_error='skip' drops bad clips from a batch, it cannot make a batch of "
+                               "none): " + "; ".join(str(s) for s in skipped[:5]))
+    out = default_collate(kept)
+    out[SKIPPED] = skipped
+    return out
+
+
+#: token -> dataset, so skips reported from DataLoader workers reach the dataset of the main process
+_DATASETS: "weakref.WeakValueDictionary[str, AudioVideoDataset]" = weakref.WeakValueDictionary()
+
+
+def record_runtime_skips(skips: Sequence[SkippedClip]) -> list[SkippedClip]:
+    """Count clips dropped from batches in their datasets (skip report); returns the clips not
+    reported before (each failing clip is counted once, however often it is drawn)."""
+    new = []
+    for s in skips:
+        ds = _DATASETS.get(s.dataset)
+        if ds is None or ds._note_runtime_skip(s):
+            new.append(s)
+    return new
 
 
 def manifest_hash(records: Sequence[ClipRecord]) -> str:
@@ -287,6 +349,10 @@ class AudioVideoDataset(Dataset):
         self.num_records = len(records)
         self.skipped: collections.Counter[str] = collections.Counter()
         self._skip_examples: dict[str, list[str]] = collections.defaultdict(list)
+        #: indices of clips that failed when read (no cache, on_error="skip"); see SkippedClip
+        self.failed_at_run_time: set[int] = set()
+        self._token = uuid.uuid4().hex
+        _DATASETS[self._token] = self
 
         self._check_categories(records)
         _check_unique_keys(records)
@@ -314,6 +380,16 @@ class AudioVideoDataset(Dataset):
         if len(self._skip_examples[err.kind]) < 3:
             self._skip_examples[err.kind].append(str(err))
         return False
+
+    def _note_runtime_skip(self, s: SkippedClip) -> bool:
+        """Count a clip that failed when read; False if it was counted before."""
+        if s.index in self.failed_at_run_time:
+            return False
+        self.failed_at_run_time.add(s.index)
+        self.skipped[s.kind] += 1
+        if len(self._skip_examples[s.kind]) < 3:
+            self._skip_examples[s.kind].append(f"{s} [when read]")
+        return True
 
     def _check_categories(self, records: Sequence[ClipRecord]) -> None:
         bad = [f"{r.source}:{r.row}: category {r.category!r}" for r in records if r.category not in self.task_names]
@@ -368,8 +444,11 @@ class AudioVideoDataset(Dataset):
         if not total:
             return f"AudioVideoDataset: all {self.num_records} clips usable"
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
-        lines = [f"AudioVideoDataset: skipped {total} of {self.num_records} clips ({counts}); "
-                 f"{len(self.records)} kept"]
+        late = len(self.failed_at_run_time)
+        kept = len(self.records) - late
+        lines = [f"AudioVideoDataset: skipped {total} of {self.num_records} clips ({counts}); {kept} kept"
+                 + (f" ({late} of the skipped failed when read and were dropped from their batches)"
+                    if late else "")]
         for kind in sorted(self._skip_examples):
             lines += [f"  {kind}: {ex}" for ex in self._skip_examples[kind]]
         return "\n".join(lines)
@@ -391,7 +470,7 @@ class AudioVideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | SkippedClip:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -404,8 +483,15 @@ class AudioVideoDataset(Dataset):
             frames = torch.from_numpy(self.cache.video[row, self.cache.time_positions(times)])
             fbank = torch.from_numpy(np.asarray(self.cache.audio[row], dtype=np.float32))
         else:
-            # errors propagate: a bad clip at run time is a data error, never silently replaced
-            frames, fbank = _decode_clip(self.records[index], times, cfg)
+            # never replaced by another clip: raised, or (skip) dropped from its batch by collate_av
+            try:
+                frames, fbank = _decode_clip(self.records[index], times, cfg)
+            except media.MediaError as e:
+                if self.on_error == "raise":
+                    raise
+                r = self.records[index]
+                return SkippedClip(dataset=self._token, index=index, key=r.key, kind=e.kind, path=e.path,
+                                   reason=e.reason)
         video = video_from_frames(frames, cfg, train=self.train, generator=gen)
         if self.train and (cfg.noise or cfg.roll):
             fbank = augment_fbank(fbank, cfg, gen)

@@ -18,6 +18,7 @@ What changes with respect to the stock template (see ``avalanche-notes.md`` §3,
 """
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from typing import Any, Optional, Sequence
@@ -30,10 +31,14 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
 from stella_avalanche.batch_keys import MODEL_INPUT_KEYS  # re-exported: the keys ``forward`` passes on
+from stella_avalanche.batch_keys import SKIPPED
 
 __all__ = ["AudioVideoPretraining", "NonFiniteLossError", "make_adam", "unwrap_model",
            "MODEL_INPUT_KEYS", "EpochSampler"]
 
+
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,6 +173,8 @@ class AudioVideoPretraining(SupervisedTemplate):
         self.sampler: Optional[EpochSampler] = None
         self.world_size = 1
         self.rank = 0
+        #: clips dropped from their batches because they failed to decode (each time one is drawn)
+        self.skipped_at_run_time = 0
 
     # ------------------------------------------------------------------ properties
     @staticmethod
@@ -197,8 +204,22 @@ class AudioVideoPretraining(SupervisedTemplate):
 
     # ------------------------------------------------------------------ data
     def _unpack_minibatch(self) -> None:
+        skipped = self.mbatch.pop(SKIPPED, None)  # never seen by plugins or the model
+        if skipped:
+            self._count_skipped(skipped)
         self.mbatch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                        for k, v in self.mbatch.items()}
+
+    def _count_skipped(self, skipped: Sequence[Any]) -> None:
+        """Clips ``collate_av`` dropped because they failed to decode when read (``on_error="skip"``,
+        no feature cache): counted here and in their dataset's skip report, logged once per clip.
+        (Under DDP the ranks' batches then differ in size, which the gathered InfoNCE refuses.)"""
+        from stella_avalanche.data.datasets import record_runtime_skips
+
+        self.skipped_at_run_time += len(skipped)
+        for clip in record_runtime_skips(skipped):
+            log.warning("dropped a clip that failed to decode from its batch (on_error='skip'; %d dropped "
+                        "so far): %s", self.skipped_at_run_time, clip)
 
     def make_train_dataloader(self, num_workers: Optional[int] = None, shuffle: bool = True,
                               pin_memory: Optional[bool] = None, persistent_workers: bool = False,
