@@ -43,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stage-1 backbone: project checkpoint, CAV-MAE or ImageNet-MAE weights; 'none' = random")
     p.add_argument("--avm-checkpoint", default=None, help="stage-2 AVM checkpoint (pretrain_avm.py)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars / interactive logging")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (feature caches, synthetic initialisation, training) and no "
+                        "interactive logging; warnings and the final table still print")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=3e-4 strategy.params.mem_size=500")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -51,8 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from stella_avalanche.distributed import get_rank
     from stella_avalanche.experiment import load_config, run_experiment
     from stella_avalanche.evaluation.report import summary_table_markdown
+    from stella_avalanche.utils import set_progress
+
+    set_progress(not args.quiet)
 
     overrides = list(args.overrides)
     if args.config is None:
@@ -67,9 +73,10 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/{cfg['benchmark']['name']}-{cfg['strategy']['name']}-seed{args.seed}")
     results = run_experiment(cfg, out_dir=out, seed=args.seed, device=args.device, progress=not args.quiet,
                              resume=args.resume)
-    print()
-    print(summary_table_markdown(results))
-    print(f"\nresults: {out / 'results.json'}  (summary.md and plots in {out})")
+    if get_rank() == 0:  # under torchrun every rank returns the same results: one voice
+        print()
+        print(summary_table_markdown(results))
+        print(f"\nresults: {out / 'results.json'}  (summary.md and plots in {out})")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from stella_avalanche.config import default_preset, load_config
-from stella_avalanche.utils import atomic_write_json, resolve_device, seed_everything
+from stella_avalanche.utils import atomic_write_json, progress_enabled, resolve_device, seed_everything
 
 __all__ = ["load_config", "run_experiment", "model_config_for", "default_preset"]
 
@@ -77,7 +77,8 @@ def _resolve_init(cfg: dict, model_cfg: Any, device: torch.device, need_avm: boo
         from stella_avalanche.training.pretrain import synthetic_initialisation
 
         built = synthetic_initialisation(model_cfg, preset=cfg["benchmark"].get("preset", "default"),
-                                         seed=int(cfg["benchmark"].get("data_seed", 0)), device=device)
+                                         seed=int(cfg["benchmark"].get("data_seed", 0)), device=device,
+                                         progress=progress_enabled())
         if ckpt == "auto":
             out["backbone"] = str(built["backbone"])
         if avm_ckpt == "auto":
@@ -144,7 +145,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
             load_avm_checkpoint(avm, init["avm"])
         else:
             log.warning("STELLA without a stage-2 AVM checkpoint: the AVM starts from random weights "
-                        "(the paper always loads one; see stella-method.md D6)")
+                        "(the paper always loads one; see docs/method.md, D6)")
 
     gallery = cfg.get("eval", {}).get("gallery", "pooled")
     ks = tuple(cfg.get("eval", {}).get("ks", (1, 5, 10)))

@@ -43,7 +43,7 @@ from stella_avalanche.data.features import (FeatureConfig, augment_fbank, cache_
                                              compute_fbank, frame_times, load_waveform, time_key,
                                              video_from_frames)
 from stella_avalanche.data.manifests import ClipRecord, LabelTable
-from stella_avalanche.utils import atomic_write, atomic_write_json, build_lock
+from stella_avalanche.utils import atomic_write, atomic_write_json, build_lock, progress_enabled
 
 __all__ = ["AudioVideoDataset", "FeatureCache", "collate_av", "manifest_hash", "SkippedClip",
            "record_runtime_skips"]
@@ -178,11 +178,13 @@ class FeatureCache:
     :param features: the preprocessing constants.
     :param on_error: ``"raise"``: the first decode failure aborts the build (nothing is kept);
         ``"skip"``: failures are recorded in ``failures`` and their rows left zero.
-    :param progress: show a tqdm bar while building.
+    :param progress: show a tqdm bar while building; None = the package-wide switch
+        (:func:`stella_avalanche.utils.progress_enabled`, off under ``run_stella.py --quiet`` and on
+        DDP ranks other than 0).
     """
 
     def __init__(self, root: str | os.PathLike, *, records: Sequence[ClipRecord], features: FeatureConfig,
-                 on_error: OnError = "raise", progress: bool = True) -> None:
+                 on_error: OnError = "raise", progress: bool | None = None) -> None:
         self.root = Path(root)
         self.features = features
         self.keys = [r.key for r in records]
@@ -199,7 +201,7 @@ class FeatureCache:
                     if self.path.exists():
                         log.warning("feature cache %s is incomplete or stale: rebuilding", self.path)
                         shutil.rmtree(self.path, ignore_errors=True)
-                    self._build(list(records), on_error, progress)
+                    self._build(list(records), on_error, progress_enabled() if progress is None else progress)
                     self.built = True
         meta = json.loads((self.path / "meta.json").read_text())
         #: key -> (error kind, path, reason) of clips that could not be decoded
@@ -327,13 +329,13 @@ class AudioVideoDataset(Dataset):
         ``"skip"``: drop bad clips and count them in :attr:`skipped`. Manifest problems (a
         category outside ``task_names``, a repeated clip key) always raise ``ValueError``.
     :param seed: base seed of the per-sample augmentation generators.
-    :param progress: tqdm bar while building a cache.
+    :param progress: tqdm bar while building a cache (None: the package-wide switch).
     """
 
     def __init__(self, records: Sequence[ClipRecord], *, features: FeatureConfig, train: bool,
                  task_names: Sequence[str], label_table: LabelTable | None = None,
                  multi_label: bool = False, cache: FeatureCache | str | os.PathLike | None = None,
-                 on_error: OnError = "raise", seed: int = 0, progress: bool = True) -> None:
+                 on_error: OnError = "raise", seed: int = 0, progress: bool | None = None) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if multi_label and label_table is None:
