@@ -629,6 +629,28 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def write_statistics(args: argparse.Namespace, runs: dict[str, list[dict]], keys: list[str]) -> None:
+    """intervals.md/.csv, power.md and, when their runs exist, ablation.md and the memory sweep."""
+    boot = bootstrap_all(runs, n_boot=args.n_boot)
+    print(write_intervals(interval_rows(boot, keys), boot, args.out, runs))
+    power = power_report(boot, keys, runs, args.queries_per_task)
+    with atomic_write(args.out / "power.md") as fh:
+        fh.write(power)
+    print(power)
+    ablation = ablation_markdown(boot)
+    if ablation is not None:
+        with atomic_write(args.out / "ablation.md") as fh:
+            fh.write(ablation)
+        print(ablation)
+    default_mem = default_mem_size(args)
+    mems = list(args.mem_sizes) or sweep_sizes(runs, default_mem)   # re-aggregation finds the sweep itself
+    if mems:
+        sizes = item_bytes(args.out)
+        srows = sweep_rows(runs, boot, mems, default_mem, sizes)
+        print(write_sweep(srows, mems, sizes, args.out))
+        plot_sweep(srows, args.out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategies", nargs="*", default=list(MAIN_STRATEGIES), choices=STRATEGY_NAMES,
@@ -666,24 +688,7 @@ def main() -> int:
     rows = aggregate(runs, keys)
     print(write_tables(rows, args.out, args.benchmark))
     plot(rows, runs, args.out)
-    boot = bootstrap_all(runs, n_boot=args.n_boot)
-    print(write_intervals(interval_rows(boot, keys), boot, args.out, runs))
-    power = power_report(boot, keys, runs, args.queries_per_task)
-    with atomic_write(args.out / "power.md") as fh:
-        fh.write(power)
-    print(power)
-    ablation = ablation_markdown(boot)
-    if ablation is not None:
-        with atomic_write(args.out / "ablation.md") as fh:
-            fh.write(ablation)
-        print(ablation)
-    default_mem = default_mem_size(args)
-    mems = list(args.mem_sizes) or sweep_sizes(runs, default_mem)   # re-aggregation finds the sweep itself
-    if mems:
-        sizes = item_bytes(args.out)
-        srows = sweep_rows(runs, boot, mems, default_mem, sizes)
-        print(write_sweep(srows, mems, sizes, args.out))
-        plot_sweep(srows, args.out)
+    write_statistics(args, runs, keys)
     print(f"wrote {args.out}/comparison.md, comparison.csv, cost.md, intervals.md, power.md and plots")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun the same command to resume them)",

@@ -98,6 +98,23 @@ def recall_from_ranks(ranks: Sequence[Sequence[int]], tasks: Sequence[int], *, n
     return out
 
 
+def _task_gallery_extras(ranks: Mapping[str, Any] | None, recall: Mapping[str, Any], num_tasks: int,
+                         definition: Literal["standard", "official"]) -> dict[str, Any]:
+    """``recall_task_gallery`` / ``summary_task_gallery``: the per-task gallery beside the pooled one,
+    derived from a pooled matrix's ranks (not the paper's protocol); empty without them."""
+    if ranks is None or ranks.get("gallery") != "pooled" or "a2v_task_gallery" not in ranks:
+        return {}
+    ks = [int(lab[2:]) for lab in _k_labels(recall[DIRECTIONS[0]])]
+    tg = {d: recall_from_ranks(ranks[f"{d}_task_gallery"], ranks["task"], num_tasks=num_tasks, ks=ks)
+          for d in DIRECTIONS}
+    summary: dict[str, Any] = {}
+    for d in DIRECTIONS:
+        cells = {lab: {"A": average_accuracy(m), "F": forgetting(m, definition)} for lab, m in tg[d].items()}
+        cells["Avg"] = {key: _mean_or_none([c[key] for c in cells.values()]) for key in ("A", "F")}
+        summary[d] = cells
+    return {"recall_task_gallery": tg, "summary_task_gallery": summary}
+
+
 def build_results(*, strategy: str, benchmark: str, seed: int, tasks: Sequence[str],
                   recall_matrix: RecallMatrix | Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
                   config: Mapping[str, Any] | None = None, cost: Mapping[str, Any] | None = None,
@@ -153,18 +170,7 @@ def build_results(*, strategy: str, benchmark: str, seed: int, tasks: Sequence[s
         summary[d]["Avg"] = {key: _mean_or_none([c[key] for c in cells])
                              for key in ("A", "F", "F_standard", "F_official")}
         official[d]["Avg"] = summary[d]["Avg"]["F_official"]
-    ranks = extras.get("ranks")
-    if ranks is not None and ranks.get("gallery") == "pooled" and "a2v_task_gallery" in ranks:
-        # the per-task gallery beside the pooled one (derived from the ranks; not the paper's protocol)
-        ks = [int(lab[2:]) for lab in _k_labels(recall[DIRECTIONS[0]])]
-        tg = {d: recall_from_ranks(ranks[f"{d}_task_gallery"], ranks["task"], num_tasks=len(tasks), ks=ks)
-              for d in DIRECTIONS}
-        extras["recall_task_gallery"] = tg
-        extras["summary_task_gallery"] = {
-            d: {**{lab: {"A": average_accuracy(m), "F": forgetting(m, forgetting_definition)} for lab, m in tg[d].items()},
-                "Avg": {key: _mean_or_none([(average_accuracy(m) if key == "A" else forgetting(m, forgetting_definition))
-                                            for m in tg[d].values()]) for key in ("A", "F")}}
-            for d in DIRECTIONS}
+    extras.update(_task_gallery_extras(extras.get("ranks"), recall, len(tasks), forgetting_definition))
     cost_out = {k: (cost or {}).get(k) for k in COST_KEYS}
     cost_out.update({k: v for k, v in (cost or {}).items() if k not in cost_out})
     results = {"strategy": str(strategy), "benchmark": str(benchmark), "seed": int(seed), "tasks": tasks,
