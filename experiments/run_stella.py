@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (feature caches, synthetic initialisation, training) and no "
                         "interactive logging; warnings and the final table still print")
+    # downstream suite (issue 12): config key downstream.enabled; unset = on for the synthetic benchmark
+    p.add_argument("--downstream", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the frozen-backbone downstream suite (probe, transfer, localisation, gap) at the end "
+                        "of the stream and add a 'downstream' block to results.json (default: on for synthetic)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=3e-4 strategy.params.mem_size=500")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.downstream is not None:  # downstream suite (issue 12)
+        overrides.append(f"downstream.enabled={'true' if args.downstream else 'false'}")
     cfg = load_config(args.config, benchmark=args.benchmark, overrides=overrides)
     out = Path(args.out or f"runs/{cfg['benchmark']['name']}-{cfg['strategy']['name']}-seed{args.seed}")
     results = run_experiment(cfg, out_dir=out, seed=args.seed, device=args.device, progress=not args.quiet,
