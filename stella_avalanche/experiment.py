@@ -107,6 +107,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.models.loading import load_backbone_weights
+    from stella_avalanche.evaluation.downstream import after_first_task, at_end_of_stream, downstream_enabled
     from stella_avalanche.training.pretrain import load_avm_checkpoint
     from stella_avalanche.training.strategies import get_spec, make_strategy
     from stella_avalanche.training.template import make_adam
@@ -215,11 +216,20 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     for k in range(start, len(experiences)):
         strategy.train(experiences[k], eval_streams=[])
         strategy.eval(bm.retrieval_stream)
+        # --- downstream suite (issue 12): one task's embeddings after the first task (PCA picture) ---
+        if k == 0 and ctx.is_main and downstream_enabled(cfg):
+            after_first_task(strategy.backbone, bm, cfg, out_dir)
+        # --- end downstream ---
         results = write(done=k == len(experiences) - 1)
         C.save_checkpoint(ckpt_dir, strategy, C.Position(experience=k + 1),
                           extra={"tracker": tracker.state_dict()}, keep_last=int(ck.get("keep_last", 3)))
     if results is None:  # resumed after the last experience: nothing left to train
         results = write(done=True)
+    # --- downstream suite (issue 12): frozen-backbone probe / transfer / localisation / gap at the end ---
+    if ctx.is_main and downstream_enabled(cfg):
+        results["downstream"] = at_end_of_stream(strategy.backbone, bm, cfg, results, out_dir, progress=progress)
+        R.write_results_json(results_path, results)
+    # --- end downstream ---
     if ctx.is_main:
         R.write_report(results, out_dir)
     if ctx.enabled:

@@ -42,7 +42,8 @@ __all__ = ["DOWNSTREAM_TASKS", "DownstreamConfig", "GeometryMismatchError", "che
            "check_state_geometry", "extract_embeddings", "extract_patch_tokens", "linear_probe",
            "transfer_retrieval", "LocalisationHead", "LocalisationSet", "fit_localisation_head",
            "score_localisation", "mean_iou", "gap_summary", "plot_gap", "plot_pca", "snapshot_embeddings",
-           "run_downstream", "FIRST_TASK_EMBEDDINGS", "PICTURES"]
+           "run_downstream", "FIRST_TASK_EMBEDDINGS", "PICTURES", "downstream_enabled", "after_first_task",
+           "at_end_of_stream", "localisation_set"]
 
 log = logging.getLogger(__name__)
 
@@ -732,9 +733,14 @@ def plot_pca(last: Mapping[str, Tensor], path: str | os.PathLike, *, first: Mapp
         [("after the last task", last)]
     pts = np.concatenate([np.concatenate([p["z_audio"].numpy(), p["z_video"].numpy()]) for _, p in panels])
     pca = PCA(n_components=2, random_state=0).fit(pts)
+    proj = pca.transform(pts)
+    pad = 0.05 * (proj.max(0) - proj.min(0) + 1e-9)
+    lims = (proj.min(0) - pad, proj.max(0) + pad)  # the same axes in every panel
     fig = _new_figure(4.4 * len(panels), 4.0)
     for i, (name, p) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.set_xlim(lims[0][0], lims[1][0])
+        ax.set_ylim(lims[0][1], lims[1][1])
         a, v = pca.transform(p["z_audio"].numpy()), pca.transform(p["z_video"].numpy())
         for j in range(len(a)):  # thin lines join each clip's audio and video point
             ax.plot([a[j, 0], v[j, 0]], [a[j, 1], v[j, 1]], color="0.8", lw=0.5, zorder=1)
@@ -877,3 +883,41 @@ def run_downstream(model: nn.Module, bm: Any, *, cfg: DownstreamConfig | Mapping
         out["seconds"][task] = round(time.perf_counter() - t0, 2)
     out["seconds"]["total"] = round(sum(out["seconds"].values()), 2)
     return out
+
+
+# =============================================================================================
+# hooks for run_experiment (``downstream.*`` config block)
+# =============================================================================================
+def downstream_enabled(run_cfg: Mapping[str, Any]) -> bool:
+    """``downstream.enabled`` of a run config; unset means on for the synthetic benchmark only."""
+    flag = (run_cfg.get("downstream") or {}).get("enabled")
+    if flag is None:
+        return run_cfg.get("benchmark", {}).get("name") == "synthetic"
+    return bool(flag)
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN / inf -> None (results.json holds plain JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def after_first_task(model: nn.Module, bm: Any, run_cfg: Mapping[str, Any], out_dir: str | os.PathLike) -> None:
+    """Called by ``run_experiment`` after the first task's evaluation: keep the PCA task's embeddings."""
+    cfg = DownstreamConfig.from_dict(run_cfg.get("downstream"))
+    if "gap" in cfg.tasks:
+        k = min(cfg.pca_task, len(bm.retrieval_stream) - 1)
+        snapshot_embeddings(model, bm, Path(out_dir) / FIRST_TASK_EMBEDDINGS, task=k, batch_size=cfg.batch_size)
+
+
+def at_end_of_stream(model: nn.Module, bm: Any, run_cfg: Mapping[str, Any], results: Mapping[str, Any],
+                     out_dir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
+    """Called by ``run_experiment`` after the last task: the suite's ``downstream`` block (JSON-ready)."""
+    cfg = DownstreamConfig.from_dict(run_cfg.get("downstream"))
+    return _jsonable(run_downstream(model, bm, cfg=cfg, results=results, out_dir=out_dir, progress=progress,
+                                    model_name=f"the {run_cfg.get('model', {}).get('preset', '?')} backbone"))
