@@ -613,16 +613,16 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
             pts = [(r["mem"], r[d]) for r in rows if r["curve"] == label and d in r]
             if not pts:
                 continue
-            x = np.array([p[0] for p in pts], dtype=float)
+            x = np.array([p[0] for p in pts], dtype=float) * (1 + 0.03 * (i - 1.5))  # curves side by side
             y = np.array([p[1][0] for p in pts])
             err = np.array([[y_ - p[1][2][0], p[1][2][1] - y_] for y_, p in zip(y, pts)]).T
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label,
                         linestyle="--" if label.endswith("bytes") else "-", color=f"C{i}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["mem"] for r in rows}), [str(m) for m in sorted({r["mem"] for r in rows})])
-        ax.set_xlabel("memory M (DER++ items; byte budget for the dashed curve)")
-        ax.set_ylabel("Avg 𝒜 (%)")
-        ax.set_title(f"{dn}: 𝒜 against memory (95 % intervals)")
+        ax.set_xlabel("memory M (items; dashed: bytes of M DER++ items)")
+        ax.set_ylabel("Avg A: final recall (%)")
+        ax.set_title(f"{dn}: A against memory (95 % intervals)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "mem_sweep.png", dpi=120)
