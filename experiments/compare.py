@@ -252,8 +252,55 @@ def aggregate(runs: dict[str, list[dict]], keys: list[str] | None = None) -> lis
                     row[f"{d}/{c}/{m}"] = _stat([r["summary"][d][c][m] for r in runs[s]])
         for key in ("samples_per_second", "peak_memory_bytes", "buffer_bytes", "train_seconds"):
             row[f"cost/{key}"] = _stat([r.get("cost", {}).get(key) for r in runs[s]])
+        for key, (_, path) in DOWNSTREAM_COLUMNS.items():  # downstream suite (issue 12); NaN without a block
+            row[f"downstream/{key}"] = _stat([_downstream_value(r, path) for r in runs[s]])
+        row["downstream_seeds"] = sum(1 for r in runs[s] if isinstance(r.get("downstream"), dict))
         rows.append(row)
     return rows
+
+
+# --- downstream columns (issue 12): results["downstream"] written by run_stella.py --downstream ----------
+#: column key -> (header, path inside results["downstream"])
+DOWNSTREAM_COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "probe_concat": ("probe A+V", ("probe", "concat", "score")),
+    "probe_audio": ("probe A", ("probe", "audio", "score")),
+    "probe_video": ("probe V", ("probe", "video", "score")),
+    "transfer_a2v_R@5": ("transfer R@5 A→V", ("transfer", "a2v", "R@5")),
+    "transfer_v2a_R@5": ("transfer R@5 V→A", ("transfer", "v2a", "R@5")),
+    "miou_pixel": ("mIoU pixel", ("localise", "miou_pixel")),
+    "miou_patch": ("mIoU patch", ("localise", "miou_patch")),
+    "final_gap": ("final gap", ("gap", "final")),
+}
+
+
+def _downstream_value(res: dict, path: tuple[str, ...]) -> float | None:
+    x = res.get("downstream")
+    for key in path:
+        if not isinstance(x, dict) or key not in x:
+            return None
+        x = x[key]
+    return None if x is None else float(x)
+
+
+def downstream_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of the downstream table (empty when no run has a downstream block)."""
+    keys = list(DOWNSTREAM_COLUMNS)
+    if not any(not np.isnan(r[f"downstream/{k}"][0]) for r in rows for k in keys):
+        return []
+    gap_fmt = lambda ms: "–" if np.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
+    lines = ["", "## Downstream (frozen final backbone)", "",
+             "Mean ± std over the seeds with a downstream block (docs/downstream.md): linear probe on the "
+             "audio (A), video (V) and concatenated (A+V) embeddings, test-clip top-1 accuracy (%; mAP for "
+             "multi-label AudioSet); zero-shot R@5 on data outside the stream (%); sounding-object "
+             "localisation mIoU (%); final modality gap (mean over tasks after the last task).", "",
+             "| method | seeds | " + " | ".join(h for h, _ in DOWNSTREAM_COLUMNS.values()) + " |",
+             "|" + "---|" * (2 + len(keys))]
+    for r in rows:
+        cells = [PRETTY.get(r["strategy"], r["strategy"]), str(r.get("downstream_seeds", 0))]
+        cells += [gap_fmt(r[f"downstream/{k}"]) if k == "final_gap" else _fmt(r[f"downstream/{k}"]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+# --- end downstream columns ---------------------------------------------------------------------------
 
 
 def _fmt(ms: tuple[float, float], bold: bool = False) -> str:
@@ -285,6 +332,7 @@ def write_tables(rows: list[dict], out: Path, benchmark: str) -> str:
                 cells.append(_fmt(r[f"{d}/{c}/A"], best[(d, c, "A")] == r["strategy"]))
                 cells.append(_fmt(r[f"{d}/{c}/F"], best[(d, c, "F")] == r["strategy"]))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += downstream_table(rows)  # downstream suite (issue 12)
     md = "\n".join(lines) + "\n"
     with atomic_write(out / "comparison.md") as fh:
         fh.write(md)

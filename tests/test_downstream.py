@@ -237,3 +237,41 @@ def test_run_downstream_end_to_end(tmp_path, monkeypatch):
     assert sorted(block["pictures"]) == ["downstream_gap.png", "downstream_pca.png"]
     assert all((out / p).stat().st_size > 0 for p in block["pictures"])
     json.dumps(block)  # JSON-ready
+
+
+# ------------------------------------------------------------------------------------------ compare.py columns
+def test_compare_downstream_columns(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from stella_avalanche.evaluation.report import build_results
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_under_test", Path(__file__).resolve().parent.parent / "experiments" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def res(strategy, seed, probe, gap, with_block=True):
+        m = {d: {f"R@{k}": [[10.0, 20.0], [15.0, 25.0]] for k in (1, 5, 10)} for d in ("a2v", "v2a")}
+        r = build_results(strategy=strategy, benchmark="synthetic", seed=seed, tasks=["t0", "t1"], recall_matrix=m)
+        if with_block:
+            r["downstream"] = {"probe": {"concat": {"score": probe}, "audio": {"score": probe - 10},
+                                         "video": {"score": probe - 20}},
+                               "transfer": {"a2v": {"R@5": 30.0}, "v2a": {"R@5": 40.0}},
+                               "localise": {"miou_pixel": 50.0, "miou_patch": 60.0}, "gap": {"final": gap}}
+        return r
+
+    runs = {"finetune": [res("finetune", 0, 80.0, 0.4), res("finetune", 1, 90.0, 0.6)],
+            "er": [res("er", 0, 0.0, 0.0, with_block=False)]}
+    rows = compare.aggregate(runs, keys=["finetune", "er"])
+    ft = next(r for r in rows if r["strategy"] == "finetune")
+    assert ft["downstream/probe_concat"] == pytest.approx((85.0, 5.0))
+    assert ft["downstream/final_gap"] == pytest.approx((0.5, 0.1))
+    md = compare.write_tables(rows, tmp_path, "synthetic")
+    table = md.split("## Downstream")[1]
+    assert "| Finetune | 2 | 85.00 ± 5.00 | 75.00 ± 5.00 | 65.00 ± 5.00 | 30.00 ± 0.00 | 40.00 ± 0.00 | " \
+           "50.00 ± 0.00 | 60.00 ± 0.00 | 0.500 ± 0.100 |" in table
+    assert "| ER | 0 | – |" in table
+    header = (tmp_path / "comparison.csv").read_text().splitlines()[0]
+    assert "downstream/transfer_a2v_R@5/mean" in header and "downstream/miou_pixel/std" in header
+    assert compare.downstream_table(compare.aggregate({"er": runs["er"]}, keys=["er"])) == []

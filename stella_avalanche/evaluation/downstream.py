@@ -43,7 +43,7 @@ __all__ = ["DOWNSTREAM_TASKS", "DownstreamConfig", "GeometryMismatchError", "che
            "transfer_retrieval", "LocalisationHead", "LocalisationSet", "fit_localisation_head",
            "score_localisation", "mean_iou", "gap_summary", "plot_gap", "plot_pca", "snapshot_embeddings",
            "run_downstream", "FIRST_TASK_EMBEDDINGS", "PICTURES", "downstream_enabled", "after_first_task",
-           "at_end_of_stream", "localisation_set"]
+           "at_end_of_stream", "localisation_set", "summary_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -790,7 +790,10 @@ def run_downstream(model: nn.Module, bm: Any, *, cfg: DownstreamConfig | Mapping
     :returns: ``{"tasks", "probe", "transfer", "localise", "gap", "seconds", "pictures"}`` (tasks not run are
         absent; a task that cannot run on this benchmark holds ``{"skipped": reason}``).
     """
+    from stella_avalanche.utils import progress_enabled
+
     cfg = cfg if isinstance(cfg, DownstreamConfig) else DownstreamConfig.from_dict(cfg)
+    progress = progress and progress_enabled()
     check_geometry(model.config, bm.features, model_name=model_name, benchmark_name=getattr(bm, "name", "?"))
     out: dict[str, Any] = {"tasks": list(cfg.tasks), "seconds": {}, "pictures": []}
     out_path = Path(out_dir) if out_dir is not None else None
@@ -921,3 +924,38 @@ def at_end_of_stream(model: nn.Module, bm: Any, run_cfg: Mapping[str, Any], resu
     cfg = DownstreamConfig.from_dict(run_cfg.get("downstream"))
     return _jsonable(run_downstream(model, bm, cfg=cfg, results=results, out_dir=out_dir, progress=progress,
                                     model_name=f"the {run_cfg.get('model', {}).get('preset', '?')} backbone"))
+
+
+def summary_lines(block: Mapping[str, Any]) -> str:
+    """A few readable lines of a ``downstream`` block (percent; gap as a distance)."""
+    def f(x: Any, nd: int = 1) -> str:
+        return "–" if x is None else f"{x:.{nd}f}"
+
+    lines = []
+    for feat, p in (block.get("probe") or {}).items():
+        lines.append(f"probe [{feat:6s}] {p['metric']} {f(p['score'])} % (chance {f(p['chance'])}, C={p['C']:g}, "
+                     f"{p['num_train']} train / {p['num_test']} test clips)")
+    tr = block.get("transfer") or {}
+    if "skipped" in tr:
+        lines.append(f"transfer: skipped ({tr['skipped']})")
+    elif tr:
+        r = lambda d: "/".join(f(tr[d][k]) for k in ("R@1", "R@5", "R@10"))  # noqa: E731
+        lines.append(f"transfer [{tr['dataset']}, {tr['num_clips']} clips] R@1/5/10 A→V {r('a2v')}  V→A {r('v2a')} "
+                     f"(chance R@5 {f(tr['chance']['R@5'])})")
+    lo = block.get("localise") or {}
+    if "skipped" in lo:
+        lines.append(f"localise: skipped ({lo['skipped']})")
+    elif lo:
+        lines.append(f"localise [{lo['dataset']}] mIoU patch {f(lo['miou_patch'])} (prior {f(lo['chance_patch'])}, "
+                     f"similarity map {f(lo['similarity_patch'])}), pixel {f(lo['miou_pixel'])} "
+                     f"(prior {f(lo['chance_pixel'])}, similarity map {f(lo['similarity_pixel'])}); "
+                     f"{lo['num_fit_frames']} fit / {lo['num_test_frames']} scored frames")
+    g = block.get("gap") or {}
+    if "skipped" in g:
+        lines.append(f"gap: skipped ({g['skipped']})")
+    elif g:
+        lines.append(f"gap: final {f(g['final'], 4)}, gap difference {f(g['difference'], 4)}")
+    secs = block.get("seconds") or {}
+    if secs:
+        lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+    return "\n".join(lines)
