@@ -4,7 +4,7 @@
 - Synthetic benchmark: trains on the generator's ``init`` split (12 classes not in any task, fresh
   clips every step) and stores the checkpoint in the cache that ``run_stella.py`` uses
   (``--out`` copies it elsewhere too). This is what ``run_stella.py`` builds automatically on first use.
-- Real data: ``--split-csv`` (e.g. the VGGSound "unused" list, stella-method.md §2) under ``--data-root``.
+- Real data: ``--split-csv`` (e.g. the VGGSound "unused" list, docs/method.md §2) under ``--data-root``.
 
     python experiments/pretrain_init.py                        # synthetic, tiny model
     python experiments/pretrain_init.py --split-csv vgg_unused_cleaned_shrink8.csv --data-root /data \

@@ -1,4 +1,4 @@
-"""Continual-AS: AudioSet in 7 tasks (``benchmarks-and-metrics.md`` §3.2).
+"""Continual-AS: AudioSet in 7 tasks (``docs/benchmarks.md`` §3.2).
 
 The split CSVs are produced once by ``benchmarks/prepare_audioset.py``
 (:func:`~stella_avalanche.benchmarks.splits.prepare_audioset_splits`); this factory only reads them.

@@ -1,6 +1,6 @@
 """Avalanche scenario assembly shared by every benchmark factory.
 
-A benchmark is an Avalanche ``CLScenario`` built with ``benchmark_from_datasets`` (avalanche-notes §1)
+A benchmark is an Avalanche ``CLScenario`` built with ``benchmark_from_datasets`` (``docs/avalanche.md`` §1)
 with three streams of one experience per task, in task order:
 
 * ``train_stream``: the task's training clips;
@@ -9,7 +9,7 @@ with three streams of one experience per task, in task order:
   stream-level metric can score the pooled gallery and split the recall per task.
 
 Datasets are wrapped as ``AvalancheDataset([ds], collate_fn=collate_av)`` **without transform groups**:
-Avalanche's ``TransformGroups`` turns a dict sample into its key list (avalanche-notes §2), so all
+Avalanche's ``TransformGroups`` turns a dict sample into its key list (``docs/avalanche.md`` §2), so all
 augmentation happens inside the dataset.
 """
 from __future__ import annotations

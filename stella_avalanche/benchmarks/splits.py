@@ -2,7 +2,7 @@
 
 The prepare step turns a user's upstream clip lists (CAV-MAE json datafiles, a label table and, for
 AudioSet, the segment lists) plus the downloaded media under one data root into the STELLA split CSVs
-(``benchmarks-and-metrics.md`` §1.4). The split *rules* (§3) are small pure functions over tables so that
+(``docs/benchmarks.md`` §1.4). The split *rules* (§3) are small pure functions over tables so that
 they can be tested without any media:
 
 * :func:`parse_vggsound_video_id`, :func:`vggsound_clip_key`, :func:`audioset_clip_key` - clip keys;
@@ -504,7 +504,7 @@ def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.P
                             max_per_class: int = 400, classes_per_task: int = 20,
                             categories_csv: str | os.PathLike | None = None,
                             allow_raw_video: bool = True, verbose: bool = True) -> SplitReport:
-    """Build the Continual-VS split CSVs (``benchmarks-and-metrics.md`` §3.1) from CAV-MAE lists.
+    """Build the Continual-VS split CSVs (``docs/benchmarks.md`` §3.1) from CAV-MAE lists.
 
     Rules: trained classes = first ``classes_per_task`` label-table rows of each task (table row order);
     train = first ``max_per_class`` clips of each trained class in json order (after missing media are
@@ -706,7 +706,7 @@ def prepare_audioset_splits(train_json: str | os.PathLike, eval_json: str | os.P
                             data_root: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 0,
                             tasks_csv: str | os.PathLike | None = None, allow_raw_video: bool = True,
                             verbose: bool = True) -> SplitReport:
-    """Build the Continual-AS split CSVs (``benchmarks-and-metrics.md`` §3.2) from CAV-MAE lists.
+    """Build the Continual-AS split CSVs (``docs/benchmarks.md`` §3.2) from CAV-MAE lists.
 
     Label table = the 171 rows of ``audioset_tasks.csv`` (row position = class id, category = task). A
     clip's ``label`` is its mids that appear in the table (others dropped); it is kept only if they all

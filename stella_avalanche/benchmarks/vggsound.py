@@ -1,4 +1,4 @@
-"""Continual-VS: VGGSound in 8 tasks (``benchmarks-and-metrics.md`` §3.1).
+"""Continual-VS: VGGSound in 8 tasks (``docs/benchmarks.md`` §3.1).
 
 The split CSVs are produced once by ``benchmarks/prepare_vggsound.py``
 (:func:`~stella_avalanche.benchmarks.splits.prepare_vggsound_splits`); this factory only reads them.

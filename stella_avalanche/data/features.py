@@ -1,6 +1,6 @@
 """Feature extraction: preprocessing constants, Kaldi fbank, frame-time windows, augmentation.
 
-Everything here follows ``benchmarks-and-metrics.md`` §2. The functions are pure tensor code (no
+Everything here follows ``docs/benchmarks.md`` §2. The functions are pure tensor code (no
 file access except :func:`load_waveform`, a thin wrapper over :func:`media.read_audio`), so that the
 cached and the uncached loading paths of :mod:`stella_avalanche.data.datasets` share them exactly.
 
@@ -42,7 +42,7 @@ _FEATURE_VERSION = 1
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Every preprocessing constant of the data path (``benchmarks-and-metrics.md`` §2).
+    """Every preprocessing constant of the data path (``docs/benchmarks.md`` §2).
 
     The defaults are the paper's values (:meth:`paper`); :meth:`synthetic` is the small preset of
     the built-in synthetic benchmark.
@@ -228,7 +228,7 @@ def compute_fbank(waveform: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     :returns: float32 ``(cfg.target_length, cfg.mel_bins)``, time-major: zero-padded at the end in
         the log-mel domain (before normalisation) or truncated, then ``(x - mean) / std``.
     """
-    import torchaudio.compliance.kaldi as kaldi  # torchaudio.load is never used (environment.md §6)
+    import torchaudio.compliance.kaldi as kaldi  # never torchaudio.load: it needs a system FFmpeg
 
     wav = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
     fbank = kaldi.fbank(wav, htk_compat=True, sample_frequency=float(cfg.sample_rate), use_energy=False,

@@ -1,6 +1,6 @@
 """Reading and validating clip lists: CAV-MAE json datafiles, STELLA split CSVs, label CSVs.
 
-Formats are specified in ``benchmarks-and-metrics.md`` §1.2-§1.4 and the loader contract in §1.7.
+Formats are specified in ``docs/benchmarks.md`` §1.2-§1.4 and the loader contract in §1.7.
 Validation collects **every** problem of a file before failing, and raises one
 :class:`ManifestError` whose message lists them as ``file:line: problem``, so a user fixes a
 broken manifest in one pass instead of one error per run.
@@ -181,7 +181,7 @@ def _is_int(s: str) -> bool:
 
 
 def _category_problem(where: str, cat: str, task_names: Sequence[str]) -> str:
-    hint = "recompute it from the labels (benchmarks-and-metrics.md §3.2)"
+    hint = "recompute it from the labels (docs/benchmarks.md §3.2)"
     if "\n" in cat or "dtype:" in cat or "Name:" in cat:
         return (f"{where}: category cell holds a printed pandas Series ({cat[:60]!r}...), a known "
                 f"defect of the official AudioSet retrieval builder; {hint}")

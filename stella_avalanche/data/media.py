@@ -3,12 +3,12 @@
 - Frames come either from a **frames directory** (``frame_{i}.jpg`` or ``.png``, frame i shows
   time i/fps, the official pre-extracted layout) or from a **video file** decoded with decord
   (the frame nearest each requested time). Both paths end with the same short-side resize +
-  centre crop to the square source size (``benchmarks-and-metrics.md`` §1.5), so they agree up to
+  centre crop to the square source size (``docs/benchmarks.md`` §1.5), so they agree up to
   JPEG loss.
 - Audio is decoded with ``decord.AudioReader`` (wav, flac, mp3 and a video file's own AAC track),
   mixed down to mono, resampled with torchaudio's sinc resampler, cut to the first seconds and
   mean-removed (§1.6).
-  ``torchaudio.load`` is deliberately not used (it needs a system FFmpeg, environment.md §6).
+  ``torchaudio.load`` is deliberately not used (it needs a system FFmpeg).
 
 Every decoder object is deleted explicitly: a decord reader alive at interpreter exit prints a
 spurious exception.

@@ -1,6 +1,6 @@
 """Continual retrieval metrics: the recall matrix, 𝒜 and ℱ, and the Avalanche PluginMetrics.
 
-Definitions (``benchmarks-and-metrics.md`` §5), for a recall matrix ``a`` whose row ``l`` holds the
+Definitions (``docs/benchmarks.md`` §5), for a recall matrix ``a`` whose row ``l`` holds the
 per-task recalls measured after training experience ``l`` (1-based in the formulas, 0-based in code):
 
 * average accuracy ``𝒜 = mean_k a[T, k]`` (the last row);
@@ -13,7 +13,7 @@ before any training is kept as the ``initial`` diagnostic row and evaluations in
 experience (periodic eval) as ``intermediate`` diagnostics.
 
 The PluginMetrics watch only the retrieval stream (every metric sees every stream,
-avalanche-notes.md §13 #13). The eval forward must put ``z_audio`` / ``z_video`` (B, D) into
+docs/avalanche.md §13 #13). The eval forward must put ``z_audio`` / ``z_video`` (B, D) into
 ``strategy.mb_output`` and the batch dict must carry ``category`` (task id) and ``index`` (sample id).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""results.json (architecture.md §3), the paper-style summary table and recall plots.
+"""results.json (layout in ``docs/contracts.md``), the paper-style summary table and recall plots.
 
 ``results.json`` layout (documented keys; extra keys are additions, never replacements)::
 

@@ -1,6 +1,6 @@
 """Zero-shot audio<->video retrieval: strict ranks, recall@K and median rank.
 
-Protocol (``benchmarks-and-metrics.md`` §4):
+Protocol (``docs/benchmarks.md`` §4):
 
 * similarity ``S = Â V̂ᵀ`` of the L2-normalised fp32 embeddings, query ``i``'s positive is item ``i``;
 * A→V rank of row ``i``: ``1 + #{j : S_ij > S_ii}`` (strict, so exact ties are optimistic);

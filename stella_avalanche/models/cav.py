@@ -1,4 +1,4 @@
-"""Two-stream CAV-MAE-style audio-video backbone (stella-method.md §1).
+"""Two-stream CAV-MAE-style audio-video backbone (docs/method.md §1).
 
 Layout: per-modality patch embedding + modality token + positional table, ``depth_modality``
 modality-specific ViT blocks per stream (output: *unimodal codes* ``U``), a second positional table
@@ -221,7 +221,7 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
     # the paper's backbone (§7): ViT-B split 10 + 2, decoder 512/16/8
     "base": CAVConfig(),
     # CPU-sized model used by the synthetic benchmark; pool-then-norm and τ = 0.1 were found to let
-    # a tiny model escape chance-level InfoNCE (synthetic-calibration.md)
+    # a tiny model escape chance-level InfoNCE (``docs/benchmarks.md`` §7)
     "tiny": CAVConfig(
         embed_dim=192, num_heads=3, depth_modality=2, depth_fusion=1, decoder_dim=128, decoder_heads=4,
         decoder_depth=1, num_frames=4, img_size=64, patch_size=16, audio_length=256, mel_bins=64,

@@ -1,4 +1,4 @@
-"""Load public pretrained weights into the two-stream backbone (stella-method.md §10).
+"""Load public pretrained weights into the two-stream backbone (docs/method.md §10).
 
 - :func:`load_cavmae_checkpoint`: a CAV-MAE pre-training checkpoint (§10.1). Build the target with
   ``depth_modality=11, depth_fusion=1`` for a function-preserving load.

@@ -1,4 +1,4 @@
-"""A compact, preallocated tensor reservoir updated every iteration (``stella-method.md`` §4 step 12, §6).
+"""A compact, preallocated tensor reservoir updated every iteration (``docs/method.md`` §4 step 12, §6).
 
 :class:`ReservoirBuffer` keeps one preallocated tensor per field (pinned host memory when CUDA is
 available and the buffer lives on the CPU). Insertion is the vectorised reservoir: all random draws of a

@@ -1,7 +1,7 @@
 """``AudioVideoPretraining``: Avalanche's ``SupervisedTemplate`` adapted to self-supervised
 audio-video pre-training on dict mini-batches.
 
-What changes with respect to the stock template (see ``avalanche-notes.md`` §3, §11, §13):
+What changes with respect to the stock template (see ``docs/avalanche.md`` §3, §11, §13):
 
 - mini-batches are dicts (``video``, ``audio``, ``category``, ``label``, ``index``), moved to the
   device key by key; ``mb_y`` / ``mb_task_id`` are the task ids so Avalanche's bookkeeping works;

@@ -1,4 +1,4 @@
-"""Avalanche plugins: :class:`STELLAPlugin` and the paper's replay baselines (``stella-method.md`` §8).
+"""Avalanche plugins: :class:`STELLAPlugin` and the paper's replay baselines (``docs/method.md`` §8).
 
 Classes are imported lazily (PEP 562), so importing one plugin does not import the others.
 """

@@ -1,4 +1,4 @@
-"""CLS-ER, self-supervised form (``stella-method.md`` §8).
+"""CLS-ER, self-supervised form (``docs/method.md`` §8).
 
 Two frozen EMA copies of the backbone, *plastic* and *stable*, start from the initial weights and
 live outside ``strategy.model``. For the M replay rows both copies embed randomly masked clips

@@ -1,4 +1,4 @@
-"""DER++ in its self-supervised form (``stella-method.md`` §8).
+"""DER++ in its self-supervised form (``docs/method.md`` §8).
 
 ER plus, stored with each clip, the pooled embeddings ``z_a``, ``z_v`` (§1.5: un-normalised means of
 the visible tokens) produced in the step where the clip was current. On the replay rows of the

@@ -1,4 +1,4 @@
-"""ER: experience replay with a reservoir buffer (``stella-method.md`` §8).
+"""ER: experience replay with a reservoir buffer (``docs/method.md`` §8).
 
 Each step draws M clips uniformly without replacement, trains on ``concat[current; replay]`` (so
 the InfoNCE spans both) and then inserts the current clips into the reservoir.

@@ -1,4 +1,4 @@
-"""ESMER: error-sensitivity-modulated experience replay, self-supervised form (``stella-method.md`` §8).
+"""ESMER: error-sensitivity-modulated experience replay, self-supervised form (``docs/method.md`` §8).
 
 - An EMA copy of the backbone (outside ``strategy.model``) computes per-sample losses ℓ_n of the
   current rows (per-sample MAE_a + MAE_v + NCE, §1.4).

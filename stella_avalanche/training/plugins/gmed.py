@@ -1,4 +1,4 @@
-"""GMED: gradient-based memory editing, self-supervised form (``stella-method.md`` §8).
+"""GMED: gradient-based memory editing, self-supervised form (``docs/method.md`` §8).
 
 1. Draw M replay items with their slots.
 2. With the replay inputs x (normalised frames and fbank) requiring grad: ``ℓ_pre`` = batch loss

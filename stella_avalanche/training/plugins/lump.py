@@ -1,4 +1,4 @@
-"""LUMP: mixup between current and buffered clips (``stella-method.md`` §8).
+"""LUMP: mixup between current and buffered clips (``docs/method.md`` §8).
 
 Per step, M clips are drawn and one ``λ ~ Beta(α, α)`` (α = 0.5); the model trains on
 ``λ·x_cur + (1-λ)·x_buf`` for both the normalised frames and the fbank. There is no concatenation

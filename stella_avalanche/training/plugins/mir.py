@@ -1,4 +1,4 @@
-"""MIR: maximally interfered retrieval, self-supervised form (``stella-method.md`` §8).
+"""MIR: maximally interfered retrieval, self-supervised form (``docs/method.md`` §8).
 
 1. Draw ``search_factor·M`` candidates (fewer when the buffer is smaller) and compute their
    per-sample losses at the current weights θ without grad (per-sample MAE_a + MAE_v + NCE, the

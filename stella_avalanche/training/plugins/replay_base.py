@@ -1,13 +1,14 @@
-"""Shared plumbing of the replay baselines (``stella-method.md`` §8, ``avalanche-notes.md`` §4-5).
+"""Shared plumbing of the replay baselines (``docs/method.md`` §8, ``docs/avalanche.md`` §4-5).
 
 Every rehearsal baseline of the paper (ER, DER++, LUMP, MIR, GMED, CLS-ER, ESMER) follows the same
 step, which :class:`ReplayPluginBase` implements once:
 
 ``before_forward``
     stash a detached reference to the *current* rows of ``strategy.mbatch`` (by
-    ``after_training_iteration`` the mini-batch also holds the replay rows, pitfall 11), draw
-    ``M = min(replay_batch or N, len(buffer))`` items uniformly without replacement from the
-    reservoir (:meth:`ReplayPluginBase.draw_replay`, overridden by MIR / GMED) and apply them
+    ``after_training_iteration`` the mini-batch also holds the replay rows, pitfall 11 of
+    ``docs/avalanche.md``), draw ``M = min(replay_batch or N, len(buffer))`` items uniformly
+    without replacement from the reservoir (:meth:`ReplayPluginBase.draw_replay`, overridden by
+    MIR / GMED) and apply them
     (:meth:`ReplayPluginBase.apply_replay`: concatenation after the current rows on every stored
     key, so that the InfoNCE spans both; LUMP mixes instead);
 ``before_backward``
@@ -18,7 +19,7 @@ step, which :class:`ReplayPluginBase` implements once:
 
 The buffer is :class:`~stella_avalanche.training.buffer.ReservoirBuffer`, created at the first
 insertion from the batch's per-item shapes. Storage is compact by default (video as uint8 pixels,
-audio as fp16, §6 "recommended compact storage"); ``compact=False`` stores fp32 (GMED needs this,
+audio as fp16, ``docs/method.md`` §6); ``compact=False`` stores fp32 (GMED needs this,
 its input edits are far below the uint8 quantisation step).
 
 Also here: the helpers MIR and GMED share (:func:`virtual_adam_params`, a look-ahead Adam step that
