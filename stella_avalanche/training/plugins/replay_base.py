@@ -40,6 +40,7 @@ from torch.func import functional_call
 
 from avalanche.training.plugins import SupervisedPlugin
 
+from stella_avalanche.batch_keys import SAMPLE_KEYS
 from stella_avalanche.training.buffer import ReservoirBuffer, video_from_uint8, video_to_uint8
 from stella_avalanche.utils import derive_seed
 
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 #: mini-batch keys stored in the reservoir and concatenated with the replay rows (when present)
-REPLAY_KEYS = ("video", "audio", "category", "label", "index")
+REPLAY_KEYS = SAMPLE_KEYS
 
 
 # ---------------------------------------------------------------------------------- helpers
