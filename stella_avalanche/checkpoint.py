@@ -71,13 +71,13 @@ def plugin_state_key(plugin: Any) -> str:
     """The identity under which a plugin's state is checkpointed.
 
     A plugin may name itself with a ``state_key`` attribute (needed only to tell apart two stateful
-    plugins of one class whose order may change); otherwise the key is its class's qualified name.
+    plugins of one class whose order may change); otherwise the key is its class's qualified name,
+    without the module, so that moving a class to another module keeps old checkpoints loadable.
     """
     explicit = getattr(plugin, "state_key", None)
     if explicit:
         return str(explicit)
-    cls = type(plugin)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return type(plugin).__qualname__
 
 
 def _keyed(plugins: Any) -> dict[str, Any]:
