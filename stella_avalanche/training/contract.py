@@ -19,6 +19,7 @@ this dict).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
@@ -160,11 +161,11 @@ STOCK_PLUGIN_SUPPORT: dict[str, tuple[bool, str]] = {
                                           "there), so the optimizer moves them too, every importance "
                                           "stays 0 and the penalty is a silent no-op. Allowed on CUDA, "
                                           "where the snapshots are copies (not exercised by the CPU tests)"),
-    "EarlyStoppingPlugin": (False, "it watches a metric of periodic evaluation ('Top1_Acc_Stream' by "
-                                   "default); AudioVideoPretraining reports no accuracy and its runs "
-                                   "evaluate retrieval only after each experience (eval_every=-1), so it "
-                                   "would never stop training. Allowed when metric_name is one of the "
-                                   "evaluator's metrics and eval_every > 0"),
+    "EarlyStoppingPlugin": (True, "it watches a metric of periodic evaluation, so it needs a retrieval "
+                                  "metric as metric_name (e.g. 'A2V_R@1_Exp' or 'V2A_R@5_Pooled', mode "
+                                  "'max'), eval_every > 0 and its val_stream_name among the eval_streams "
+                                  "given to train(). Refused otherwise: with its default 'Top1_Acc_Stream' "
+                                  "(no accuracy is ever reported here) it would never stop training"),
     "EWCPlugin": (False, "it computes Fisher importances from (x, y, task) tuple batches with a "
                          "classification criterion; this template has dict batches and a "
                          "self-supervised loss (it fails after the first experience)"),
@@ -176,11 +177,16 @@ STOCK_PLUGIN_SUPPORT: dict[str, tuple[bool, str]] = {
 }
 
 
-def _early_stopping_allowed(strategy: Any, plugin: Any) -> bool:
-    evaluator = getattr(strategy, "evaluator", None)
-    metrics = getattr(evaluator, "metrics", []) or []
-    names = {str(m) for m in metrics}
-    return getattr(strategy, "eval_every", -1) > 0 and getattr(plugin, "metric_name", None) in names
+#: the names of the retrieval metrics of ``stella_avalanche.evaluation.metrics`` (what a plugin can watch)
+_RETRIEVAL_METRIC = re.compile(r"^(A2V|V2A)_(R@\d+|MR|MRpess)_\w+$")
+
+
+def _early_stopping_usable(strategy: Any, plugin: Any) -> bool:
+    """A retrieval metric, periodic evaluation, and the watched stream among the evaluated ones."""
+    streams = {f"{group[0].origin_stream.name}_stream" for group in (getattr(strategy, "_eval_streams", None) or [])
+               if group and hasattr(group[0], "origin_stream")}
+    return (bool(_RETRIEVAL_METRIC.match(str(getattr(plugin, "metric_name", ""))))
+            and getattr(strategy, "eval_every", -1) > 0 and getattr(plugin, "val_stream_name", None) in streams)
 
 
 def _on_cuda(strategy: Any, plugin: Any) -> bool:
@@ -188,7 +194,9 @@ def _on_cuda(strategy: Any, plugin: Any) -> bool:
 
 
 #: refused plugins that are allowed under a condition: class name -> condition(strategy, plugin)
-_ALLOWED_IF = {"EarlyStoppingPlugin": _early_stopping_allowed, "SynapticIntelligencePlugin": _on_cuda}
+_ALLOWED_IF = {"SynapticIntelligencePlugin": _on_cuda}
+#: working plugins that are refused unless a condition holds: class name -> condition(strategy, plugin)
+_ONLY_IF = {"EarlyStoppingPlugin": _early_stopping_usable}
 
 
 def check_stock_plugins(strategy: Any) -> None:
@@ -201,10 +209,12 @@ def check_stock_plugins(strategy: Any) -> None:
             if not cls.__module__.startswith("avalanche.") or cls.__name__ not in STOCK_PLUGIN_SUPPORT:
                 continue
             works, why = STOCK_PLUGIN_SUPPORT[cls.__name__]
-            allowed_if = _ALLOWED_IF.get(cls.__name__)
-            if not works and not (allowed_if is not None and allowed_if(strategy, p)):
-                raise HostContractError(f"{type(p).__name__} is not supported on {type(strategy).__name__}: "
-                                        f"{why}.")
+            allowed_if, only_if = _ALLOWED_IF.get(cls.__name__), _ONLY_IF.get(cls.__name__)
+            refused = (not works and not (allowed_if is not None and allowed_if(strategy, p))) or \
+                (works and only_if is not None and not only_if(strategy, p))
+            if refused:
+                verdict = "cannot run as configured on" if works else "is not supported on"
+                raise HostContractError(f"{type(p).__name__} {verdict} {type(strategy).__name__}: {why}.")
             break
 
 
