@@ -555,6 +555,9 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
                 if x is not None and k != "multitask":
                     widths.append((x[1][1] - x[1][0], k, ref))
         lines.append(f"multitask − finetune gap {gap:.2f}, target width ≤ {target:.2f}")
+        if gap <= 0:
+            lines[-1] = f"multitask − finetune gap {gap:.2f}: multitask does not exceed finetune, no target"
+            continue
         if not widths:
             continue
         w = np.array([x[0] for x in widths])
