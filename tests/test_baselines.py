@@ -1,4 +1,4 @@
-"""Tests of the replay baselines (``stella-method.md`` §8): each test exercises the mechanism that
+"""Tests of the replay baselines (``docs/method.md`` §8): each test exercises the mechanism that
 distinguishes its method, with the tiny backbone and batch 4; the last one trains every plugin for
 two experiences through :class:`AudioVideoPretraining`."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""InfoNCE with negatives gathered over ranks (stella-method.md §1.5, D16), on 2 CPU processes (gloo).
+"""InfoNCE with negatives gathered over ranks (docs/method.md §1.5, D16), on 2 CPU processes (gloo).
 
 Each rank holds half of one fixed batch. Checked against references computed here by hand from the
 full batch:

@@ -23,7 +23,7 @@ from stella_avalanche.training.selection import (
 
 torch.set_num_threads(1)
 
-# tiny layout of stella-method.md §0: L_V = 32, T_a = 8, F_a = 4, L_A = 32, c = 2, K = 16
+# tiny layout of docs/method.md §0: L_V = 32, T_a = 8, F_a = 4, L_A = 32, c = 2, K = 16
 L_V, T_A, F_A, C = 32, 8, 4, 2
 L_A = T_A * F_A
 K = 16
@@ -195,7 +195,7 @@ def test_video_fill_rule_d9_when_too_few_unexcluded() -> None:
 
 # ------------------------------------------------------------------------------------------ audio chunks
 def _reference_chunk_loop(excluded: torch.Tensor, K: int, order: list[int], coin: bool) -> set[int]:
-    """Straightforward per-row reading of the official loop (stella-method.md §4, 'intended result')."""
+    """Straightforward per-row reading of the official loop (docs/method.md §4 step 9.3)."""
     Q = C * F_A
     visited: list[int] = []
     kept: set[int] = set()
