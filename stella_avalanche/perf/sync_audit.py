@@ -40,7 +40,7 @@ def _caller(skip_dirs: tuple[str, ...]) -> str:
     via = ""
     while f is not None:
         path = f.f_code.co_filename
-        if path.endswith("sync_audit.py"):
+        if path == __file__:
             f = f.f_back
             continue
         if not path.startswith(skip_dirs):
