@@ -1,6 +1,7 @@
 """Synthetic benchmark: generator determinism, ground truth, controls, scenario and init data."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -255,12 +256,12 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
     ds = SyntheticInitDataset(preset="tiny", seed=0, length=6)
     items = list(ds)
     assert [int(x["index"]) for x in items] == list(range(6))
-    assert [int(x["label"]) for x in items] == list(range(6))  # balanced over the 12 init classes
+    assert [int(x["label"]) for x in items] == list(range(6))  # per-clip identities: label = clip number
     assert all(x["video"].shape == (4, 3, 64, 64) and x["audio"].shape == (1, 256, 64) for x in items)
     assert all(int(x["category"]) == 0 for x in items)
     again = SyntheticInitDataset(preset="tiny", seed=0, start=3, length=1)
     assert torch.equal(next(iter(again))["video"], items[3]["video"])
-    other = SyntheticInitDataset(preset="tiny", seed=0, start=3 + 12, length=1)  # same class, next clip
+    other = SyntheticInitDataset(preset="tiny", seed=0, start=3 + 12, length=1)  # another clip
     assert not torch.equal(next(iter(other))["video"], items[3]["video"])
     # worker sharding keeps the stream identical
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
@@ -270,8 +271,57 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
 
     pool = SyntheticInitRetrievalDataset(preset="tiny", seed=0)
     assert len(pool) == 12 * TINY.init_retrieval_per_class
-    assert pool.label.bincount().tolist() == [TINY.init_retrieval_per_class] * 12
+    assert pool.label.tolist() == list(range(len(pool)))  # per-clip identities: one "class" per clip
     assert not torch.equal(pool[0]["video"], items[0]["video"])  # held out from the training stream
+    # the fixed-class init of generator v1 is still available
+    legacy = dataclasses.replace(TINY, init_identity="class")
+    pool = SyntheticInitRetrievalDataset(preset=legacy, seed=0)
+    assert pool.label.bincount().tolist() == [TINY.init_retrieval_per_class] * 12
+
+
+def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
+    """No class shortcut in stage 1: every init clip draws its own appearance and sound, never one of
+    the benchmark's identities, and uses the stronger init cue settings."""
+    from stella_avalanche.data.synthetic import init_exclusions, init_render_preset, render_init_clip, sound_key
+
+    vocab = build_vocabulary(TINY, 0)
+    ex_v, ex_s = init_exclusions(vocab, TINY)
+    assert set(ex_v) == {c.visual for c in vocab.classes}
+    seen_v, seen_s = [], []
+    import stella_avalanche.data.synthetic as syn
+
+    real = syn.render_clip
+    captured = []
+    try:
+        syn.render_clip = lambda spec, *a, **k: captured.append((spec, a[1])) or real(spec, *a, **k)
+        for i in range(40):
+            render_init_clip(vocab, TINY, 0, "init", i)
+    finally:
+        syn.render_clip = real
+    for spec, preset in captured:
+        assert spec.visual not in ex_v
+        key = sound_key(spec.sound, TINY)
+        assert not any(h == key[1] and t == key[2] and abs(b - key[0]) < 3 for b, h, t in ex_s)
+        seen_v.append(spec.visual)
+        seen_s.append(spec.sound)
+        assert preset.tint == TINY.init_tint and preset.p_offscreen == TINY.init_p_offscreen
+    assert len(set(seen_v)) > 25 and len(set(seen_s)) > 30   # fresh draws, not a handful of classes
+    assert init_render_preset(dataclasses.replace(TINY, init_tint=None, init_p_distractor=None,
+                                                  init_p_offscreen=None)) == dataclasses.replace(
+        TINY, init_tint=None, init_p_distractor=None, init_p_offscreen=None)
+
+
+def test_sounding_segments_fit_half_of_the_chunks() -> None:
+    """Default geometry: 1..2 of 4 segments sound (so keeping half of the audio chunks can keep all of
+    them); the legacy v1 preset allowed 1..3."""
+    vocab = build_vocabulary(TINY, 0)
+    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), TINY, [], []).truth["pattern"])
+              for i in range(30)]
+    assert set(counts) == {1, 2}
+    legacy = get_preset("legacy_v1")
+    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), legacy, [], []).truth["pattern"])
+              for i in range(40)]
+    assert set(counts) == {1, 2, 3}
 
 
 def test_concurrent_generators_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

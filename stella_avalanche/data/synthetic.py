@@ -77,12 +77,17 @@ __all__ = [
     "SyntheticInitRetrievalDataset",
     "default_features",
     "clip_key",
+    "random_identity",
+    "render_init_clip",
+    "init_exclusions",
+    "sound_key",
+    "render_split",
     "jpeg_roundtrip",
     "LABEL_CSV",
 ]
 
 #: Bump when the rendering changes: part of the cache directory name, so old caches are not reused.
-SYNTHETIC_VERSION = "v1"
+SYNTHETIC_VERSION = "v2"
 
 #: On-disk splits: training clips, per-task validation clips, retrieval pool.
 SPLITS: tuple[str, ...] = ("train", "test", "retrieval")
@@ -121,7 +126,22 @@ class SyntheticPreset:
     :param train_per_class: training clips per class.
     :param test_per_class: per-task validation clips per class.
     :param retrieval_per_class: retrieval-pool clips per class.
-    :param init_classes: number of initialisation classes (distinct identities, same families).
+    :param init_classes: number of initialisation classes (distinct identities, same families). Used
+        by the init stream only when ``init_identity == "class"``.
+    :param init_identity: how the initialisation stream draws a clip's appearance and sound:
+        ``"per_clip"`` (default; a fresh visual and sound identity for every clip, from the same
+        families but never one of the benchmark's classes, so stage 1 cannot succeed by memorising
+        which colour goes with which timbre and must learn the instance cues that transfer: on/off
+        synchrony, pitch by height, loudness by size) or ``"class"`` (``init_classes`` fixed classes).
+    :param max_on_segments: the sounding object is on in 1..``max_on_segments`` segments (``None``:
+        up to ``num_segments - 1``). The default keeps at most half of the segments sounding, so a
+        selector that keeps half of the audio chunks (κ = 0.5, one chunk per segment) can keep every
+        sounding chunk and with it the clip's whole on/off pattern (docs/synthetic.md, "geometry").
+    :param init_tint: ``tint`` of the per-clip init stream (``None``: the benchmark's). Stage 1 plays
+        the part of large-scale pre-training, so its instance cues are made stronger than the
+        stream's: a clearer mark of the sounding frames, fewer distractors, no off-screen sounds.
+    :param init_p_distractor: ``p_distractor`` of the per-clip init stream (``None``: the benchmark's).
+    :param init_p_offscreen: ``p_offscreen`` of the per-clip init stream (``None``: the benchmark's).
     :param init_retrieval_per_class: clips per init class in the fixed held-out init retrieval pool.
     :param image_size: frame side in pixels (square frames).
     :param num_segments: segments per clip = frames read per clip.
@@ -156,6 +176,11 @@ class SyntheticPreset:
     retrieval_per_class: int = 10
     init_classes: int = 12
     init_retrieval_per_class: int = 10
+    init_identity: str = "per_clip"
+    max_on_segments: int | None = 2
+    init_tint: float | None = 0.25
+    init_p_distractor: float | None = 0.25
+    init_p_offscreen: float | None = 0.0
     image_size: int = 64
     num_segments: int = 4
     segment_seconds: float = 0.64
@@ -186,6 +211,16 @@ class SyntheticPreset:
             raise ValueError(f"twin_offset={self.twin_offset} must be in [0, num_tasks={self.num_tasks})")
         if self.object_size[1] + 3 * self.max_speed > self.image_size:
             raise ValueError("object_size/max_speed too large for image_size")
+        if self.init_identity not in ("per_clip", "class"):
+            raise ValueError(f"init_identity={self.init_identity!r} must be 'per_clip' or 'class'")
+        if self.max_on_segments is not None and not 1 <= self.max_on_segments <= self.num_segments - 1:
+            raise ValueError(f"max_on_segments={self.max_on_segments} must be in [1, num_segments-1="
+                             f"{self.num_segments - 1}]")
+
+    @property
+    def on_segments(self) -> tuple[int, int]:
+        """(min, max) number of sounding segments per clip."""
+        return 1, (self.num_segments - 1 if self.max_on_segments is None else self.max_on_segments)
 
     @property
     def clip_seconds(self) -> float:
@@ -222,6 +257,10 @@ PRESETS: dict[str, SyntheticPreset] = {
     # Tests: a handful of clips per class.
     "tiny": SyntheticPreset(name="tiny", train_per_class=4, test_per_class=2, retrieval_per_class=3,
                             init_retrieval_per_class=2),
+    # The geometry of generator v1 (1..3 sounding segments of 4, 12 fixed init classes), kept to show
+    # why it was changed: with one audio chunk per segment, a selector keeping half of the chunks
+    # must drop a sounding chunk of every 3-segment clip (docs/synthetic.md).
+    "legacy_v1": SyntheticPreset(name="legacy_v1", init_identity="class", max_on_segments=None),
 }
 
 
@@ -311,6 +350,63 @@ def _mel_step(preset: SyntheticPreset) -> float:
     return float(hi - lo) / (preset.mel_bins + 1)
 
 
+SoundKey = tuple[float, tuple[int, ...], int]
+
+
+def _draw_sound(rng: np.random.Generator, preset: SyntheticPreset,
+                taken: Sequence[SoundKey]) -> tuple[SoundIdentity, SoundKey] | None:
+    """One attempt at a sound identity distinct from ``taken``; None when the draw is rejected.
+
+    Fundamental bin between 6 and 40 (about 150 Hz to 2.4 kHz at 64 bins / 16 kHz); the top harmonic
+    (plus the largest pitch shift) must stay below 0.8 * Nyquist; a sound with the same harmonics and
+    timbre must sit at least 3 mel bins away from every taken one.
+    """
+    step = _mel_step(preset)
+    mel_lo = float(_hz_to_mel(20.0))
+    n_bands = int(rng.integers(1, 4))
+    harmonics = tuple(sorted(int(h) for h in rng.choice([1, 2, 3, 4], size=n_bands, replace=False)))
+    f0_bin = float(rng.integers(6, 41))
+    f0 = float(_mel_to_hz(mel_lo + f0_bin * step))
+    f0_max = float(_mel_to_hz(mel_lo + (f0_bin + preset.max_pitch_shift) * step))
+    if f0_max * max(harmonics) > 0.8 * preset.sample_rate / 2:
+        return None
+    timbre = int(rng.integers(len(TIMBRES)))
+    if any(h == harmonics and t == timbre and abs(b - f0_bin) < 3 for b, h, t in taken):
+        return None
+    weights = tuple(float(w) for w in np.round(rng.uniform(0.5, 1.0, size=n_bands), 3))
+    return (SoundIdentity(f0=round(f0, 3), harmonics=harmonics, weights=weights, timbre=timbre),
+            (f0_bin, harmonics, timbre))
+
+
+def sound_key(sound: SoundIdentity, preset: SyntheticPreset) -> SoundKey:
+    """(fundamental mel bin, harmonics, timbre) of a sound: what :func:`_draw_sound` keeps distinct."""
+    f0_bin = round((float(_hz_to_mel(sound.f0)) - float(_hz_to_mel(20.0))) / _mel_step(preset))
+    return float(f0_bin), tuple(sound.harmonics), int(sound.timbre)
+
+
+def random_identity(rng: np.random.Generator, preset: SyntheticPreset, *,
+                    exclude_visuals: Sequence[VisualIdentity] = (),
+                    exclude_sounds: Sequence[SoundKey] = ()) -> tuple[VisualIdentity, SoundIdentity]:
+    """A fresh (visual, sound) identity from the benchmark's families, avoiding the excluded ones.
+
+    Used by the per-clip initialisation stream: appearance and timbre are unrelated draws, so the
+    only audio-visual regularities left are the instance cues every clip shares.
+    """
+    banned = set(exclude_visuals)
+    for _ in range(10_000):
+        v = VisualIdentity(int(rng.integers(len(SHAPES))), int(rng.integers(len(TEXTURES))),
+                           int(rng.integers(len(PALETTE))))
+        if v not in banned:
+            break
+    else:  # pragma: no cover - the families hold 192 visuals, far more than any exclusion list
+        raise ValueError("no visual identity left outside the excluded ones")
+    for _ in range(10_000):
+        drawn = _draw_sound(rng, preset, exclude_sounds)
+        if drawn is not None:
+            return v, drawn[0]
+    raise ValueError("no sound identity left outside the excluded ones")  # pragma: no cover
+
+
 def build_vocabulary(preset: SyntheticPreset, seed: int) -> Vocabulary:
     """Draw the class identities of a seed.
 
@@ -344,31 +440,18 @@ def build_vocabulary(preset: SyntheticPreset, seed: int) -> Vocabulary:
     init_visuals = draw_visuals(preset.init_classes, distinct_colours=False)
 
     # Sounds: fundamentals on a mel grid so that the highest band stays below ~6 kHz.
-    step = _mel_step(preset)
-    mel_lo = float(_hz_to_mel(20.0))
     sounds: list[SoundIdentity] = []
-    taken: list[tuple[float, tuple[int, ...], int]] = []
+    taken: list[SoundKey] = []
     n_sounds = preset.num_classes + preset.init_classes
     attempts = 0
     while len(sounds) < n_sounds:
         attempts += 1
         if attempts > 100_000:
             raise ValueError("could not draw distinct sound identities")
-        n_bands = int(rng.integers(1, 4))
-        harmonics = tuple(sorted(int(h) for h in rng.choice([1, 2, 3, 4], size=n_bands, replace=False)))
-        # Fundamental bin between 6 and 40 (about 150 Hz to 2.4 kHz at 64 bins / 16 kHz); the top
-        # harmonic (plus the largest pitch shift) must stay below 0.8 * Nyquist.
-        f0_bin = float(rng.integers(6, 41))
-        f0 = float(_mel_to_hz(mel_lo + f0_bin * step))
-        f0_max = float(_mel_to_hz(mel_lo + (f0_bin + preset.max_pitch_shift) * step))
-        if f0_max * max(harmonics) > 0.8 * preset.sample_rate / 2:
-            continue
-        timbre = int(rng.integers(len(TIMBRES)))
-        if any(h == harmonics and t == timbre and abs(b - f0_bin) < 3 for b, h, t in taken):
-            continue
-        taken.append((f0_bin, harmonics, timbre))
-        weights = tuple(float(w) for w in np.round(rng.uniform(0.5, 1.0, size=n_bands), 3))
-        sounds.append(SoundIdentity(f0=round(f0, 3), harmonics=harmonics, weights=weights, timbre=timbre))
+        drawn = _draw_sound(rng, preset, taken)
+        if drawn is not None:
+            taken.append(drawn[1])
+            sounds.append(drawn[0])
 
     classes: list[ClassSpec] = []
     for t in range(n_tasks):
@@ -481,7 +564,18 @@ def _band_waveform(t: np.ndarray, freqs: np.ndarray, weights: np.ndarray, rng: n
     partials = (freqs[:, None] * detune[None, :]).reshape(-1)  # (3B,)
     amps = np.repeat(weights, 3) / math.sqrt(3.0)
     phases = rng.uniform(0, 2 * math.pi, size=partials.shape[0])
-    return (amps[None, :] * np.sin(2 * math.pi * t[:, None] * partials[None, :] + phases[None, :])).sum(axis=1)
+    # sin(a + b) = sin a cos b + cos a sin b with t = block start + offset: two small matrix products
+    # instead of one sine per sample and partial (the init stream renders every clip afresh)
+    n = t.shape[0]
+    dt = float(t[1] - t[0]) if n > 1 else 1.0
+    block = 1024
+    nb = -(-n // block)
+    w = 2 * math.pi * partials                                     # (P,) rad/s
+    start = t[0] + np.arange(nb) * block * dt                      # (nb,)
+    alpha = start[:, None] * w[None, :] + phases[None, :]          # (nb, P)
+    beta = (np.arange(block) * dt)[:, None] * w[None, :]           # (block, P)
+    out = (amps * np.sin(alpha)) @ np.cos(beta).T + (amps * np.cos(alpha)) @ np.sin(beta).T
+    return out.reshape(-1)[:n]
 
 
 def _segment_envelope(preset: SyntheticPreset, pattern: np.ndarray) -> np.ndarray:
@@ -527,7 +621,8 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPres
     H = W = preset.image_size
     S = preset.num_segments
     # --- instance parameters ---------------------------------------------------------------------
-    n_on = int(rng.integers(1, S))
+    lo_on, hi_on = preset.on_segments
+    n_on = int(rng.integers(lo_on, hi_on + 1))
     pattern = np.zeros(S, dtype=bool)
     pattern[rng.choice(S, size=n_on, replace=False)] = True
     size = int(rng.integers(preset.object_size[0], preset.object_size[1] + 1))
@@ -946,14 +1041,56 @@ def _init_pools(vocab: Vocabulary, class_id: int) -> tuple[list[VisualIdentity],
     return visuals, sounds
 
 
+#: class id used in the clip seed of per-clip-identity init clips (no real class has it)
+_PER_CLIP_CLASS = 0xFFFF
+
+
+def init_exclusions(vocab: Vocabulary, preset: SyntheticPreset) -> tuple[list[VisualIdentity], list[SoundKey]]:
+    """Identities the per-clip init stream never draws: every benchmark class's visual and sound."""
+    visuals = list(dict.fromkeys(c.visual for c in vocab.classes))
+    sounds = [sound_key(c.sound, preset) for c in vocab.classes]
+    return visuals, sounds
+
+
+def init_render_preset(preset: SyntheticPreset) -> SyntheticPreset:
+    """The preset the per-clip init stream renders with (its ``init_*`` cue settings applied)."""
+    changes = {k: v for k, v in (("tint", preset.init_tint), ("p_distractor", preset.init_p_distractor),
+                                 ("p_offscreen", preset.init_p_offscreen)) if v is not None}
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
+def render_init_clip(vocab: Vocabulary, preset: SyntheticPreset, seed: int, split: str, i: int,
+                     exclusions: tuple[list[VisualIdentity], list[SoundKey]] | None = None
+                     ) -> tuple[RenderedClip, int]:
+    """Clip number ``i`` of an init split (``"init"`` or ``"init_retrieval"``) and its label.
+
+    ``init_identity == "class"``: clip ``i`` belongs to init class ``i % C`` and the label is that
+    class. ``"per_clip"``: a fresh identity per clip (outside ``exclusions``, default
+    :func:`init_exclusions`), a fresh silent distractor and off-screen sound; the label is ``i``.
+    """
+    if preset.init_identity == "class":
+        c = i % len(vocab.init_classes)
+        visuals, sounds = _init_pools(vocab, c)
+        return render_clip(vocab.init_classes[c], clip_rng(seed, split, c, i // len(vocab.init_classes)),
+                           preset, visuals, sounds), c
+    ex_v, ex_s = exclusions if exclusions is not None else init_exclusions(vocab, preset)
+    rng = clip_rng(seed, split, _PER_CLIP_CLASS, i)
+    preset = init_render_preset(preset)
+    visual, sound = random_identity(rng, preset, exclude_visuals=ex_v, exclude_sounds=ex_s)
+    d_visual, o_sound = random_identity(rng, preset, exclude_visuals=[*ex_v, visual], exclude_sounds=ex_s)
+    spec = ClassSpec(class_id=-1, task=-1, mid="syn_init_clip", visual=visual, sound=sound)
+    return render_clip(spec, rng, preset, [d_visual], [o_sound]), i
+
+
 class SyntheticInitDataset(IterableDataset):
     """Endless, non-repeating stream of initialisation clips (the ``init`` split), rendered in memory.
 
-    Clip ``i`` belongs to init class ``i % C`` (balanced) and is drawn from ``clip_rng(seed, "init",
-    class, i // C)``, so the stream is deterministic and identical for any number of DataLoader
-    workers (worker ``w`` of ``W`` yields clips ``w, w + W, ...``). Samples are the dicts of
+    Clip ``i`` is :func:`render_init_clip` ``(..., "init", i)``: by default a fresh identity per clip
+    (``preset.init_identity``), so the stream is deterministic and identical for any number of
+    DataLoader workers (worker ``w`` of ``W`` yields clips ``w, w + W, ...``). Samples are the dicts of
     ``AudioVideoDataset``: ``video`` float32 (T, 3, S, S), ``audio`` float32 (1, A, F), ``category``
-    int64 () = 0, ``label`` int64 () = init class id, ``index`` int64 () = clip number ``i``.
+    int64 () = 0, ``label`` int64 () = init class id (per-clip identities: the clip number),
+    ``index`` int64 () = clip number ``i``.
 
     :param preset: synthetic preset (sizes, difficulty, number of init classes).
     :param seed: data seed (the vocabulary is the benchmark's vocabulary of this seed).
@@ -978,6 +1115,7 @@ class SyntheticInitDataset(IterableDataset):
         self.jpeg = jpeg
         self.vocab = build_vocabulary(self.preset, self.seed)
         self.num_classes = len(self.vocab.init_classes)
+        self._exclusions = init_exclusions(self.vocab, self.preset)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -986,11 +1124,7 @@ class SyntheticInitDataset(IterableDataset):
 
     def sample(self, i: int) -> dict[str, torch.Tensor]:
         """Clip number ``i`` as a dict sample (deterministic in ``(seed, i)``)."""
-        c = i % self.num_classes
-        spec = self.vocab.init_classes[c]
-        visuals, sounds = _init_pools(self.vocab, c)
-        clip = render_clip(spec, clip_rng(self.seed, "init", c, i // self.num_classes), self.preset,
-                           visuals, sounds)
+        clip, c = render_init_clip(self.vocab, self.preset, self.seed, "init", i, self._exclusions)
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 0x1A17, i]).generate_state(1)[0]))
         video, audio = _sample_from_clip(clip, self.features, train=self.train,
                                          jpeg_quality=self.preset.jpeg_quality if self.jpeg else None, generator=g)
@@ -1026,16 +1160,16 @@ class SyntheticInitRetrievalDataset(Dataset):
         self.features = features if features is not None else default_features(self.preset)
         _check_features(self.preset, self.features)
         vocab = build_vocabulary(self.preset, seed)
+        exclusions = init_exclusions(vocab, self.preset)
         videos, audios, labels = [], [], []
-        for c, spec in enumerate(vocab.init_classes):
-            visuals, sounds = _init_pools(vocab, c)
-            for k in range(self.preset.init_retrieval_per_class):
-                clip = render_clip(spec, clip_rng(seed, "init_retrieval", c, k), self.preset, visuals, sounds)
-                v, a = _sample_from_clip(clip, self.features, train=False,
-                                         jpeg_quality=self.preset.jpeg_quality if jpeg else None, generator=None)
-                videos.append(v)
-                audios.append(a)
-                labels.append(c)
+        n = len(vocab.init_classes) * self.preset.init_retrieval_per_class
+        for i in range(n):
+            clip, c = render_init_clip(vocab, self.preset, seed, "init_retrieval", i, exclusions)
+            v, a = _sample_from_clip(clip, self.features, train=False,
+                                     jpeg_quality=self.preset.jpeg_quality if jpeg else None, generator=None)
+            videos.append(v)
+            audios.append(a)
+            labels.append(c)
         self.video = torch.stack(videos)  # (N, T, 3, S, S)
         self.audio = torch.stack(audios)  # (N, 1, A, F)
         self.label = torch.tensor(labels, dtype=torch.int64)
@@ -1046,3 +1180,42 @@ class SyntheticInitRetrievalDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"video": self.video[i], "audio": self.audio[i], "category": torch.tensor(0, dtype=torch.int64),
                 "label": self.label[i], "index": torch.tensor(int(i), dtype=torch.int64)}
+
+
+def render_split(preset: str | SyntheticPreset = "default", seed: int = 0, split: str = "retrieval", *,
+                 per_class: int | None = None, features: "FeatureConfig | None" = None, jpeg: bool = True,
+                 tasks: Sequence[int] | None = None) -> dict[str, Any]:
+    """The clips of an on-disk split rendered in memory, with the evaluation transform.
+
+    The clips are the ones :func:`generate_synthetic` writes for ``split`` (same seeds, same JPEG
+    round trip), so diagnostics can run without the files.
+
+    :param per_class: clips per class (default: the split's size in the preset).
+    :param tasks: only the classes of these tasks (default all).
+    :returns: ``video`` (N, T, 3, S, S), ``audio`` (N, 1, A, F) float32, ``label`` (N,) int64 class ids,
+        ``task`` (N,) int64, ``truth`` list of N ground-truth dicts, ``keys`` list of N clip keys.
+    """
+    p = get_preset(preset)
+    feats = features if features is not None else default_features(p)
+    _check_features(p, feats)
+    vocab = build_vocabulary(p, seed)
+    n = p.per_class(split) if per_class is None else int(per_class)
+    videos, audios, labels, task_ids, truths, keys = [], [], [], [], [], []
+    for spec in vocab.classes:
+        if tasks is not None and spec.task not in tasks:
+            continue
+        d_pool = list(dict.fromkeys(c.visual for c in vocab.classes if c.visual != spec.visual))
+        s_pool = [c.sound for c in vocab.classes if c.class_id != spec.class_id]
+        for i in range(n):
+            clip = render_clip(spec, clip_rng(seed, split, spec.class_id, i), p, d_pool, s_pool)
+            v, a = _sample_from_clip(clip, feats, train=False, jpeg_quality=p.jpeg_quality if jpeg else None,
+                                     generator=None)
+            videos.append(v)
+            audios.append(a)
+            labels.append(spec.class_id)
+            task_ids.append(spec.task)
+            truths.append(clip.truth)
+            keys.append(clip_key(split, spec, i))
+    return {"video": torch.stack(videos), "audio": torch.stack(audios),
+            "label": torch.tensor(labels, dtype=torch.int64), "task": torch.tensor(task_ids, dtype=torch.int64),
+            "truth": truths, "keys": keys}

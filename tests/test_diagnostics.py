@@ -1,0 +1,182 @@
+"""Selection diagnostics: known answers on planted data, chance on random models, the geometry oracle."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from stella_avalanche.data.synthetic import get_preset, render_split
+from stella_avalanche.evaluation import diagnostics as D
+from stella_avalanche.models.avm import build_avm
+from stella_avalanche.models.cav import build_model
+
+
+def test_roc_auc_matches_sklearn_with_ties() -> None:
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 5, (40,), generator=g).float()
+    neg = torch.randint(0, 4, (30,), generator=g).float()
+    want = roc_auc_score(np.r_[np.ones(40), np.zeros(30)], np.r_[pos.numpy(), neg.numpy()])
+    assert D.roc_auc(pos, neg) == pytest.approx(want, abs=1e-12)
+
+
+def test_pair_auc_planted_and_shuffled() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, d = 60, 16
+    labels = torch.arange(n) // 5
+    cls = torch.randn(12, d, generator=g)
+    inst = torch.randn(n, d, generator=g)
+    z_a = cls[labels] + inst
+    z_v = cls[labels] + inst + 0.05 * torch.randn(n, d, generator=g)
+    good = D.pair_auc(z_a, z_v, labels)
+    assert good["same_class"] > 0.98 and good["other_class"] > 0.98
+    # class only, no instance cue: other-class pairs are separated, same-class pairs at chance
+    cls_only = D.pair_auc(cls[labels] + 0.01 * torch.randn(n, d, generator=g),
+                          cls[labels] + 0.01 * torch.randn(n, d, generator=g), labels)
+    assert cls_only["other_class"] > 0.95 and abs(cls_only["same_class"] - 0.5) < 0.1
+    rand = D.pair_auc(torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), labels)
+    assert abs(rand["same_class"] - 0.5) < 0.1 and abs(rand["other_class"] - 0.5) < 0.05
+
+
+def test_lift_and_recall_planted() -> None:
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :4] = True                                   # share 1/4
+    blind = torch.ones(4, 16)
+    assert D.importance_lift(blind, mask) == pytest.approx(1.0)
+    focused = torch.zeros(4, 16)
+    focused[:, :4] = 1.0                                 # all mass on the mask
+    assert D.importance_lift(focused, mask) == pytest.approx(4.0)
+    ids = torch.tensor([[0, 1, 8, 9]] * 4)
+    assert D.recall_in(ids, mask) == pytest.approx(0.5)
+
+
+def _tiny_clips(n_per_class: int = 2):
+    clips = render_split("tiny", 0, "retrieval", per_class=n_per_class)
+    return clips
+
+
+def test_random_models_are_at_chance() -> None:
+    """A randomly initialised backbone and AVM on noise clips: lift ~ 1, accuracy and AUC ~ 0.5."""
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    avm = build_avm(model)
+    clips = _tiny_clips(3)
+    g = torch.Generator().manual_seed(1)
+    # replace the media by noise, keep the ground truth: nothing in the input marks the object
+    clips = {**clips, "video": torch.randn(clips["video"].shape, generator=g),
+             "audio": torch.randn(clips["audio"].shape, generator=g)}
+    out = D.selection_diagnostics(model, avm, clips)
+    assert abs(out["avm_accuracy"] - 0.5) < 0.15
+    assert abs(out["video_object_lift"] - 1.0) < 0.15
+    assert abs(out["audio_sounding_lift"] - 1.0) < 0.15
+    assert abs(out["init_pair_auc_other_class"] - 0.5) < 0.1
+    for k in ("video_object_recall_candidates", "audio_sounding_recall_kept", "rca_twin_c", "rca_unrelated_c"):
+        assert 0.0 <= out[k] <= 1.0
+
+
+class _PlantedAVM(torch.nn.Module):
+    """An 'AVM' whose queries/keys make every token attend to the ground-truth tokens, and whose logit
+    is +1 for matched and -1 for mismatched pairs (it reads a planted id channel)."""
+
+    def __init__(self, num_heads: int = 1) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+
+    def project(self, E_a, E_v):  # E carries the truth in channel 0 and an instance id in channel 1
+        q_a = torch.ones_like(E_a[..., :1])[:, None]
+        q_v = torch.ones_like(E_v[..., :1])[:, None]
+        k_a = 20.0 * E_a[..., :1][:, None]
+        k_v = 20.0 * E_v[..., :1][:, None]
+        return {"q_a": q_a, "k_a": k_a, "q_v": q_v, "k_v": k_v}
+
+    def forward(self, E_a, E_v):
+        return torch.where((E_a[:, 0, 1] - E_v[:, 0, 1]).abs() < 1e-6, 1.0, -1.0)
+
+
+class _PlantedBackbone(torch.nn.Module):
+    """Token features = [ground truth flag, instance id, ...]; embeddings = one-hot instance."""
+
+    def __init__(self, cfg, masks_a, masks_v) -> None:
+        super().__init__()
+        self.config = cfg
+        self.ma, self.mv = masks_a.float(), masks_v.float()
+
+    def patchify_audio(self, audio):
+        return audio.flatten(1)[:, :1].expand(-1, self.config.num_audio_tokens)[..., None]
+
+    def patchify_video(self, video):
+        return video.flatten(1)[:, :1].expand(-1, self.config.num_video_tokens)[..., None]
+
+    def encode_modality(self, patches, ids, m):
+        rows = patches[:, 0, 0].long()
+        truth = (self.ma if m == "audio" else self.mv)[rows]
+        return torch.stack([truth, rows[:, None].float().expand_as(truth)], dim=-1)
+
+    def fuse_joint(self, U_a, a_ids, U_v, v_ids):
+        return U_a, U_v
+
+    def embed(self, video, audio):
+        rows_v, rows_a = video.flatten(1)[:, 0].long(), audio.flatten(1)[:, 0].long()
+        n = int(max(rows_v.max(), rows_a.max())) + 1
+        return (torch.nn.functional.one_hot(rows_a, n).float(), torch.nn.functional.one_hot(rows_v, n).float())
+
+
+def test_planted_model_gives_the_known_answers() -> None:
+    clips = _tiny_clips(3)
+    cfg = build_model("tiny").config
+    n = clips["label"].numel()
+    gt = D.truth_masks(clips["truth"], image_size=cfg.img_size, patch_size=cfg.patch_size, frame_size=cfg.img_size,
+                       audio_time_tokens=cfg.audio_time_tokens, audio_freq_tokens=cfg.audio_freq_tokens)
+    # the planted input encodes the row number, so the planted backbone can look up the truth
+    rows = torch.arange(n, dtype=torch.float32)
+    video = rows[:, None, None, None, None].expand(n, *clips["video"].shape[1:]).contiguous()
+    audio = rows[:, None, None, None].expand(n, *clips["audio"].shape[1:]).contiguous()
+    model = _PlantedBackbone(cfg, gt["audio"], gt["video"])
+    out = D.selection_diagnostics(model, _PlantedAVM(), {**clips, "video": video, "audio": audio})
+    assert out["avm_accuracy"] == pytest.approx(1.0)
+    assert out["avm_auc"] == pytest.approx(1.0)
+    assert out["init_pair_auc_same_class"] == pytest.approx(1.0)
+    # all mass on the truth: lift = 1 / share, every object patch a candidate
+    assert out["video_object_lift"] > 4.0
+    assert out["video_object_recall_candidates"] == pytest.approx(1.0)
+    assert out["audio_sounding_lift"] > 1.5
+    assert out["audio_sounding_recall_candidates"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("preset,identified", [("legacy_v1", False), ("default", True)])
+def test_oracle_pattern_survives_selection_only_on_the_new_geometry(preset: str, identified: bool) -> None:
+    """Generator v1 put one on/off segment in each audio chunk and allowed 3 of 4 segments on: keeping
+    half of the chunks then drops a sounding chunk of every 3-segment clip. The current default keeps
+    at most half of the segments sounding, so the perfect selection keeps the whole pattern."""
+    p = get_preset(preset)
+    clips = render_split(p, 0, "retrieval", per_class=4)
+    cfg = build_model("tiny").config
+    kw = dict(audio_time_tokens=cfg.audio_time_tokens, audio_freq_tokens=cfg.audio_freq_tokens, chunk=4,
+              video_tokens=cfg.num_video_tokens, image_size=p.image_size, patch_size=cfg.patch_size,
+              frame_size=cfg.img_size)
+    half = D.oracle_pattern_retrieval(clips["truth"], **kw)
+    full = D.oracle_pattern_retrieval(clips["truth"], keep_ratio_audio=1.0, keep_ratio_video=1.0, **kw)
+    assert full["identified"] == pytest.approx(1.0)
+    if identified:
+        assert half["identified"] == pytest.approx(1.0)
+        assert half["sounding_chunks_dropped"] == 0.0
+        assert half["r1_kept"] == pytest.approx(half["r1_full"])
+    else:
+        assert half["identified"] < 0.9
+        assert half["sounding_chunks_dropped"] > 0.1
+        assert half["r1_kept"] < half["r1_full"]
+
+
+def test_run_diagnostics_writes_json_and_pictures(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    avm = build_avm(model)
+    out = D.run_diagnostics(model, avm, preset="tiny", per_class=2, out_dir=str(tmp_path))
+    keys = {"init_pair_auc_same_class", "init_pair_auc_other_class", "avm_accuracy", "avm_auc", "video_object_lift",
+            "video_object_recall_candidates", "video_object_recall_selected", "audio_sounding_lift",
+            "audio_sounding_recall_kept", "rca_twin_c", "rca_unrelated_c", "oracle_pattern_identified"}
+    assert keys <= set(out)
+    import json
+    assert keys <= set(json.loads((tmp_path / "diagnostics.json").read_text()))
+    pics = sorted(tmp_path.glob("selection_clip*.png"))
+    assert len(pics) == 4 and all(p.stat().st_size > 5000 for p in pics)
