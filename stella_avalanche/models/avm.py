@@ -40,7 +40,8 @@ def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
     if batch_size <= 2:
         return torch.ones(batch_size, device=device), idx, idx[:0]
     gdev = generator.device if generator is not None else device
-    perm = torch.rand(batch_size, generator=generator, device=gdev).argsort().to(device)
+    # non-blocking: a host-to-device copy from pageable memory is staged at once, no stream wait
+    perm = torch.rand(batch_size, generator=generator, device=gdev).argsort().to(device, non_blocking=True)
     n_pos = batch_size // 2
     neg = perm[n_pos:]  # >= 2 entries, in random order
     labels = torch.ones(batch_size, device=device)

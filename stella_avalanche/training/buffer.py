@@ -262,12 +262,29 @@ class ReservoirBuffer:
 
     def _store(self, slots: Tensor, batch: Mapping[str, Tensor], rows: Optional[Tensor] = None) -> None:
         """Write ``batch[rows]`` into ``slots`` (slots must be distinct)."""
-        idx = slots.to(self.device)
+        # the host index tensors go to the device once and without waiting for the stream (a
+        # non-blocking copy from pageable memory is staged before the call returns)
+        idx = slots.to(self.device, non_blocking=True)
+        on_device: dict[torch.device, Tensor] = {}
+        staged: list[tuple[str, Tensor]] = []
+        source: Optional[torch.device] = None
         for name, (_, dtype) in self.fields.items():
             v = batch[name].detach()
             if rows is not None:
-                v = v[rows.to(v.device)]
-            self.data[name].index_copy_(0, idx, v.to(device=self.device, dtype=dtype))
+                if v.device not in on_device:
+                    on_device[v.device] = rows.to(v.device, non_blocking=True)
+                v = v[on_device[v.device]]
+            if self.device.type == "cpu" and v.is_cuda:
+                # device -> host buffer: start every field's copy, then wait once for all of them
+                # (a blocking copy per field would wait for the stream once per field)
+                staged.append((name, v.to(device=self.device, dtype=dtype, non_blocking=True)))
+                source = v.device
+            else:
+                self.data[name].index_copy_(0, idx, v.to(device=self.device, dtype=dtype))
+        if staged:
+            torch.cuda.current_stream(source).synchronize()
+            for name, v in staged:
+                self.data[name].index_copy_(0, idx, v)
 
     # ------------------------------------------------------------------ API
     def reservoir_slots(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -319,7 +336,7 @@ class ReservoirBuffer:
             raise ValueError(f"ReservoirBuffer.sample: cannot draw {n} items from {size} stored")
         gen = generator if generator is not None else self.generator
         slots = torch.randperm(size, generator=gen, device=gen.device)[:n].cpu()
-        idx = slots.to(self.device)
+        idx = slots.to(self.device, non_blocking=True)  # no stream wait (see _store)
         return {k: v.index_select(0, idx) for k, v in self.data.items()}, slots
 
     def write(self, slots: Tensor, batch: Mapping[str, Tensor]) -> None:

@@ -54,7 +54,8 @@ def _generator_device(generator: Optional[torch.Generator], fallback: torch.devi
 def _rand(shape: tuple[int, ...], *, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
     """Uniform [0, 1) fp32 noise drawn on the generator's device, then moved to ``device``."""
     gdev = _generator_device(generator, device)
-    return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float32).to(device)
+    # non-blocking: a host-to-device copy from pageable memory is staged at once, no stream wait
+    return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float32).to(device, non_blocking=True)
 
 
 def _log_exponential(shape: tuple[int, ...], *, generator: Optional[torch.Generator],
