@@ -4,7 +4,9 @@
 Each strategy runs in its own subprocess (so peak memory is its own) on in-memory random clips
 (no data loading: this measures the step, not the loader). Reported per strategy: samples/s
 (current samples per second of training step), peak memory (CUDA: max allocated; CPU: max RSS),
-replay-buffer bytes per item at the measured size, and ratios to finetune and to DER++.
+replay-buffer bytes per item at the measured size, and ratios to finetune and to DER++; then the
+analytic cost of finetune / DER++ / STELLA / STELLA+ (``stella_avalanche/perf/cost_model.py``: FLOPs,
+saved activations, modelled peak memory) beside the measured ratios.
 
     python benchmarks/perf/step.py                                   # tiny model on CPU, all strategies
     python benchmarks/perf/step.py --strategies finetune derpp stella stella_plus --steps 20
@@ -98,13 +100,18 @@ def _one(args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     steady = timer.times[1:] or timer.times  # the first measured step may include lazy init
+    # weights, gradients and Adam's two moments (fp32): 16 B per trainable parameter (+ the AVM's)
+    state_bytes = 16 * sum(p.numel() for m in (model, avm) if m is not None for p in m.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"strategy": args.strategy, "device": str(device), "device_name": name, "model": args.model,
             "batch_size": args.batch_size, "mem_size": args.mem_size, "amp": str(strategy.amp_dtype),
             "buffer_device": pk.get("buffer_device", "default"),
             "samples_per_second": args.batch_size * len(steady) / sum(steady),
             "step_seconds": sum(steady) / len(steady), "peak_memory_bytes": int(peak),
-            "buffer_bytes_per_item": int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)}
+            "buffer_bytes_per_item": int(getattr(plugin, "buffer_bytes_per_item", 0) or 0),
+            "buffer_on_device": bool(plugin is not None and getattr(plugin, "buffer", None) is not None
+                                     and plugin.buffer.device.type == device.type),
+            "state_bytes": int(state_bytes)}
 
 
 def paper_buffer_bytes() -> dict:
@@ -128,6 +135,46 @@ def paper_buffer_bytes() -> dict:
             "stella_plus (§6 layout)": B.bytes_per_item(
                 B.stella_plus_fields(**plus, audio_storage="float16", stats_dtype=torch.float32)),
             "official STELLA (fp32 clip + stats)": 2_955_392, "official STELLA+": 1_483_840}
+
+
+def cost_model_table(rows: list[dict], args: argparse.Namespace) -> str:
+    """The analytic cost of each measured strategy beside the measured ratios to DER++.
+
+    Modelled peak memory = weights + gradients + Adam state (16 B per parameter) + saved activations
+    (cost model, 2 B per element under autocast, 4 in fp32) + the replay buffer when it lives on the
+    measuring device (capacity x bytes per item: it is preallocated).
+    """
+    from stella_avalanche.models.cav import MODEL_PRESETS
+    from stella_avalanche.perf.cost_model import COST_STRATEGIES, step_cost
+
+    cfg = MODEL_PRESETS[args.model]
+    known = [r for r in rows if r["strategy"] in COST_STRATEGIES]
+    if not known:
+        return ""
+    out = [f"\ncost model (stella_avalanche/perf/cost_model.py) at batch {args.batch_size} + as many replayed:",
+           "| strategy | GFLOP/step | achieved GFLOP/s | FLOPs ÷ DER++ | samples/s ÷ DER++ at equal FLOP/s | "
+           "measured samples/s ÷ DER++ | saved activations (MB) | modelled peak (MB) | modelled memory ÷ DER++ | "
+           "measured memory ÷ DER++ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    model: dict[str, dict] = {}
+    for r in known:
+        elem = 4 if r["amp"] in ("None", "torch.float32") else 2
+        c = step_cost(cfg, r["strategy"], batch=args.batch_size, bytes_per_element=elem)
+        buf = args.mem_size * r["buffer_bytes_per_item"] if r.get("buffer_on_device") else 0
+        model[r["strategy"]] = {"c": c, "peak": r.get("state_bytes", 0) + c.saved_bytes + buf, "r": r}
+    d = model.get("derpp")
+    for s, m in model.items():
+        c, r = m["c"], m["r"]
+        if d is not None:
+            dc, dr = d["c"], d["r"]
+            ratios = (f"{c.total / dc.total:.3f} | {dc.per_sample / c.per_sample:.3f} | "
+                      f"{r['samples_per_second'] / dr['samples_per_second']:.2f}")
+            mem = f"{m['peak'] / d['peak']:.2f} | {r['peak_memory_bytes'] / dr['peak_memory_bytes']:.2f}"
+        else:
+            ratios, mem = "- | - | -", "- | -"
+        out.append(f"| {s} | {c.total / 1e9:.1f} | {c.total / r['step_seconds'] / 1e9:.1f} | {ratios} | "
+                   f"{c.saved_bytes / 2**20:.0f} | {m['peak'] / 2**20:.0f} | {mem} |")
+    out.append("(on a CPU the measured memory is the process's max RSS, not comparable with the modelled peak)")
+    return "\n".join(out)
 
 
 def main() -> int:
@@ -177,6 +224,7 @@ def main() -> int:
               f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['buffer_bytes_per_item']:,} | "
               f"{ratio('finetune', 'samples_per_second')} | {ratio('finetune', 'peak_memory_bytes')} | "
               f"{ratio('derpp', 'samples_per_second')} | {ratio('derpp', 'peak_memory_bytes')} |")
+    print(cost_model_table(rows, args))
     print("\nbuffer bytes per item at the paper's input size (base model, 4x3x224x224 video, 1024x128 fbank):")
     for k, v in paper_buffer_bytes().items():
         print(f"  {k}: {v:,} B ({v / 1e6:.3f} MB, {v / 2**20:.3f} MiB)" if isinstance(v, int) else f"  {k}: {v}")
