@@ -96,7 +96,8 @@ def test_wrap_ddp_turns_the_search_off_in_one_process() -> None:
         assert ddp.find_unused_parameters is False and ddp.module is model
         c = model.config
         for _ in range(2):  # DDP raises at the second step if a parameter went unused
-            out = ddp(torch.randn(2, c.num_frames, 3, c.img_size, c.img_size), torch.randn(2, 1, c.audio_length, c.mel_bins))
+            out = ddp(torch.randn(2, c.num_frames, 3, c.img_size, c.img_size),
+                      torch.randn(2, 1, c.audio_length, c.mel_bins))
             out["loss"].backward()
         assert _unused(model) == []
     finally:
