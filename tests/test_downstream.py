@@ -275,3 +275,26 @@ def test_compare_downstream_columns(tmp_path):
     header = (tmp_path / "comparison.csv").read_text().splitlines()[0]
     assert "downstream/transfer_a2v_R@5/mean" in header and "downstream/miou_pixel/std" in header
     assert compare.downstream_table(compare.aggregate({"er": runs["er"]}, keys=["er"])) == []
+
+
+# ------------------------------------------------------------------------------------------ run_stella flag
+@pytest.mark.parametrize("argv, enabled", [([], True), (["--no-downstream"], False), (["--downstream"], True),
+                                           (["--benchmark", "vggsound", "--data-root", "/x"], False),
+                                           (["--benchmark", "vggsound", "--data-root", "/x", "--downstream"], True)])
+def test_run_stella_downstream_flag(monkeypatch, tmp_path, argv, enabled):
+    import importlib.util
+    from pathlib import Path
+
+    import stella_avalanche.evaluation.report as report
+    import stella_avalanche.experiment as experiment
+    from stella_avalanche.evaluation.downstream import downstream_enabled
+
+    seen = {}
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(report, "summary_table_markdown", lambda results: "")
+    spec = importlib.util.spec_from_file_location(
+        "run_stella_cli", Path(__file__).resolve().parent.parent / "experiments" / "run_stella.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--out", str(tmp_path / "o"), "--quiet", *argv])
+    assert downstream_enabled(seen["cfg"]) is enabled
