@@ -138,6 +138,11 @@ def _clips(cfg, batch: int, experiences: int, steps: int, warmup: int):
         train=[AvalancheDataset([Clips(n, c)], collate_fn=default_collate) for c, n in enumerate(sizes)])
 
 
+#: training-loader workers (set by main): collating and pinning base-size clips of a large batch on
+#: the main thread would time the loader, not the step
+WORKERS = 0
+
+
 def _build(name: str, cfg, *, batch: int, mem_size: int, buffer: str, device, amp: str, plugins: list):
     import torch
 
@@ -152,7 +157,7 @@ def _build(name: str, cfg, *, batch: int, mem_size: int, buffer: str, device, am
     if name != "finetune":
         pk = {"mem_size": mem_size, "buffer_device": str(device) if buffer == "device" else "cpu"}
     return make_strategy(name, model=model, avm=avm, plugins=plugins, plugin_kwargs=pk, train_mb_size=batch,
-                         train_epochs=1, device=device, amp=amp)
+                         train_epochs=1, device=device, amp=amp, num_workers=WORKERS)
 
 
 def _sync(device) -> None:
@@ -366,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS)
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="stop starting new runs after this many seconds (the JSON keeps what was measured)")
+    p.add_argument("--workers", type=int, default=4, help="training-loader workers (0 with --smoke)")
     p.add_argument("--site", default=None, help="a folder of carried packages to put first on sys.path")
     p.add_argument("--stub-missing", action="store_true", help="inert stand-ins for missing STUB_CANDIDATES")
     p.add_argument("--stub", nargs="*", default=None, help="stub exactly these packages (even if installed)")
@@ -394,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_suite.py: no CUDA device (use --smoke on a CPU)")
         device = torch.device("cuda")
+    global WORKERS
+    WORKERS = 0 if args.smoke else args.workers
     cfg = model_config(args.model)
     result: dict[str, Any] = {
         "meta": {"torch": torch.__version__, "device": str(device),
