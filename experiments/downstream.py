@@ -157,5 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cli() -> int:
+    from stella_avalanche.evaluation.downstream import GeometryMismatchError
+
+    try:
+        return main()
+    except GeometryMismatchError as e:  # a refused checkpoint: the message names both, no traceback needed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())
