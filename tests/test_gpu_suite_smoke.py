@@ -26,8 +26,9 @@ def test_gpu_suite_smoke(tmp_path: Path) -> None:
     assert res["meta"]["smoke"] and res["meta"]["device"] == "cpu"
     assert sorted(res["meta"]["stubbed"]) == sorted(["wandb", "qpsolvers", "quadprog", "gdown", "pytorchcv", "GPUtil"])
     settings = {(row["setting"], row["strategy"]) for row in res["runs"]}
-    names = ("b3_buffer_gpu", "b3_buffer_pinned_host", "b4")
-    assert settings == {(s, m) for s in names for m in ("derpp", "stella")}
+    names = ("b3_buffer_gpu", "b3_buffer_pinned_host", "b4", "b3_buffer_gpu_variants")
+    assert settings == {(s, m) for s in names for m in ("derpp", "stella")} | {
+        ("b3_buffer_gpu_variants", "stella:head_chunk=12")}
     for row in res["runs"]:
         sps = row["samples_per_second"]
         assert row["repeats"] == 2 and len(sps["values"]) == 2 and 0 < sps["min"] <= sps["mean"] <= sps["max"]

@@ -138,6 +138,16 @@ def _clips(cfg, batch: int, experiences: int, steps: int, warmup: int):
         train=[AvalancheDataset([Clips(n, c)], collate_fn=default_collate) for c, n in enumerate(sizes)])
 
 
+def split_variant(name: str) -> tuple[str, dict]:
+    """``"stella:head_chunk=12"`` -> ``("stella", {"head_chunk": 12})`` (integer plugin arguments)."""
+    base, _, rest = name.partition(":")
+    extra = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        extra[key] = int(value)
+    return base, extra
+
+
 #: training-loader workers (set by main): collating and pinning base-size clips of a large batch on
 #: the main thread would time the loader, not the step
 WORKERS = 0
@@ -150,12 +160,13 @@ def _build(name: str, cfg, *, batch: int, mem_size: int, buffer: str, device, am
     from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.training.strategies import make_strategy
 
+    name, extra = split_variant(name)
     torch.manual_seed(0)
     model = CAVMAE(cfg)
     avm = build_avm(model) if name.startswith("stella") else None
     pk: dict = {}
     if name != "finetune":
-        pk = {"mem_size": mem_size, "buffer_device": str(device) if buffer == "device" else "cpu"}
+        pk = {"mem_size": mem_size, "buffer_device": str(device) if buffer == "device" else "cpu", **extra}
     return make_strategy(name, model=model, avm=avm, plugins=plugins, plugin_kwargs=pk, train_mb_size=batch,
                          train_epochs=1, device=device, amp=amp, num_workers=WORKERS)
 
@@ -203,7 +214,7 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
     except torch.cuda.OutOfMemoryError as e:  # the largest batch may not fit
         row["oom"] = str(e).splitlines()[0][:300]
         return row
-    cost = step_cost(cfg, name, batch=batch)
+    cost = step_cost(cfg, split_variant(name)[0], batch=batch)
     sps = [batch * steps / s for s in secs]
     tflops = [cost.total * steps / s / 1e12 for s in secs]
     row.update({
@@ -367,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    p.add_argument("--variants", nargs="*", default=["stella:head_chunk=12"],
+                   help="extra plugin settings timed at the paper's setting (buffer on the GPU): fewer "
+                        "kernel launches for the importance maps (all AVM heads at once) vs the default")
     p.add_argument("--amp", default="auto")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS)
     p.add_argument("--budget-s", type=float, default=480.0,
@@ -420,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [(f"b{args.paper_batch}_buffer_gpu", args.paper_batch, "device"),
                 (f"b{args.paper_batch}_buffer_pinned_host", args.paper_batch, "cpu")]
     settings += [(f"b{b}", b, "device") for b in args.batches]
+    variant_setting = (f"b{args.paper_batch}_buffer_gpu_variants", args.paper_batch, "device")
     # 1. the synchronisation pass and the FLOP check first: short and needed whatever the budget
     for s in ("derpp", "stella", "stella_plus"):
         if s in args.strategies:
@@ -450,6 +465,19 @@ def main(argv: list[str] | None = None) -> int:
             save()
             print(f"  {setting} {s}: " + ("oom" if "oom" in row else
                                           f"{row['samples_per_second']['mean']:.1f} samples/s"), flush=True)
+    # 3. the variants, beside DER++ and the default STELLA again (same setting, same run)
+    if args.variants:
+        setting, batch, buffer = variant_setting
+        for s in ["derpp", "stella", *args.variants]:
+            if time.perf_counter() - t0 > args.budget_s:
+                result["skipped"].append([setting, s])
+                continue
+            row = measure_run(s, cfg, batch=batch, buffer=buffer, steps=args.steps, repeats=args.repeats,
+                              warmup=args.warmup, mem_size=args.mem_size, device=device, amp=args.amp,
+                              peak_tflops=args.peak_tflops)
+            row["setting"] = setting
+            result["runs"].append(row)
+            save()
     result["meta"]["wall_seconds"] = time.perf_counter() - t0
     save()
     print(f"\n{result['meta']['device_name']}, model={args.model}, memory {args.mem_size}, "
