@@ -26,7 +26,7 @@ __all__ = ["HostSyncAudit", "VALUE_READS", "SHAPE_FROM_VALUES"]
 
 #: methods that hand a tensor value to Python (a device sync on CUDA)
 VALUE_READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy",
-                         "cpu", "__len__"})
+                         "cpu"})
 #: operations whose output shape depends on tensor values (a device sync on CUDA)
 SHAPE_FROM_VALUES = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
                                "repeat_interleave", "nonzero_static"})
@@ -82,8 +82,7 @@ class HostSyncAudit(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
         if name in VALUE_READS and args and torch.is_tensor(args[0]):
-            if not (name == "__len__"):  # len() reads the shape, not a value
-                self._record("value_read", name)
+            self._record("value_read", name)
         elif name in SHAPE_FROM_VALUES:
             if not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
                 self._record("value_shape", name)
