@@ -216,8 +216,13 @@ class SyntheticTransferDataset(Dataset):
             (hence not drawn) are all False (see :meth:`sounding`).
         """
         fs = frame_size or self.features.frame_size
-        return np.stack([truth_patch_mask(t, image_size=self.preset.image_size, patch_size=patch_size,
-                                          frame_size=fs) for t in self.truth])
+        out = np.stack([truth_patch_mask(t, image_size=self.preset.image_size, patch_size=patch_size,
+                                         frame_size=fs) for t in self.truth])
+        if out.shape[1] != self.video.shape[1]:
+            # the ground truth has one entry per stored segment frame; the model must read exactly those
+            raise ValueError(f"ground truth has {out.shape[1]} frames per clip but the features read "
+                             f"{self.video.shape[1]}: masks cannot be matched to frames")
+        return out
 
     def sounding(self) -> np.ndarray:
         """bool (N, T): the frames in which the object is visible and its sound is on."""
