@@ -90,6 +90,19 @@ def _resolve_init(cfg: dict, model_cfg: Any, device: torch.device, need_avm: boo
     return out
 
 
+def _selection_diagnostics(cfg: dict, plugin_params: dict) -> Optional[Any]:
+    """Selection diagnostics for a STELLA run on the synthetic benchmark (``diagnostics.enabled``,
+    default on; ``diagnostics.per_class`` retrieval clips per class, default 5), else None."""
+    dcfg = cfg.get("diagnostics") or {}
+    if cfg["benchmark"]["name"] != "synthetic" or not dcfg.get("enabled", True):
+        return None
+    from stella_avalanche.evaluation.diagnostics import RunDiagnostics
+
+    return RunDiagnostics(preset=cfg["benchmark"].get("preset", "default"),
+                          data_seed=int(cfg["benchmark"].get("data_seed", 0)),
+                          per_class=int(dcfg.get("per_class", 5)), plugin_params=plugin_params)
+
+
 def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str = "auto",
                    progress: bool = True, resume: bool = False) -> dict:
     """Train one strategy over a benchmark's stream, evaluate retrieval after every task, and write
@@ -166,6 +179,9 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     # rank goes to make_strategy: each rank draws its own replay items (per-rank reservoirs, as the
     # paper's 4 x 500)
     plugin_kwargs = dict(cfg["strategy"].get("params") or {}) if spec.takes_params else {}
+    if need_avm and "lr" not in plugin_kwargs:  # the paper trains backbone and AVM with one Adam: same lr
+        plugin_kwargs["lr"] = float(tr["lr"])
+    diag = _selection_diagnostics(cfg, plugin_kwargs) if need_avm and ctx.is_main else None
     optimizer = make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
                           weight_decay=float(tr["weight_decay"]))  # before DDP wrapping (parameter names)
     if ctx.enabled:
@@ -191,6 +207,8 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
                               config=cfg, cost=cost)
         res["complete"] = done
         res["init"] = init
+        if diag is not None:
+            res["diagnostics"] = diag.entries
         res["world_size"] = ctx.world_size
         if ctx.is_main:  # only rank 0 writes results
             R.write_results_json(results_path, res)
@@ -210,19 +228,28 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
         else:
             state = C.load_checkpoint(path)
             tracker.load_state_dict(state["extra"]["tracker"])
+            if diag is not None and "diagnostics" in state["extra"]:
+                diag.load_state_dict(state["extra"]["diagnostics"])
             start = C.restore_strategy(strategy, state).experience
             log.info("resumed from %s at %s", path.name, state["position"])
     results = None
+    if diag is not None and not diag.entries:  # the stage-1 backbone with the stage-2 AVM
+        diag.measure(strategy.backbone, avm, "init")
     for k in range(start, len(experiences)):
         strategy.train(experiences[k], eval_streams=[])
         strategy.eval(bm.retrieval_stream)
+        if diag is not None:
+            diag.measure(strategy.backbone, avm, str(bm.task_names[k]) if not spec.joint else "joint")
         # --- downstream suite (issue 12): one task's embeddings after the first task (PCA picture) ---
         if k == 0 and ctx.is_main and downstream_enabled(cfg):
             after_first_task(strategy.backbone, bm, cfg, out_dir)
         # --- end downstream ---
         results = write(done=k == len(experiences) - 1)
+        extra = {"tracker": tracker.state_dict()}
+        if diag is not None:
+            extra["diagnostics"] = diag.state_dict()
         C.save_checkpoint(ckpt_dir, strategy, C.Position(experience=k + 1),
-                          extra={"tracker": tracker.state_dict()}, keep_last=int(ck.get("keep_last", 3)))
+                          extra=extra, keep_last=int(ck.get("keep_last", 3)))
     if results is None:  # resumed after the last experience: nothing left to train
         results = write(done=True)
     # --- downstream suite (issue 12): frozen-backbone probe / transfer / localisation / gap at the end ---

@@ -1068,6 +1068,7 @@ def render_init_clip(vocab: Vocabulary, preset: SyntheticPreset, seed: int, spli
     class. ``"per_clip"``: a fresh identity per clip (outside ``exclusions``, default
     :func:`init_exclusions`), a fresh silent distractor and off-screen sound; the label is ``i``.
     """
+    preset = init_render_preset(preset)
     if preset.init_identity == "class":
         c = i % len(vocab.init_classes)
         visuals, sounds = _init_pools(vocab, c)
@@ -1075,7 +1076,6 @@ def render_init_clip(vocab: Vocabulary, preset: SyntheticPreset, seed: int, spli
                            preset, visuals, sounds), c
     ex_v, ex_s = exclusions if exclusions is not None else init_exclusions(vocab, preset)
     rng = clip_rng(seed, split, _PER_CLIP_CLASS, i)
-    preset = init_render_preset(preset)
     visual, sound = random_identity(rng, preset, exclude_visuals=ex_v, exclude_sounds=ex_s)
     d_visual, o_sound = random_identity(rng, preset, exclude_visuals=[*ex_v, visual], exclude_sounds=ex_s)
     spec = ClassSpec(class_id=-1, task=-1, mid="syn_init_clip", visual=visual, sound=sound)

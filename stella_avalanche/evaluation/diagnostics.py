@@ -46,6 +46,7 @@ __all__ = [
     "diagnose",
     "run_diagnostics",
     "save_selection_pictures",
+    "RunDiagnostics",
 ]
 
 
@@ -583,3 +584,50 @@ def save_selection_pictures(clips: Mapping[str, Any], maps: Mapping[str, Tensor]
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+class RunDiagnostics:
+    """Selection diagnostics inside a STELLA / STELLA+ run on the synthetic benchmark.
+
+    Measured once before the stream (the stage-1 backbone with the stage-2 AVM, ``after: "init"``) and
+    after every task; :attr:`entries` goes into results.json as ``diagnostics``. The first entry warns
+    loudly when the AVM matches at chance (``avm_at_chance``).
+
+    :param preset: the synthetic preset of the benchmark. :param data_seed: its data seed.
+    :param per_class: retrieval clips per class scored (fewer than the split is faster).
+    :param plugin_params: the STELLA plugin's parameters (keep ratios, chunk, tau_att).
+    :param chance_margin: accuracy below ``0.5 + chance_margin`` counts as chance.
+    """
+
+    def __init__(self, *, preset: str, data_seed: int, per_class: int = 5,
+                 plugin_params: Optional[Mapping[str, Any]] = None, chance_margin: float = 0.1) -> None:
+        from stella_avalanche.data.synthetic import render_split
+
+        self.preset = preset
+        self.clips = render_split(preset, data_seed, "retrieval", per_class=per_class)
+        params = dict(plugin_params or {})
+        self.kwargs = {k: params[k] for k in ("keep_ratio_video", "keep_ratio_audio", "chunk", "tau_att")
+                       if k in params}
+        self.chance_margin = chance_margin
+        self.entries: list[dict[str, Any]] = []
+
+    def measure(self, model: torch.nn.Module, avm: torch.nn.Module, after: str) -> dict[str, Any]:
+        """Diagnose ``model`` + ``avm`` now and append the entry (``after``: "init" or a task name)."""
+        import logging
+
+        res = public(diagnose(model, avm, self.clips, preset=self.preset, **self.kwargs))
+        res = {"after": after, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}}
+        res["avm_at_chance"] = bool(res["avm_accuracy"] < 0.5 + self.chance_margin)
+        if after == "init" and res["avm_at_chance"]:
+            logging.getLogger("stella_avalanche").warning(
+                "THE AVM MATCHES AT CHANCE (held-out accuracy %.3f, AUC %.3f): STELLA's patch importance "
+                "carries no audio-visual correspondence in this run (docs/diagnostics.md)",
+                res["avm_accuracy"], res["avm_auc"])
+        self.entries.append(res)
+        return res
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entries": list(self.entries)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.entries = list(state.get("entries", []))

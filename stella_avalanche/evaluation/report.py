@@ -35,7 +35,7 @@ from stella_avalanche.utils import atomic_write
 
 __all__ = ["build_results", "validate_results", "write_results_json", "load_results", "summary_table_markdown",
            "plot_recall_matrix", "plot_task_curves", "write_report", "COST_KEYS", "recall_from_ranks",
-           "dumps_compact"]
+           "dumps_compact", "diagnostics_markdown"]
 
 COST_KEYS: tuple[str, ...] = ("train_seconds", "samples_per_second", "peak_memory_bytes", "buffer_bytes")
 _TOP_KEYS = ("strategy", "benchmark", "seed", "tasks", "recall", "summary", "forgetting_definition", "config",
@@ -386,12 +386,35 @@ def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, 
     return paths
 
 
+#: diagnostics columns of summary.md (docs/diagnostics.md explains each)
+_DIAG_COLUMNS = (("pair AUC same / other", ("init_pair_auc_same_class", "init_pair_auc_other_class")),
+                 ("AVM acc / AUC", ("avm_accuracy", "avm_auc")),
+                 ("video lift / recall cand. / sel.", ("video_object_lift", "video_object_recall_candidates",
+                                                       "video_object_recall_selected")),
+                 ("audio lift / recall kept", ("audio_sounding_lift", "audio_sounding_recall_kept")),
+                 ("RCA C twin / unrelated", ("rca_twin_c", "rca_unrelated_c")))
+
+
+def diagnostics_markdown(entries: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of the selection diagnostics measured before the stream and after each task."""
+    head = "| after | " + " | ".join(name for name, _ in _DIAG_COLUMNS) + " |"
+    lines = ["## Selection diagnostics (retrieval clips, generator ground truth)", "", head,
+             "|" + "---|" * (len(_DIAG_COLUMNS) + 1)]
+    for e in entries:
+        cells = [" / ".join("-" if e.get(k) is None else f"{float(e[k]):.2f}" for k in keys) for _, keys in _DIAG_COLUMNS]
+        mark = " (AVM at chance)" if e.get("avm_at_chance") else ""
+        lines.append(f"| {e.get('after', '?')}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
     """Write ``results.json``, ``summary.md`` and the plots into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     paths: dict[str, Any] = {"results": write_results_json(out / "results.json", results)}
     with atomic_write(out / "summary.md", "w") as fh:
         fh.write(summary_table_markdown(results))
+        if results.get("diagnostics"):
+            fh.write("\n" + diagnostics_markdown(results["diagnostics"]))
     paths["summary"] = out / "summary.md"
     paths["recall_matrix"] = plot_recall_matrix(results, out)
     paths["task_curves"] = plot_task_curves(results, out)

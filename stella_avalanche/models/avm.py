@@ -181,6 +181,8 @@ class AVMatching(nn.Module):
                     E_a[neg] = Ea_n.to(E_a.dtype)
                     E_v[neg] = Ev_n.to(E_v.dtype)
         logit = self(E_a.detach(), E_v.detach())
+        # matching accuracy of this batch, kept as a tensor (no device sync) for per-epoch logging
+        self.last_accuracy = ((logit.detach() > 0).float() == labels).float().mean()
         return weight * F.binary_cross_entropy_with_logits(logit.float(), labels)
 
 

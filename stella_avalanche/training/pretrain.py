@@ -34,10 +34,25 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class InitSchedule:
-    """Optimisation schedule of the synthetic initialisation (stage 1 and stage 2).
+    """Recipe of the synthetic initialisation (stage 1 and stage 2).
 
-    The tiny model needs a larger learning rate than the paper's 1e-4 to get anywhere in a few
-    minutes of CPU (``synthetic-calibration.md``: lr 1e-3 with 50 warm-up steps, ~1300 steps).
+    Stage 1 stands in for the published CAV-MAE checkpoint, so its recipe is free as long as the
+    continual phase keeps the paper's recipe for every strategy alike (docs/synthetic.md). It must
+    learn the audio-visual correspondence that transfers to unseen classes (measured by the pair AUC
+    of ``experiments/diagnose_selection.py``), hence: a fresh identity per init clip (the preset's
+    ``init_identity``), the contrastive loss on an unmasked pass (``contrastive_input``), and a larger
+    learning rate than the paper's 1e-4 for the tiny model. Stage 2 trains the AVM until its held-out
+    matching accuracy reaches ``avm_target_accuracy`` or ``avm_steps`` are spent.
+
+    :param backbone_steps: stage-1 optimizer steps.
+    :param avm_steps: stage-2 step budget.
+    :param batch_size: clips per step (both stages).
+    :param lr: stage-1 peak learning rate (linear warm-up over ``warmup_steps``).
+    :param warmup_steps: stage-1 warm-up.
+    :param avm_lr: stage-2 learning rate.
+    :param contrastive_input: the model's ``contrastive_input`` during stage 1 only.
+    :param avm_target_accuracy: held-out matching accuracy at which stage 2 stops.
+    :param avm_eval_every: stage-2 steps between held-out evaluations.
     """
 
     backbone_steps: int = 1300
@@ -46,6 +61,9 @@ class InitSchedule:
     lr: float = 1e-3
     warmup_steps: int = 50
     avm_lr: float = 1e-3
+    contrastive_input: str = "kept"
+    avm_target_accuracy: float = 0.85
+    avm_eval_every: int = 50
 
 
 def _batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
@@ -92,18 +110,42 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
 
 def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, steps: int,
                  lr: float = 1e-4, device: str | torch.device = "cpu", progress: bool = True,
-                 generator: Optional[torch.Generator] = None) -> list[float]:
+                 generator: Optional[torch.Generator] = None, heldout: Optional[dict] = None,
+                 target_accuracy: Optional[float] = None, eval_every: int = 50, min_steps: int = 0,
+                 record: Optional[dict] = None) -> list[float]:
     """Stage 2: train the AVM on matched / mismatched pairs with the backbone frozen.
+
+    With ``heldout`` (``video``, ``audio``, ``label`` tensors of clips never trained on), the matching
+    accuracy on held-out matched vs mismatched pairs is measured every ``eval_every`` steps and
+    training stops once it reaches ``target_accuracy`` (after ``min_steps``); ``steps`` is then the
+    budget. ``record`` (a dict, filled in place) receives ``heldout`` (one entry per evaluation:
+    step, accuracy, AUC, mean training loss since the last evaluation), ``steps_run`` and
+    ``criterion_met``, for the checkpoint metadata.
 
     :returns: the matching-loss history.
     """
+    from stella_avalanche.evaluation.diagnostics import avm_matching
+
     device = torch.device(device)
     model.to(device).eval()
     avm.to(device).train()
     opt = make_adam(avm, lr=lr)
     it = _batches(loader, device)
-    history = []
+    history: list[float] = []
+    evals: list[dict] = []
+    met = False
+
+    def evaluate(step: int) -> float:
+        res = avm_matching(model, avm, heldout["video"].to(device), heldout["audio"].to(device),
+                           heldout["label"], seed=0)
+        recent = history[-eval_every:] or [math.nan]
+        evals.append({"step": step, "accuracy": round(res["avm_accuracy"], 4), "auc": round(res["avm_auc"], 4),
+                      "train_loss": round(sum(recent) / len(recent), 4)})
+        avm.train()
+        return res["avm_accuracy"]
+
     bar = tqdm(range(steps), desc="stage 2: AVM", disable=not progress, dynamic_ncols=True)
+    step = 0
     for step in bar:
         batch = next(it)
         with torch.no_grad():
@@ -115,7 +157,18 @@ def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, st
         opt.step()
         history.append(float(loss.detach()))
         if step % 10 == 0:
-            bar.set_postfix(vam=f"{history[-1]:.3f}")
+            bar.set_postfix(vam=f"{history[-1]:.3f}", heldout=f"{evals[-1]['accuracy']:.2f}" if evals else "-")
+        if heldout is not None and (step + 1) % eval_every == 0:
+            acc = evaluate(step + 1)
+            if target_accuracy is not None and acc >= target_accuracy and step + 1 >= min_steps:
+                met = True
+                break
+    if heldout is not None and (not evals or evals[-1]["step"] != step + 1):
+        acc = evaluate(step + 1)
+        met = met or (target_accuracy is not None and acc >= target_accuracy)
+    if record is not None:
+        record.update({"heldout": evals, "steps_run": step + 1, "criterion_met": met,
+                       "target_accuracy": target_accuracy})
     return history
 
 
@@ -174,13 +227,15 @@ def synthetic_initialisation(model_cfg: object, *, preset: str = "default", seed
 def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule: InitSchedule, key: str,
                           paths: dict[str, Path], device: str | torch.device, force: bool, num_workers: int,
                           progress: bool) -> None:
-    from stella_avalanche.data.synthetic import SyntheticInitDataset
+    from stella_avalanche.data.synthetic import SyntheticInitDataset, SyntheticInitRetrievalDataset
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
 
     log.info("building the synthetic initialisation in %s (cached for later runs)", paths["backbone"].parent)
     torch.manual_seed(seed)
-    model = CAVMAE(model_cfg)
+    # the stage-1 objective may differ from the run's (e.g. the InfoNCE on an unmasked pass); the
+    # weights are the same either way
+    model = CAVMAE(dataclasses.replace(model_cfg, contrastive_input=schedule.contrastive_input))
     data = SyntheticInitDataset(preset=preset, seed=seed)
     loader = DataLoader(data, batch_size=schedule.batch_size, num_workers=num_workers,
                         persistent_workers=num_workers > 0)
@@ -192,7 +247,19 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
                           paths["backbone"])
     else:
         load_backbone_checkpoint(model, paths["backbone"])
+    # stage 2 stops on the matching accuracy of held-out init clips (never the benchmark's clips)
+    held = SyntheticInitRetrievalDataset(preset=preset, seed=seed)
+    heldout = {"video": held.video, "audio": held.audio, "label": held.label}
     avm = build_avm(model)
+    record: dict = {}
     hist = pretrain_avm(model, avm, loader, steps=schedule.avm_steps, lr=schedule.avm_lr, device=device,
-                        progress=progress, generator=torch.Generator().manual_seed(seed))
-    atomic_torch_save({"avm": avm.state_dict(), "meta": {**meta, "history": hist[-50:]}}, paths["avm"])
+                        progress=progress, generator=torch.Generator().manual_seed(seed), heldout=heldout,
+                        target_accuracy=schedule.avm_target_accuracy, eval_every=schedule.avm_eval_every,
+                        record=record)
+    last = record["heldout"][-1]["accuracy"] if record.get("heldout") else float("nan")
+    if not record.get("criterion_met"):
+        log.warning("stage 2: the AVM reached held-out matching accuracy %.3f after %d steps, below the "
+                    "target %.2f: STELLA's patch importance will be weak (docs/diagnostics.md)", last,
+                    record.get("steps_run", 0), schedule.avm_target_accuracy)
+    atomic_torch_save({"avm": avm.state_dict(), "meta": {**meta, "history": hist[-50:], "stage2": record}},
+                      paths["avm"])

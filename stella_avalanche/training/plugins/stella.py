@@ -171,6 +171,8 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
         self._reset_step()
         # scalars of the last step, kept as tensors (no device sync in the step; see last_stats)
         self._stats: dict[str, Any] = {}
+        #: per-epoch means of the matching loss / accuracy, mean C and penalty (also logged)
+        self.epoch_log: list[dict[str, float]] = []
 
     @property
     def buffer_bytes_per_item(self) -> Optional[int]:
@@ -368,12 +370,48 @@ class STELLAPlugin(SupervisedPlugin, supports_distributed=True):
             extra = extra + penalty
         strategy.loss = strategy.loss + extra
 
+    # ------------------------------------------------------------------ per-epoch logging
+    _EPOCH_KEYS = ("loss_vam", "avm_accuracy", "mean_C_v", "mean_C_a", "penalty")
+
+    def _accumulate_epoch(self) -> None:
+        """Add the step's scalars to the epoch sums (tensors: no device sync inside the step)."""
+        acc = getattr(self.avm, "last_accuracy", None)
+        step = {"loss_vam": self._stats.get("loss_vam"), "avm_accuracy": acc,
+                "mean_C_v": self._stats.get("mean_C_v"), "mean_C_a": self._stats.get("mean_C_a"),
+                "penalty": self._stats.get("penalty")}
+        sums = self.__dict__.setdefault("_epoch_sums", {})
+        for k, v in step.items():
+            if v is None:
+                continue
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            sums[k] = sums[k] + v if k in sums else v
+        self.__dict__["_epoch_steps"] = self.__dict__.get("_epoch_steps", 0) + 1
+
+    def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Log the epoch means of the matching loss and accuracy, mean C and the DER penalty to the
+        strategy's loggers (metrics.jsonl, TensorBoard, text) as ``stella/<name>``."""
+        sums, n = self.__dict__.pop("_epoch_sums", {}), self.__dict__.pop("_epoch_steps", 0)
+        if not n:
+            return
+        means = {k: float(v) / n for k, v in sums.items()}
+        self.epoch_log.append({"experience": int(getattr(strategy.clock, "train_exp_counter", 0)),
+                               "epoch": int(getattr(strategy.clock, "train_exp_epochs", 0)), **means})
+        evaluator = getattr(strategy, "evaluator", None)
+        x = int(getattr(strategy.clock, "train_iterations", 0))
+        for logger in getattr(evaluator, "loggers", None) or []:
+            for k, v in means.items():
+                try:
+                    logger.log_single_metric(f"stella/{k}", v, x)
+                except Exception:  # a logger that cannot take scalars must not end the run
+                    pass
+
     def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self._to_store is None or self.buffer is None:
             return
         n = self._n_cur
         out = strategy.mb_output
         store = dict(self._to_store)
+        self._accumulate_epoch()
         store["z_a"] = out["z_audio"][:n].detach().float()
         store["z_v"] = out["z_video"][:n].detach().float()
         self.buffer.add(store)
