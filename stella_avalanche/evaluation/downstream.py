@@ -567,11 +567,24 @@ def mean_iou(pred: Tensor, gt: Tensor) -> float:
 
     :param pred: bool (M, ...); ``gt`` bool (M, ...).
     """
+    iou = _iou_per_sample(pred, gt)
+    return 100.0 * float(iou.mean()) if len(iou) else float("nan")
+
+
+def _iou_per_sample(pred: Tensor, gt: Tensor) -> Tensor:
     p, t = pred.reshape(len(pred), -1), gt.reshape(len(gt), -1)
     inter = (p & t).sum(1).double()
     union = (p | t).sum(1).double()
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    return 100.0 * float(iou.mean()) if len(iou) else float("nan")
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def _miou_chunked(maps: Tensor, gt: Tensor, threshold: float, to_pixels: Any, chunk: int = 256) -> float:
+    """mIoU of ``to_pixels(maps[i:j]) > threshold`` against ``gt``, a chunk of frames at a time (large
+    test sets at 224 px would not fit in memory as one float tensor)."""
+    total = 0.0
+    for i in range(0, len(gt), chunk):
+        total += float(_iou_per_sample(to_pixels(maps[i:i + chunk]) > threshold, gt[i:i + chunk]).sum())
+    return 100.0 * total / len(gt) if len(gt) else float("nan")
 
 
 _THRESHOLDS = tuple(float(x) for x in np.round(np.linspace(0.05, 0.95, 19), 2))
@@ -630,15 +643,19 @@ def score_localisation(head: LocalisationHead, fit: LocalisationSet, test: Local
         size = int(fit.pixel_masks.shape[-1])
         fit_px = fit.pixel_masks[sel]
         th_x = _best_threshold(_pixel_probs(fit_logits, grid, size), fit_px)
-        out["miou_pixel"] = mean_iou(_pixel_probs(test_logits, grid, size) > th_x, test.pixel_masks)
+        out["miou_pixel"] = _miou_chunked(test_logits, test.pixel_masks, th_x, lambda m: _pixel_probs(m, grid, size))
         out["threshold_pixel"] = th_x
-        up = lambda m: F.interpolate(m.reshape(-1, 1, grid, grid), size=(size, size), mode="bilinear",
-                                     align_corners=False)[:, 0]
+
+        def up(m: Tensor) -> Tensor:
+            return F.interpolate(m.reshape(-1, 1, grid, grid), size=(size, size), mode="bilinear",
+                                 align_corners=False)[:, 0]
+
         th_sx = _best_threshold(up(sim_fit), fit_px)
-        out["similarity_pixel"] = mean_iou(up(sim_test) > th_sx, test.pixel_masks)
+        out["similarity_pixel"] = _miou_chunked(sim_test, test.pixel_masks, th_sx, up)
         prior_px = fit.pixel_masks.float().mean(0)
         th_cx = _best_threshold(prior_px.expand_as(fit_px), fit_px)
-        out["chance_pixel"] = mean_iou(prior_px.expand_as(test.pixel_masks) > th_cx, test.pixel_masks)
+        out["chance_pixel"] = _miou_chunked(prior_px.expand_as(test.pixel_masks), test.pixel_masks, th_cx,
+                                            lambda m: m)
     else:
         out.update({"miou_pixel": None, "threshold_pixel": None, "chance_pixel": None, "similarity_pixel": None})
     out.update({"num_fit_frames": len(fit), "num_test_frames": len(test)})
