@@ -165,3 +165,28 @@ def test_avm_learns_to_match(backbone_and_codes) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_product_pooling_same_parameters_different_head_input() -> None:
+    """pooling='product' gates each token's cross-attended value by its own value: same parameters
+    (checkpoints load in both modes), a different matching logit, and no mix with legacy pooling."""
+    import pytest as _pytest
+
+    from stella_avalanche.models.avm import AVMatching
+
+    torch.manual_seed(0)
+    mean = AVMatching(24, 3)
+    prod = AVMatching(24, 3, pooling="product")
+    prod.load_state_dict(mean.state_dict())
+    E_a, E_v = torch.randn(4, 6, 24), torch.randn(4, 10, 24)
+    assert not torch.allclose(mean(E_a, E_v), prod(E_a, E_v))
+    # by hand: token mean of (own value) * (attended value), video half first
+    p = prod.project(E_a, E_v)
+    za = torch.nn.functional.scaled_dot_product_attention(p["q_a"], p["k_v"], p["v_v"]) * p["v_a"]
+    zv = torch.nn.functional.scaled_dot_product_attention(p["q_v"], p["k_a"], p["v_a"]) * p["v_v"]
+    h = torch.cat([zv.mean(dim=2).reshape(4, 24), za.mean(dim=2).reshape(4, 24)], dim=-1)
+    assert torch.allclose(prod(E_a, E_v), prod.matching_score(h), atol=1e-6)
+    with _pytest.raises(ValueError, match="legacy_pooling"):
+        AVMatching(24, 3, pooling="product", legacy_pooling=True)
+    with _pytest.raises(ValueError, match="pooling"):
+        AVMatching(24, 3, pooling="max")

@@ -82,14 +82,26 @@ class AVMatching(nn.Module):
     :param legacy_pooling: reproduce the official head/token merge bug (D1) for bit-for-bit parity
         with official AVM weights; the default merges heads correctly.
     :param norm_eps: LayerNorm eps (1e-5, D15).
+    :param pooling: how the attention outputs are pooled for the matching head. ``"mean"`` (the
+        paper's): the token mean of each modality's cross-attended values. ``"product"``: the token
+        mean of (the token's own value) x (its cross-attended value), so that "this frame shows the
+        object and the audio it attends to is loud" is a first-order feature of the pooled vector
+        instead of something the head must infer from two averages (docs/diagnostics.md). Same
+        parameters either way, so checkpoints load in both modes.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, legacy_pooling: bool = False, norm_eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, num_heads: int, *, legacy_pooling: bool = False, norm_eps: float = 1e-5,
+                 pooling: str = "mean") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"AVMatching: dim={dim} is not divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.legacy_pooling = legacy_pooling
+        if pooling not in ("mean", "product"):
+            raise ValueError(f"AVMatching: pooling={pooling!r} must be 'mean' or 'product'")
+        if pooling == "product" and legacy_pooling:
+            raise ValueError("AVMatching: legacy_pooling reproduces the official mean pooling only")
+        self.pooling = pooling
         self.norm_a = nn.LayerNorm(dim, eps=norm_eps)
         self.norm_v = nn.LayerNorm(dim, eps=norm_eps)
         self.to_a_q = nn.Linear(dim, dim, bias=False)
@@ -150,6 +162,9 @@ class AVMatching(nn.Module):
         p = self.project(E_a, E_v)
         z_a = F.scaled_dot_product_attention(p["q_a"], p["k_v"], p["v_v"])  # audio queries over video
         z_v = F.scaled_dot_product_attention(p["q_v"], p["k_a"], p["v_a"])  # video queries over audio
+        if self.pooling == "product":  # each token's own value gates what it read from the other modality
+            z_a = z_a * p["v_a"]
+            z_v = z_v * p["v_v"]
         h = torch.cat([self._merge_mean(z_v), self._merge_mean(z_a)], dim=-1)  # video first
         return self.matching_score(h)
 
