@@ -40,11 +40,14 @@ class InitSchedule:
     continual phase keeps the paper's recipe for every strategy alike (docs/synthetic.md). It must
     learn the audio-visual correspondence that transfers to unseen classes (measured by the pair AUC
     of ``experiments/diagnose_selection.py``), hence: a fresh identity per init clip (the preset's
-    ``init_identity``), the contrastive loss on an unmasked pass (``contrastive_input``), and a larger
+    ``init_identity``), the contrastive loss alone on unmasked clips first (``contrastive_only_steps``:
+    with 75 % masking the encoder often sees none of the object's patches), and a larger
     learning rate than the paper's 1e-4 for the tiny model. Stage 2 trains the AVM until its held-out
     matching accuracy reaches ``avm_target_accuracy`` or ``avm_steps`` are spent.
 
     :param backbone_steps: stage-1 optimizer steps.
+    :param contrastive_only_steps: the first stage-1 steps train the InfoNCE alone on unmasked clips
+        (cheaper, and where the correspondence is learned); the rest train MAE + contrastive.
     :param avm_steps: stage-2 step budget.
     :param batch_size: clips per step (both stages).
     :param lr: stage-1 peak learning rate (linear warm-up over ``warmup_steps``).
@@ -55,13 +58,14 @@ class InitSchedule:
     :param avm_eval_every: stage-2 steps between held-out evaluations.
     """
 
-    backbone_steps: int = 1300
+    backbone_steps: int = 1000
+    contrastive_only_steps: int = 800
     avm_steps: int = 200
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
-    avm_lr: float = 1e-3
-    contrastive_input: str = "kept"
+    avm_lr: float = 1e-4
+    contrastive_input: str = "visible"
     avm_target_accuracy: float = 0.85
     avm_eval_every: int = 50
 
@@ -72,15 +76,35 @@ def _batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
             yield {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
 
 
+def contrastive_forward(model: nn.Module, video: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    """InfoNCE alone on unmasked clips, pooled exactly as the retrieval embeddings (no decoder).
+
+    :param video: (B, T, 3, S, S); ``audio`` (B, 1, A, F). :returns: ``loss`` = ``loss_nce`` (scalar).
+    """
+    from stella_avalanche.models.cav import info_nce
+
+    z = {}
+    for m, x in (("audio", audio), ("video", video)):
+        patches = model.patchify_audio(x) if m == "audio" else model.patchify_video(x)
+        U = model.encode_modality(patches, None, m)
+        z[m] = model.pool(model.fuse_unimodal(U, None, m, final_norm=False), m, normed=False)
+    nce = info_nce(z["audio"], z["video"], temperature=model.config.temperature, gather=False)[0]
+    return {"loss": nce, "loss_nce": nce}
+
+
 def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, lr: float = 1e-4,
                       warmup_steps: int = 0, device: str | torch.device = "cpu",
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, contrastive_only_steps: int = 0) -> list[dict]:
     """Stage 1: MAE + contrastive pre-training with random masking.
 
     :param model: the backbone (``pretrain_forward``).
     :param loader: yields dict batches with ``video`` and ``audio``.
-    :param steps: optimizer steps.
+    :param steps: optimizer steps (all phases).
     :param lr: peak learning rate (linear warm-up over ``warmup_steps``, then constant).
+    :param contrastive_only_steps: the first steps train the InfoNCE alone on unmasked clips
+        (:func:`contrastive_forward`: about half the cost of a masked MAE + contrastive step, and the
+        audio-visual correspondence is learned there); the remaining steps train the full objective,
+        which also trains the decoder the continual phase needs.
     :returns: a loss history (one dict per step).
     """
     device = torch.device(device)
@@ -93,7 +117,10 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
     bar = tqdm(range(steps), desc="stage 1: backbone init", disable=not progress, dynamic_ncols=True)
     for step in bar:
         batch = next(it)
-        out = model(video=batch["video"], audio=batch["audio"])
+        if step < contrastive_only_steps:
+            out = contrastive_forward(model, batch["video"], batch["audio"])
+        else:
+            out = model(video=batch["video"], audio=batch["audio"])
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at initialisation step {step}")
@@ -242,7 +269,8 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
     meta = {"key": key, "preset": preset, "seed": seed, "schedule": dataclasses.asdict(schedule)}
     if force or not paths["backbone"].exists():
         hist = pretrain_backbone(model, loader, steps=schedule.backbone_steps, lr=schedule.lr,
-                                 warmup_steps=schedule.warmup_steps, device=device, progress=progress)
+                                 warmup_steps=schedule.warmup_steps, device=device, progress=progress,
+                                 contrastive_only_steps=schedule.contrastive_only_steps)
         atomic_torch_save({"model": model.state_dict(), "meta": {**meta, "history": hist[-50:]}},
                           paths["backbone"])
     else:

@@ -1,0 +1,51 @@
+"""Stages 1 and 2: the contrastive-only warm phase, the held-out stopping rule of the AVM, metadata."""
+from __future__ import annotations
+
+import torch
+
+from stella_avalanche.data.synthetic import SyntheticInitDataset, SyntheticInitRetrievalDataset, default_features
+from stella_avalanche.experiment import model_config_for
+from stella_avalanche.models.avm import build_avm
+from stella_avalanche.models.cav import CAVMAE
+from stella_avalanche.training import pretrain as P
+
+
+def _loader(n: int = 8):
+    return torch.utils.data.DataLoader(SyntheticInitDataset(preset="tiny", seed=0), batch_size=n)
+
+
+def test_contrastive_only_steps_then_full_objective() -> None:
+    torch.manual_seed(0)
+    model = CAVMAE(model_config_for("tiny", default_features("tiny")))
+    hist = P.pretrain_backbone(model, _loader(), steps=3, lr=1e-3, progress=False, contrastive_only_steps=2)
+    assert "loss_mae_audio" not in hist[0] and "loss_mae_audio" not in hist[1]
+    assert "loss_mae_audio" in hist[2] and "loss_nce" in hist[2]
+    assert hist[0]["loss"] == hist[0]["loss_nce"]
+
+
+def test_stage2_stops_on_heldout_accuracy_and_records_it() -> None:
+    torch.manual_seed(0)
+    model = CAVMAE(model_config_for("tiny", default_features("tiny")))
+    held = SyntheticInitRetrievalDataset(preset="tiny", seed=0)
+    heldout = {"video": held.video, "audio": held.audio, "label": held.label}
+    rec: dict = {}
+    hist = P.pretrain_avm(model, build_avm(model), _loader(), steps=6, lr=1e-4, progress=False, heldout=heldout,
+                          target_accuracy=0.0, eval_every=2, record=rec)
+    assert len(hist) == 2 and rec["criterion_met"] and rec["steps_run"] == 2   # stopped at the first check
+    rec = {}
+    hist = P.pretrain_avm(model, build_avm(model), _loader(), steps=5, lr=1e-4, progress=False, heldout=heldout,
+                          target_accuracy=1.01, eval_every=2, record=rec)
+    assert len(hist) == 5 and not rec["criterion_met"]                          # budget spent
+    assert [e["step"] for e in rec["heldout"]] == [2, 4, 5]
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in rec["heldout"])
+
+
+def test_initialisation_checkpoint_records_stage2(tmp_path) -> None:
+    cfg = model_config_for("tiny", default_features("tiny"))
+    sched = P.InitSchedule(backbone_steps=2, contrastive_only_steps=1, avm_steps=2, batch_size=4, warmup_steps=1,
+                           avm_eval_every=1)
+    paths = P.synthetic_initialisation(cfg, preset="tiny", schedule=sched, cache_dir=tmp_path, num_workers=0,
+                                       progress=False)
+    meta = torch.load(paths["avm"], weights_only=False)["meta"]
+    assert set(meta["stage2"]) >= {"heldout", "steps_run", "criterion_met", "target_accuracy"}
+    assert meta["stage2"]["target_accuracy"] == sched.avm_target_accuracy
