@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RUN = str(ROOT / "experiments" / "run_stella.py")
 COMMON = ["--quiet", "benchmark.preset=tiny", "init.checkpoint=none", "init.avm_checkpoint=none",
-          "train.batch_size=4", "train.eval_batch_size=16", "checkpoint.every_n_iterations=0"]
+          "train.batch_size=4", "train.eval_batch_size=16", "checkpoint.every_n_iterations=0",
+          "--no-downstream"]
 
 
 def _env(cache: Path) -> dict:

@@ -285,8 +285,12 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
     from stella_avalanche.data.synthetic import init_exclusions, init_render_preset, render_init_clip, sound_key
 
     vocab = build_vocabulary(TINY, 0)
-    ex_v, ex_s = init_exclusions(vocab, TINY)
-    assert set(ex_v) == {c.visual for c in vocab.classes}
+    ex_v, ex_s = init_exclusions(vocab, TINY, 0)
+    from stella_avalanche.data.synthetic import VisualIdentity
+    from stella_avalanche.data.synthetic_transfer import transfer_identities
+
+    transfer = {VisualIdentity(*v) for v in transfer_identities(TINY, 0).visuals}
+    assert set(ex_v) == {c.visual for c in vocab.classes} | transfer and transfer
     seen_v, seen_s = [], []
     import stella_avalanche.data.synthetic as syn
 

@@ -1045,10 +1045,19 @@ def _init_pools(vocab: Vocabulary, class_id: int) -> tuple[list[VisualIdentity],
 _PER_CLIP_CLASS = 0xFFFF
 
 
-def init_exclusions(vocab: Vocabulary, preset: SyntheticPreset) -> tuple[list[VisualIdentity], list[SoundKey]]:
-    """Identities the per-clip init stream never draws: every benchmark class's visual and sound."""
+def init_exclusions(vocab: Vocabulary, preset: SyntheticPreset, seed: int | None = None
+                    ) -> tuple[list[VisualIdentity], list[SoundKey]]:
+    """Identities the per-clip init stream never draws: every benchmark class's visual and sound and,
+    given the data ``seed``, those of the transfer classes (so transfer retrieval measures classes
+    stage 1 never saw; see ``data/synthetic_transfer.py``)."""
     visuals = list(dict.fromkeys(c.visual for c in vocab.classes))
     sounds = [sound_key(c.sound, preset) for c in vocab.classes]
+    if seed is not None:
+        from stella_avalanche.data.synthetic_transfer import transfer_identities
+
+        t = transfer_identities(preset, seed)
+        visuals += [VisualIdentity(*v) for v in t.visuals]
+        sounds += [sound_key(snd, preset) for snd in t.sounds]
     return visuals, sounds
 
 
@@ -1074,7 +1083,7 @@ def render_init_clip(vocab: Vocabulary, preset: SyntheticPreset, seed: int, spli
         visuals, sounds = _init_pools(vocab, c)
         return render_clip(vocab.init_classes[c], clip_rng(seed, split, c, i // len(vocab.init_classes)),
                            preset, visuals, sounds), c
-    ex_v, ex_s = exclusions if exclusions is not None else init_exclusions(vocab, preset)
+    ex_v, ex_s = exclusions if exclusions is not None else init_exclusions(vocab, preset, seed)
     rng = clip_rng(seed, split, _PER_CLIP_CLASS, i)
     visual, sound = random_identity(rng, preset, exclude_visuals=ex_v, exclude_sounds=ex_s)
     d_visual, o_sound = random_identity(rng, preset, exclude_visuals=[*ex_v, visual], exclude_sounds=ex_s)
@@ -1115,7 +1124,7 @@ class SyntheticInitDataset(IterableDataset):
         self.jpeg = jpeg
         self.vocab = build_vocabulary(self.preset, self.seed)
         self.num_classes = len(self.vocab.init_classes)
-        self._exclusions = init_exclusions(self.vocab, self.preset)
+        self._exclusions = init_exclusions(self.vocab, self.preset, self.seed)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -1160,7 +1169,7 @@ class SyntheticInitRetrievalDataset(Dataset):
         self.features = features if features is not None else default_features(self.preset)
         _check_features(self.preset, self.features)
         vocab = build_vocabulary(self.preset, seed)
-        exclusions = init_exclusions(vocab, self.preset)
+        exclusions = init_exclusions(vocab, self.preset, seed)
         videos, audios, labels = [], [], []
         n = len(vocab.init_classes) * self.preset.init_retrieval_per_class
         for i in range(n):

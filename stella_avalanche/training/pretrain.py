@@ -222,7 +222,8 @@ def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
 def _init_key(model_cfg: object, preset: str, seed: int, schedule: InitSchedule) -> str:
     from stella_avalanche.data import synthetic
 
-    payload = json.dumps({"generator": synthetic.SYNTHETIC_VERSION, "preset": preset,
+    # init_stream: 2 = per-clip identities that exclude the benchmark's and the transfer classes'
+    payload = json.dumps({"generator": synthetic.SYNTHETIC_VERSION, "init_stream": 2, "preset": preset,
                           "features": dataclasses.asdict(synthetic.default_features(preset)),
                           "seed": seed, "model": dataclasses.asdict(model_cfg),
                           "schedule": dataclasses.asdict(schedule)}, sort_keys=True, default=str)
