@@ -14,12 +14,11 @@ the first bad clip naming its file; ``"skip"`` drops and counts it). A malformed
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stella_avalanche.data.manifests import ClipRecord, ManifestError
+from stella_avalanche.data.manifests import ClipRecord, ManifestError, read_json_data_list
 
 if TYPE_CHECKING:
     from stella_avalanche.data.datasets import AudioVideoDataset, FeatureCache
@@ -49,17 +48,7 @@ def read_msrvtt_json(path: str | os.PathLike, *, data_root: str | os.PathLike | 
     """
     src = str(path)
     root = Path(data_root) if data_root is not None else Path(src).resolve().parent
-    try:
-        with open(src, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except FileNotFoundError:
-        raise ManifestError(src, [f"{src}: file not found"]) from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(src, [f"{src}:{e.lineno}: invalid JSON ({e.msg})"]) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
-        raise ManifestError(src, [f"{src}: expected an object with a list under 'data'"])
-    if not obj["data"]:
-        raise ManifestError(src, [f"{src}: 'data' is empty"])
+    obj = {"data": read_json_data_list(src)}
     problems: list[str] = []
     records: list[ClipRecord] = []
     first_seen: dict[str, int] = {}

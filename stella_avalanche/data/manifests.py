@@ -20,6 +20,7 @@ __all__ = [
     "ClipRecord",
     "LabelTable",
     "ManifestError",
+    "read_json_data_list",
     "SPLIT_COLUMNS",
     "read_split_csv",
     "read_cavmae_json",
@@ -89,6 +90,23 @@ class ClipRecord:
     source: str = ""
     row: int = 0
 
+
+
+def read_json_data_list(src: str) -> list:
+    """The non-empty ``data`` list of a CAV-MAE-style json file, or a :class:`ManifestError` naming the
+    file (and the line of a JSON syntax error)."""
+    try:
+        with open(src, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except FileNotFoundError:
+        raise ManifestError(src, [f"{src}: file not found"]) from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(src, [f"{src}:{e.lineno}: invalid JSON ({e.msg})"]) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise ManifestError(src, [f"{src}: expected an object with a list under 'data'"])
+    if not obj["data"]:
+        raise ManifestError(src, [f"{src}: 'data' is empty"])
+    return obj["data"]
 
 def normalise_display_name(name: str) -> str:
     """Lookup form of a display name: CAV-MAE's VGGSound table writes commas as ``_``."""
@@ -455,17 +473,7 @@ def read_cavmae_json(path: str | os.PathLike) -> list[dict[str, Any]]:
     :raises ManifestError: listing every malformed entry.
     """
     src = str(path)
-    try:
-        with open(src, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except FileNotFoundError:
-        raise ManifestError(src, [f"{src}: file not found"]) from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(src, [f"{src}:{e.lineno}: invalid JSON ({e.msg})"]) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
-        raise ManifestError(src, [f"{src}: expected an object with a list under 'data'"])
-    if not obj["data"]:
-        raise ManifestError(src, [f"{src}: 'data' is empty"])
+    obj = {"data": read_json_data_list(src)}
     problems: list[str] = []
     out: list[dict[str, Any]] = []
     for i, entry in enumerate(obj["data"]):
