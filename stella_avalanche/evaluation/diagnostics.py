@@ -267,6 +267,28 @@ def twin_pairs(labels: Tensor, clip_index: Tensor, *, classes_per_task: int, twi
     return as_t(rows), as_t(twins), as_t(unrel)
 
 
+def _rca_twins(proj: Mapping[str, Tensor], qbar_a: Tensor, qbar_v: Tensor, cand_v: Tensor, cand_a: Tensor,
+               pairs: tuple[Tensor, Tensor, Tensor]) -> dict[str, Any]:
+    """Mean C over the candidates for clips paired (as the replayed item) with their visual twin and
+    with an unrelated clip; empty when the layout has no twins."""
+    from stella_avalanche.training.selection import rca_probability
+
+    rows, twins, unrel = pairs
+    if not rows.numel():
+        return {}
+
+    def mean_c(partners: Tensor) -> tuple[float, float]:
+        C_v = rca_probability(proj["k_v"][rows], qbar_a[partners], qbar_a[rows], cand_v[rows])
+        C_a = rca_probability(proj["k_a"][rows], qbar_v[partners], qbar_v[rows], cand_a[rows])
+        return float(C_v.sum() / cand_v[rows].numel()), float(C_a.sum() / cand_a[rows].numel())
+
+    tv, ta = mean_c(twins)
+    uv, ua = mean_c(unrel)
+    return {"rca_twin_c": 0.5 * (tv + ta), "rca_unrelated_c": 0.5 * (uv + ua), "rca_twin_c_video": tv,
+            "rca_twin_c_audio": ta, "rca_unrelated_c_video": uv, "rca_unrelated_c_audio": ua,
+            "rca_pairs": int(rows.numel())}
+
+
 @torch.no_grad()
 def selection_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, clips: Mapping[str, Any], *,
                           keep_ratio_video: float = 0.5, keep_ratio_audio: float = 0.5, chunk: int = 4,
@@ -279,8 +301,8 @@ def selection_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, clips: M
         of :func:`stella_avalanche.data.synthetic.render_split`.
     :returns: a flat dict of floats (keys documented in ``docs/diagnostics.md``).
     """
-    from stella_avalanche.training.selection import PatchSelector, candidate_ids, importance_from_projections
-    from stella_avalanche.training.selection import rca_probability, summary_queries
+    from stella_avalanche.training.selection import (PatchSelector, candidate_ids, importance_from_projections,
+                                                     summary_queries)
 
     cfg = model.config
     video, audio, labels = clips["video"], clips["audio"], clips["label"]
@@ -331,18 +353,9 @@ def selection_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, clips: M
     out["audio_sounding_share"] = float(gt["audio"].double().mean())
     out["video_object_share"] = float(gt["video"].double().mean())
 
-    rows, twins, unrel = twin_pairs(labels, clip_index, classes_per_task=classes_per_task,
-                                    twin_offset=twin_offset, num_tasks=num_tasks)
-    if rows.numel():
-        def mean_c(partners: Tensor) -> tuple[float, float]:
-            C_v = rca_probability(proj["k_v"][rows], qbar_a[partners], qbar_a[rows], cand_v[rows])
-            C_a = rca_probability(proj["k_a"][rows], qbar_v[partners], qbar_v[rows], cand_a[rows])
-            return (float(C_v.sum() / cand_v[rows].numel()), float(C_a.sum() / cand_a[rows].numel()))
-        tv, ta = mean_c(twins)
-        uv, ua = mean_c(unrel)
-        out.update({"rca_twin_c": 0.5 * (tv + ta), "rca_unrelated_c": 0.5 * (uv + ua),
-                    "rca_twin_c_video": tv, "rca_twin_c_audio": ta,
-                    "rca_unrelated_c_video": uv, "rca_unrelated_c_audio": ua, "rca_pairs": int(rows.numel())})
+    out.update(_rca_twins(proj, qbar_a, qbar_v, cand_v, cand_a,
+                          twin_pairs(labels, clip_index, classes_per_task=classes_per_task,
+                                     twin_offset=twin_offset, num_tasks=num_tasks)))
     out["num_clips"] = int(labels.numel())
     # maps for the pictures (not JSON): the caller drops keys starting with "_"
     out["_maps"] = {"I_v": I_v, "I_a": I_a, "video_ids": sel.video_ids, "audio_ids": sel.audio_ids,
@@ -507,6 +520,56 @@ def run_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, *, preset: str
     return out
 
 
+def _draw_frames(axes: Any, clips: Mapping[str, Any], maps: Mapping[str, Tensor], r: int, config: Any) -> None:
+    """Frames of clip ``r`` with the video importance heat map, the selected patches (cyan) and the
+    object's patches (dashed green)."""
+    from matplotlib.patches import Rectangle
+
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    g, p, T = config.grid, config.patch_size, config.num_frames
+    I_v = maps["I_v"][r].view(T, g, g)
+    sel = torch.zeros(T * g * g, dtype=torch.bool)
+    sel[maps["video_ids"][r]] = True
+    sel = sel.view(T, g, g)
+    gt_v = maps["gt_video"][r].view(T, g, g)
+    vmax = float(I_v.max())
+    for t in range(T):
+        ax = axes[t]
+        ax.imshow((clips["video"][r, t] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+        ax.imshow(I_v[t].numpy(), cmap="inferno", alpha=0.55, vmin=0, vmax=vmax, extent=(0, g * p, g * p, 0),
+                  interpolation="nearest")
+        for i, j in sel[t].nonzero().tolist():
+            ax.add_patch(Rectangle((j * p, i * p), p, p, fill=False, ec="cyan", lw=1.2))
+        for i, j in gt_v[t].nonzero().tolist():
+            ax.add_patch(Rectangle((j * p + 2, i * p + 2), p - 4, p - 4, fill=False, ec="lime", lw=1.0, ls="--"))
+        ax.set_title(f"frame {t}" + (" (sounding)" if clips["truth"][r]["pattern"][t] else ""), fontsize=8)
+        ax.axis("off")
+
+
+def _draw_spectrogram(ax: Any, clips: Mapping[str, Any], maps: Mapping[str, Tensor], r: int, config: Any,
+                      chunk: int) -> None:
+    """Fbank of clip ``r``: kept time tokens shaded, sounding tokens marked, chunk grid, importance curve."""
+    ta, fa = config.audio_time_tokens, config.audio_freq_tokens
+    spec = clips["audio"][r, 0].t().numpy()   # (F, A)
+    ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
+    tok_w = spec.shape[1] / ta
+    kept = torch.zeros(ta * fa, dtype=torch.bool)
+    kept[maps["audio_ids"][r]] = True
+    for k in kept.view(ta, fa).any(dim=1).nonzero().flatten().tolist():
+        ax.axvspan(k * tok_w, (k + 1) * tok_w, color="cyan", alpha=0.18, lw=0)
+    for k in maps["gt_audio"][r].view(ta, fa)[:, 0].nonzero().flatten().tolist():
+        ax.plot([k * tok_w, (k + 1) * tok_w], [spec.shape[0] - 1.5] * 2, color="lime", lw=4)
+    for c in range(0, ta + 1, chunk):
+        ax.axvline(c * tok_w, color="white", lw=0.6, ls=":")
+    ax2 = ax.twinx()
+    ax2.plot((torch.arange(ta) + 0.5).numpy() * tok_w, maps["I_a"][r].view(ta, fa).sum(dim=1).numpy(),
+             color="yellow", lw=1.5)
+    ax2.set_ylabel("audio importance per time token", fontsize=7)
+    ax.set_title("fbank: kept tokens shaded, sounding segments marked (green), chunk grid dotted", fontsize=8)
+    ax.set_xlabel("fbank frame")
+
+
 def save_selection_pictures(clips: Mapping[str, Any], maps: Mapping[str, Tensor], out_dir: Any, *, config: Any,
                             chunk: int = 4, rows: Sequence[int] = (0, 1, 2, 3), name: str = "selection") -> list[Any]:
     """One picture per clip: the frames with the video importance heat map and the selected patches
@@ -516,67 +579,20 @@ def save_selection_pictures(clips: Mapping[str, Any], maps: Mapping[str, Tensor]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
     from pathlib import Path
 
     from stella_avalanche.utils import atomic_write
 
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    g, p, T = config.grid, config.patch_size, config.num_frames
-    ta, fa = config.audio_time_tokens, config.audio_freq_tokens
+    T = config.num_frames
     paths = []
     for r in rows:
         if r >= clips["video"].shape[0]:
             break
         fig, axes = plt.subplots(2, T, figsize=(2.2 * T, 4.6), gridspec_kw={"height_ratios": [1, 0.9]})
-        I_v = maps["I_v"][r].view(T, g, g)
-        sel = torch.zeros(T * g * g, dtype=torch.bool)
-        sel[maps["video_ids"][r]] = True
-        sel = sel.view(T, g, g)
-        gt_v = maps["gt_video"][r].view(T, g, g)
-        vmax = float(I_v.max())
-        for t in range(T):
-            ax = axes[0, t]
-            img = (clips["video"][r, t] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-            ax.imshow(img)
-            ax.imshow(I_v[t].numpy(), cmap="inferno", alpha=0.55, vmin=0, vmax=vmax,
-                      extent=(0, g * p, g * p, 0), interpolation="nearest")
-            for i in range(g):
-                for j in range(g):
-                    if sel[t, i, j]:
-                        ax.add_patch(Rectangle((j * p, i * p), p, p, fill=False, ec="cyan", lw=1.2))
-                    if gt_v[t, i, j]:
-                        ax.add_patch(Rectangle((j * p + 2, i * p + 2), p - 4, p - 4, fill=False, ec="lime",
-                                               lw=1.0, ls="--"))
-            ax.set_title(f"frame {t}" + (" (sounding)" if clips["truth"][r]["pattern"][t] else ""), fontsize=8)
-            ax.axis("off")
-        for ax in axes[1, 1:]:
+        _draw_frames(axes[0], clips, maps, r, config)
+        for ax in axes[1]:
             ax.remove()
-        ax = fig.add_subplot(2, 1, 2)
-        axes[1, 0].remove()
-        spec = clips["audio"][r, 0].t().numpy()   # (F, A)
-        ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
-        a_len = spec.shape[1]
-        tok_w = a_len / ta
-        kept = torch.zeros(ta * fa, dtype=torch.bool)
-        kept[maps["audio_ids"][r]] = True
-        kept_t = kept.view(ta, fa).any(dim=1)
-        for k in range(ta):
-            if kept_t[k]:
-                ax.axvspan(k * tok_w, (k + 1) * tok_w, color="cyan", alpha=0.18, lw=0)
-        gt_t = maps["gt_audio"][r].view(ta, fa)[:, 0]
-        for k in range(ta):
-            if gt_t[k]:
-                ax.plot([k * tok_w, (k + 1) * tok_w], [spec.shape[0] - 1.5] * 2, color="lime", lw=4)
-        for c in range(0, ta + 1, chunk):
-            ax.axvline(c * tok_w, color="white", lw=0.6, ls=":")
-        I_t = maps["I_a"][r].view(ta, fa).sum(dim=1)
-        ax2 = ax.twinx()
-        ax2.plot((torch.arange(ta) + 0.5).numpy() * tok_w, I_t.numpy(), color="yellow", lw=1.5)
-        ax2.set_ylabel("audio importance per time token", fontsize=7)
-        ax.set_title("fbank: kept tokens shaded, sounding segments marked (green), chunk grid dotted", fontsize=8)
-        ax.set_xlabel("fbank frame")
+        _draw_spectrogram(fig.add_subplot(2, 1, 2), clips, maps, r, config, chunk)
         fig.tight_layout()
         path = Path(out_dir) / f"{name}_clip{r}.png"
         with atomic_write(path, "wb") as fh:
