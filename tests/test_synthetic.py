@@ -256,7 +256,7 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
     ds = SyntheticInitDataset(preset="tiny", seed=0, length=6)
     items = list(ds)
     assert [int(x["index"]) for x in items] == list(range(6))
-    assert [int(x["label"]) for x in items] == list(range(6))  # per-clip identities: label = clip number
+    assert [int(x["label"]) for x in items] == list(range(6))  # balanced over the 12 init classes
     assert all(x["video"].shape == (4, 3, 64, 64) and x["audio"].shape == (1, 256, 64) for x in items)
     assert all(int(x["category"]) == 0 for x in items)
     again = SyntheticInitDataset(preset="tiny", seed=0, start=3, length=1)
@@ -271,12 +271,11 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
 
     pool = SyntheticInitRetrievalDataset(preset="tiny", seed=0)
     assert len(pool) == 12 * TINY.init_retrieval_per_class
-    assert pool.label.tolist() == list(range(len(pool)))  # per-clip identities: one "class" per clip
+    assert pool.label.bincount().tolist() == [TINY.init_retrieval_per_class] * 12  # fixed init classes
     assert not torch.equal(pool[0]["video"], items[0]["video"])  # held out from the training stream
-    # the fixed-class init of generator v1 is still available
-    legacy = dataclasses.replace(TINY, init_identity="class")
-    pool = SyntheticInitRetrievalDataset(preset=legacy, seed=0)
-    assert pool.label.bincount().tolist() == [TINY.init_retrieval_per_class] * 12
+    # per-clip identities: one "class" per clip
+    pool = SyntheticInitRetrievalDataset(preset=dataclasses.replace(TINY, init_identity="per_clip"), seed=0)
+    assert pool.label.tolist() == list(range(len(pool)))
 
 
 def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
@@ -284,8 +283,10 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
     the benchmark's identities, and uses the stronger init cue settings."""
     from stella_avalanche.data.synthetic import init_exclusions, init_render_preset, render_init_clip, sound_key
 
-    vocab = build_vocabulary(TINY, 0)
-    ex_v, ex_s = init_exclusions(vocab, TINY, 0)
+    PC = dataclasses.replace(TINY, init_identity="per_clip", init_tint=0.25, init_p_distractor=0.25,
+                             init_p_offscreen=0.0)
+    vocab = build_vocabulary(PC, 0)
+    ex_v, ex_s = init_exclusions(vocab, PC, 0)
     from stella_avalanche.data.synthetic import VisualIdentity
     from stella_avalanche.data.synthetic_transfer import transfer_identities
 
@@ -299,7 +300,7 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
     try:
         syn.render_clip = lambda spec, *a, **k: captured.append((spec, a[1])) or real(spec, *a, **k)
         for i in range(40):
-            render_init_clip(vocab, TINY, 0, "init", i)
+            render_init_clip(vocab, PC, 0, "init", i)
     finally:
         syn.render_clip = real
     for spec, preset in captured:
@@ -308,7 +309,7 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
         assert not any(h == key[1] and t == key[2] and abs(b - key[0]) < 3 for b, h, t in ex_s)
         seen_v.append(spec.visual)
         seen_s.append(spec.sound)
-        assert preset.tint == TINY.init_tint and preset.p_offscreen == TINY.init_p_offscreen
+        assert preset.tint == 0.25 and preset.p_offscreen == 0.0 and preset.p_distractor == 0.25
     assert len(set(seen_v)) > 25 and len(set(seen_s)) > 30   # fresh draws, not a handful of classes
     assert init_render_preset(dataclasses.replace(TINY, init_tint=None, init_p_distractor=None,
                                                   init_p_offscreen=None)) == dataclasses.replace(

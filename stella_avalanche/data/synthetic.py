@@ -1,7 +1,7 @@
 """Procedural audio-visual benchmark: class vocabulary, clip rendering, media + manifest writer.
 
-The generator makes the STELLA problem real at small scale (``benchmarks-and-metrics.md`` §7 and the
-Round-2 recipe of ``synthetic-calibration.md``):
+The generator makes the STELLA problem real at small scale (``docs/benchmarks.md`` §7, which also
+names the settings calibration runs found necessary; ``docs/synthetic.md``):
 
 * **Classes** = visual identity (shape x texture x palette colour) + sound identity (1-3 harmonic
   partial bands with an amplitude-modulation timbre), grouped into tasks. Class ``j`` of task ``t``
@@ -129,19 +129,23 @@ class SyntheticPreset:
     :param init_classes: number of initialisation classes (distinct identities, same families). Used
         by the init stream only when ``init_identity == "class"``.
     :param init_identity: how the initialisation stream draws a clip's appearance and sound:
-        ``"per_clip"`` (default; a fresh visual and sound identity for every clip, from the same
-        families but never one of the benchmark's classes, so stage 1 cannot succeed by memorising
-        which colour goes with which timbre and must learn the instance cues that transfer: on/off
-        synchrony, pitch by height, loudness by size) or ``"class"`` (``init_classes`` fixed classes).
+        ``"class"`` (default; ``init_classes`` fixed classes) or ``"per_clip"`` (a fresh visual and
+        sound identity for every clip, from the same families but never one of the benchmark's or the
+        transfer classes, so stage 1 cannot succeed by memorising which colour goes with which timbre
+        and can only learn the instance cues that transfer: on/off synchrony, pitch by height,
+        loudness by size). ``"per_clip"`` is not the default because, within the CPU budget of the
+        demo, it left the backbone so weak that no strategy learned the stream (docs/synthetic.md).
     :param max_on_segments: the sounding object is on in 1..``max_on_segments`` segments (``None``:
         up to ``num_segments - 1``). The default keeps at most half of the segments sounding, so a
         selector that keeps half of the audio chunks (κ = 0.5, one chunk per segment) can keep every
         sounding chunk and with it the clip's whole on/off pattern (docs/synthetic.md, "geometry").
-    :param init_tint: ``tint`` of the per-clip init stream (``None``: the benchmark's). Stage 1 plays
-        the part of large-scale pre-training, so its instance cues are made stronger than the
-        stream's: a clearer mark of the sounding frames, fewer distractors, no off-screen sounds.
-    :param init_p_distractor: ``p_distractor`` of the per-clip init stream (``None``: the benchmark's).
-    :param init_p_offscreen: ``p_offscreen`` of the per-clip init stream (``None``: the benchmark's).
+    :param init_tint: ``tint`` of the init stream (``None``: the benchmark's). Stage 1 plays the part
+        of large-scale pre-training, so its instance cues may be made stronger than the stream's (the
+        per-clip recipe of docs/synthetic.md used 0.25).
+    :param init_p_distractor: ``p_distractor`` of the init stream (``None``: the benchmark's; 0.25 in
+        the per-clip recipe).
+    :param init_p_offscreen: ``p_offscreen`` of the init stream (``None``: the benchmark's; 0 in the
+        per-clip recipe).
     :param init_retrieval_per_class: clips per init class in the fixed held-out init retrieval pool.
     :param image_size: frame side in pixels (square frames).
     :param num_segments: segments per clip = frames read per clip.
@@ -176,11 +180,11 @@ class SyntheticPreset:
     retrieval_per_class: int = 10
     init_classes: int = 12
     init_retrieval_per_class: int = 10
-    init_identity: str = "per_clip"
+    init_identity: str = "class"
     max_on_segments: int | None = 2
-    init_tint: float | None = 0.25
-    init_p_distractor: float | None = 0.25
-    init_p_offscreen: float | None = 0.0
+    init_tint: float | None = None
+    init_p_distractor: float | None = None
+    init_p_offscreen: float | None = None
     image_size: int = 64
     num_segments: int = 4
     segment_seconds: float = 0.64
