@@ -112,7 +112,7 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     after each task's evaluation; ``resume=True`` continues from the newest one (same results as
     an uninterrupted run on CPU with a fixed seed).
 
-    :returns: the results dict (architecture.md §3 layout).
+    :returns: the results dict (layout: ``docs/contracts.md``, "results.json").
     """
     from stella_avalanche.evaluation import metrics as M
     from stella_avalanche.evaluation import report as R

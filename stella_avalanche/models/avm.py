@@ -1,4 +1,4 @@
-"""Audio-video matching (AVM) module and its matching objective (stella-method.md §3).
+"""Audio-video matching (AVM) module and its matching objective (docs/method.md §3).
 
 One bidirectional cross-attention layer over the joint-pass pre-norm features E_a, E_v of a clip,
 followed by a matching head that scores whether audio and video belong together. STELLA uses its

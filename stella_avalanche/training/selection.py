@@ -1,5 +1,5 @@
 """STELLA patch selection: LPIS importance, replay-guided correlation (RCA) and the probabilistic
-video / audio-chunk selection (``stella-method.md`` §4 steps 4-9, §5, D8, D9, D10, D11, D13).
+video / audio-chunk selection (``docs/method.md`` §4 steps 4-9, §5, D8, D9, D10, D11, D13).
 
 Every function is batched over rows (no per-sample Python loops), computes in fp32 and draws all of its
 randomness from an optional ``torch.Generator`` so that a run is reproducible. Token orders follow the

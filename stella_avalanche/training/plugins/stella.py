@@ -1,4 +1,4 @@
-"""STELLA / STELLA+ as an Avalanche plugin (``stella-method.md`` §4, §5, §6; ``avalanche-notes.md`` §5).
+"""STELLA / STELLA+ as an Avalanche plugin (``docs/method.md`` §4, §5, §6; ``docs/avalanche.md`` §5).
 
 The whole STELLA step is driven from plugin callbacks; the backbone's pre-training forward is untouched
 (it only receives kept-patch ids, and for STELLA+ patch vectors, through the mini-batch dict).
