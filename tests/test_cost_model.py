@@ -14,7 +14,7 @@ from avalanche.benchmarks import benchmark_from_datasets
 from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.training.plugins import SupervisedPlugin
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from stella_avalanche.models.avm import build_avm
@@ -22,6 +22,7 @@ from stella_avalanche.models.cav import MODEL_PRESETS, build_model
 from stella_avalanche.perf.cost_model import pretrain_flops, pretrain_saved_bytes, step_cost
 from stella_avalanche.training.selection import keep_count
 from stella_avalanche.training.strategies import make_strategy
+from stella_avalanche.perf.random_clips import RandomClips as _Clips
 
 TOL = 0.05
 
@@ -82,18 +83,6 @@ class _Count(SupervisedPlugin):
         self.steps.append((self._pre, self._mode.get_total_flops()))
 
 
-class _Clips(Dataset):
-    def __init__(self, cfg, n: int) -> None:
-        self.cfg, self.n = cfg, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        c, g = self.cfg, torch.Generator().manual_seed(i)
-        return {"video": torch.randn(c.num_frames, 3, c.img_size, c.img_size, generator=g),
-                "audio": torch.randn(1, c.audio_length, c.mel_bins, generator=g),
-                "category": 0, "label": 0, "index": i}
 
 
 @pytest.mark.parametrize("name", ["finetune", "derpp", "stella", "stella_plus"])

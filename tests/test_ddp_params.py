@@ -12,30 +12,19 @@ import torch
 from avalanche.benchmarks import benchmark_from_datasets
 from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.training.plugins import SupervisedPlugin
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
 
 from stella_avalanche.distributed import DistContext, wrap_ddp
 from stella_avalanche.models.avm import build_avm
 from stella_avalanche.models.cav import build_model
 from stella_avalanche.training.strategies import make_strategy
+from stella_avalanche.perf.random_clips import RandomClips as _Clips
 
 
 def _unused(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
 
-class _Clips(Dataset):
-    def __init__(self, cfg, n: int) -> None:
-        self.cfg, self.n = cfg, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        c, g = self.cfg, torch.Generator().manual_seed(i)
-        return {"video": torch.randn(c.num_frames, 3, c.img_size, c.img_size, generator=g),
-                "audio": torch.randn(1, c.audio_length, c.mel_bins, generator=g),
-                "category": 0, "label": 0, "index": i}
 
 
 class _CheckGrads(SupervisedPlugin):

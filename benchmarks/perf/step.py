@@ -35,7 +35,7 @@ def _one(args: argparse.Namespace) -> dict:
     from avalanche.benchmarks import benchmark_from_datasets
     from avalanche.benchmarks.utils import AvalancheDataset
     from avalanche.training.plugins import SupervisedPlugin
-    from torch.utils.data import Dataset, default_collate
+    from torch.utils.data import default_collate
 
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import MODEL_PRESETS, CAVMAE
@@ -48,18 +48,10 @@ def _one(args: argparse.Namespace) -> dict:
     cfg = MODEL_PRESETS[args.model]
     model = CAVMAE(cfg)
 
-    class Clips(Dataset):
-        def __init__(self, n: int, cat: int):
-            g = torch.Generator().manual_seed(cat)
-            self.v = torch.randn(n, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g)
-            self.a = torch.randn(n, 1, cfg.audio_length, cfg.mel_bins, generator=g)
-            self.cat = cat
+    from stella_avalanche.perf.random_clips import RandomClips
 
-        def __len__(self) -> int:
-            return len(self.v)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"video": self.v[i], "audio": self.a[i], "category": self.cat, "label": 0, "index": i}
+    def Clips(n: int, cat: int) -> RandomClips:  # noqa: N802 - reads like the class it builds
+        return RandomClips(cfg, n, category=cat)
 
     n_warm = args.batch_size * args.warmup
     n_meas = args.batch_size * args.steps

@@ -131,20 +131,12 @@ def _data(cfg, batch: int, warmup: int, steps: int):
     import torch
     from avalanche.benchmarks import benchmark_from_datasets
     from avalanche.benchmarks.utils import AvalancheDataset
-    from torch.utils.data import Dataset, default_collate
+    from torch.utils.data import default_collate
 
-    class Clips(Dataset):
-        def __init__(self, n: int, cat: int):
-            g = torch.Generator().manual_seed(cat)
-            self.v = torch.randn(n, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g)
-            self.a = torch.randn(n, 1, cfg.audio_length, cfg.mel_bins, generator=g)
-            self.cat = cat
+    from stella_avalanche.perf.random_clips import RandomClips
 
-        def __len__(self) -> int:
-            return len(self.v)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"video": self.v[i], "audio": self.a[i], "category": self.cat, "label": 0, "index": i}
+    def Clips(n: int, cat: int) -> RandomClips:  # noqa: N802 - reads like the class it builds
+        return RandomClips(cfg, n, category=cat)
 
     wrap = lambda ds: AvalancheDataset([ds], collate_fn=default_collate)  # noqa: E731
     return benchmark_from_datasets(train=[wrap(Clips(batch * warmup, 0)), wrap(Clips(batch * steps, 1))])
