@@ -317,16 +317,17 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
 
 
 def test_sounding_segments_fit_half_of_the_chunks() -> None:
-    """Default geometry: 1..2 of 4 segments sound (so keeping half of the audio chunks can keep all of
-    them); the legacy v1 preset allowed 1..3."""
+    """half_sounding: 1..2 of 4 segments sound (so keeping half of the audio chunks can keep all of
+    them); the default allows 1..3."""
     vocab = build_vocabulary(TINY, 0)
-    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), TINY, [], []).truth["pattern"])
+    half = dataclasses.replace(TINY, max_on_segments=2)
+    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), half, [], []).truth["pattern"])
               for i in range(30)]
     assert set(counts) == {1, 2}
-    legacy = get_preset("legacy_v1")
-    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), legacy, [], []).truth["pattern"])
+    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), TINY, [], []).truth["pattern"])
               for i in range(40)]
     assert set(counts) == {1, 2, 3}
+    assert get_preset("half_sounding").max_on_segments == 2
 
 
 def test_concurrent_generators_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
