@@ -133,8 +133,9 @@ class SyntheticPreset:
         sound identity for every clip, from the same families but never one of the benchmark's or the
         transfer classes, so stage 1 cannot succeed by memorising which colour goes with which timbre
         and can only learn the instance cues that transfer: on/off synchrony, pitch by height,
-        loudness by size). ``"per_clip"`` is not the default because, within the CPU budget of the
-        demo, it left the backbone so weak that no strategy learned the stream (docs/synthetic.md).
+        loudness by size). ``"per_clip"`` is not the default: the continual runs measured from it
+        were near chance (on the ``half_sounding`` geometry, where the class init also did poorly;
+        docs/synthetic.md).
     :param max_on_segments: the sounding object is on in 1..``max_on_segments`` segments (``None``,
         the default: up to ``num_segments - 1``). ``2`` (preset ``half_sounding``) keeps at most half of
         the segments sounding, so a selector that keeps half of the audio chunks (κ = 0.5, one chunk per

@@ -44,8 +44,9 @@ class InitSchedule:
     with a larger learning rate than the paper's 1e-4 for the tiny model. The recipe aimed at
     transfer (per-clip identities in the preset, ``contrastive_only_steps=800`` of 1000: the InfoNCE
     alone on unmasked clips, since with 75 % masking the encoder often sees none of the object's
-    patches) is measured there; it moved the pair AUC only to 0.56 and left the continual phase near
-    chance for every strategy. Stage 2 trains the AVM until its held-out matching accuracy reaches
+    patches) is measured there; it moved the pair AUC only to 0.56, and the continual runs from it were
+    near chance (on a geometry where the class init also did poorly). Stage 2 trains the AVM until its
+    held-out matching accuracy reaches
     ``avm_target_accuracy`` or ``avm_steps`` are spent.
 
     :param backbone_steps: stage-1 optimizer steps.
