@@ -87,12 +87,8 @@ def contrastive_forward(model: nn.Module, video: torch.Tensor, audio: torch.Tens
     """
     from stella_avalanche.models.cav import info_nce
 
-    z = {}
-    for m, x in (("audio", audio), ("video", video)):
-        patches = model.patchify_audio(x) if m == "audio" else model.patchify_video(x)
-        U = model.encode_modality(patches, None, m)
-        z[m] = model.pool(model.fuse_unimodal(U, None, m, final_norm=False), m, normed=False)
-    nce = info_nce(z["audio"], z["video"], temperature=model.config.temperature, gather=False)[0]
+    z_a, z_v = model.embed(video, audio)  # the retrieval embeddings, with gradient
+    nce = info_nce(z_a, z_v, temperature=model.config.temperature, gather=False)[0]
     return {"loss": nce, "loss_nce": nce}
 
 
