@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stella_avalanche.models.loading import load_backbone_weights
 from stella_avalanche.training.template import make_adam
 from stella_avalanche.utils import atomic_torch_save, build_lock, default_cache_dir
 
@@ -30,6 +31,9 @@ __all__ = ["pretrain_backbone", "pretrain_avm", "synthetic_initialisation", "Ini
            "load_backbone_checkpoint", "load_avm_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+#: the one backbone loader lives in ``models/loading.py``; this name stays for existing importers
+load_backbone_checkpoint = load_backbone_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,18 +203,6 @@ def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, st
     return history
 
 
-def load_backbone_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint written by :func:`synthetic_initialisation` / ``pretrain_init.py``
-    (or a bare state dict) into ``model``; returns the metadata stored with it."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    state = obj.get("model", obj) if isinstance(obj, dict) else obj
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model: missing {missing[:5]}..., "
-                           f"unexpected {unexpected[:5]}...")
-    return obj.get("meta", {}) if isinstance(obj, dict) else {}
-
-
 def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
     """Load an AVM checkpoint (``{"avm": state, "meta": ...}`` or a bare state dict)."""
     obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -276,7 +268,7 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
         atomic_torch_save({"model": model.state_dict(), "meta": {**meta, "history": hist[-50:]}},
                           paths["backbone"])
     else:
-        load_backbone_checkpoint(model, paths["backbone"])
+        load_backbone_weights(model, paths["backbone"])
     # stage 2 stops on the matching accuracy of held-out init clips (never the benchmark's clips)
     held = SyntheticInitRetrievalDataset(preset=preset, seed=seed)
     heldout = {"video": held.video, "audio": held.audio, "label": held.label}
