@@ -33,6 +33,7 @@ __all__ = [
     "weighted_permutation",
     "PatchSelector",
     "SelectionResult",
+    "Scores",
 ]
 
 
@@ -351,6 +352,23 @@ def select_audio_chunks(I_a: Tensor, excluded: Tensor, K: int, *, time_tokens: i
 # the selector object (steps 4-9)
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class Scores:
+    """Output of :meth:`PatchSelector.score` for R rows: importance ``I_v`` (R, L_V), ``I_a``
+    (R, L_A); correlation ``C_v``, ``C_a`` (same shapes, zero off the candidates and without
+    replay); summary queries ``qbar_a``, ``qbar_v`` (R, H, d); candidates ``cand_v`` (R, K_V),
+    ``cand_a`` (R, K_A)."""
+
+    I_v: Tensor
+    I_a: Tensor
+    C_v: Tensor
+    C_a: Tensor
+    qbar_a: Tensor
+    qbar_v: Tensor
+    cand_v: Tensor
+    cand_a: Tensor
+
+
+@dataclass
 class SelectionResult:
     """Output of :meth:`PatchSelector.select`.
 
@@ -419,18 +437,18 @@ class PatchSelector:
                 f"{self.audio_tokens}, chunk={self.chunk}, tau={self.tau}, importance={self.importance}, "
                 f"rca={self.rca})")
 
-    def select(self, *, proj: Mapping[str, Tensor], replay: Optional[Mapping[str, Tensor]] = None,
-               select_replay: bool = True, generator: Optional[torch.Generator] = None) -> SelectionResult:
-        """Run steps 4-9 for the N current rows and, when ``select_replay``, the M replay rows.
+    def score(self, *, proj: Mapping[str, Tensor], replay: Optional[Mapping[str, Tensor]] = None,
+              generator: Optional[torch.Generator] = None) -> Scores:
+        """Steps 4-6 and 8 for the rows of ``proj``: importance, candidates, summary queries and RCA.
 
-        :param proj: current AVM projections ``q_a``, ``k_a`` (N, H, L_A, d) and ``q_v``, ``k_v``
-            (N, H, L_V, d) of the unmasked clips.
-        :param replay: stored statistics of the M replay items, or None on the first step (empty
-            buffer). Always ``qbar_a``, ``qbar_v`` (M, H, d) for RCA; with ``select_replay`` also
-            ``I_v``, ``C_v`` (M, L_V) and ``I_a``, ``C_a`` (M, L_A), used as stored (D2).
-        :param select_replay: False for STELLA+ (replay rows enter as stored patches, §5): the ids
-            are returned for the current rows only.
-        :param generator: source of all draws (exclusion, video sampling, chunk order, side coins).
+        The current rows' path (:meth:`select`) and the D2 refresh of replay rows (:meth:`rescore`)
+        both score through here.
+
+        :param proj: AVM projections ``q_a``, ``k_a`` (N, H, L_A, d) and ``q_v``, ``k_v`` (N, H, L_V, d).
+        :param replay: ``qbar_a``, ``qbar_v`` (M, H, d) that row n is compared with (item n mod M,
+            D8); None = no RCA (the first step): C = 0.
+        :param generator: source of the random candidates of ``importance="uniform"`` (the method
+            draws nothing here).
         """
         q_a, k_a, q_v, k_v = (proj[k] for k in ("q_a", "k_a", "q_v", "k_v"))
         if q_v.shape[2] != self.video_tokens or q_a.shape[2] != self.audio_tokens:
@@ -448,16 +466,48 @@ class PatchSelector:
             cand_a = uniform_candidate_ids(n, self.audio_tokens, self.keep_audio, generator=generator, device=dev)
         qbar_v = summary_queries(q_v, I_v, cand_v)
         qbar_a = summary_queries(q_a, I_a, cand_a)
-        if replay is None:  # step 7: first step, deterministic top-K, audio without chunking
-            zeros_v, zeros_a = torch.zeros_like(I_v), torch.zeros_like(I_a)
-            return SelectionResult(cand_v, cand_a, I_v, I_a, zeros_v, zeros_a, qbar_a, qbar_v,
-                                   cand_v, cand_a, True)
-        # step 8 (D13: both RCA maps from the candidate sets, before any selection)
-        if self.rca:
+        if replay is not None and self.rca:  # step 8 (D13: both maps from the candidate sets)
             C_v = rca_probability(k_v, replay["qbar_a"], qbar_a, cand_v)
             C_a = rca_probability(k_a, replay["qbar_v"], qbar_v, cand_a)
-        else:  # ablation: C = 0, nothing is excluded
+        else:  # first step, or the ablation without RCA: C = 0, nothing is excluded
             C_v, C_a = torch.zeros_like(I_v), torch.zeros_like(I_a)
+        return Scores(I_v, I_a, C_v, C_a, qbar_a, qbar_v, cand_v, cand_a)
+
+    def rescore(self, *, proj: Mapping[str, Tensor], qbar_a: Tensor, qbar_v: Tensor) -> dict[str, Tensor]:
+        """D2 option: I and C of M stored rows recomputed from their current projections, C against
+        the stored summary queries of another replay item (item m+1 mod M).
+
+        :param proj: the replay rows' projections (as in :meth:`score`, M rows).
+        :param qbar_a, qbar_v: (M, H, d) their stored summary queries.
+        :return: ``I_v``, ``I_a``; with M >= 2 also ``C_v``, ``C_a`` (one item has no other to pair with).
+        """
+        m = qbar_a.shape[0]
+        other = (torch.arange(m, device=qbar_a.device) + 1) % m
+        pair = {"qbar_a": qbar_a[other], "qbar_v": qbar_v[other]} if m >= 2 else None
+        s = self.score(proj=proj, replay=pair)
+        out = {"I_v": s.I_v, "I_a": s.I_a}
+        if pair is not None:
+            out.update(C_v=s.C_v, C_a=s.C_a)
+        return out
+
+    def select(self, *, proj: Mapping[str, Tensor], replay: Optional[Mapping[str, Tensor]] = None,
+               select_replay: bool = True, generator: Optional[torch.Generator] = None) -> SelectionResult:
+        """Run steps 4-9 for the N current rows and, when ``select_replay``, the M replay rows.
+
+        :param proj: current AVM projections ``q_a``, ``k_a`` (N, H, L_A, d) and ``q_v``, ``k_v``
+            (N, H, L_V, d) of the unmasked clips.
+        :param replay: stored statistics of the M replay items, or None on the first step (empty
+            buffer). Always ``qbar_a``, ``qbar_v`` (M, H, d) for RCA; with ``select_replay`` also
+            ``I_v``, ``C_v`` (M, L_V) and ``I_a``, ``C_a`` (M, L_A), used as stored (D2).
+        :param select_replay: False for STELLA+ (replay rows enter as stored patches, §5): the ids
+            are returned for the current rows only.
+        :param generator: source of all draws (exclusion, video sampling, chunk order, side coins).
+        """
+        s = self.score(proj=proj, replay=replay, generator=generator)
+        I_v, I_a, C_v, C_a = s.I_v, s.I_a, s.C_v, s.C_a
+        if replay is None:  # step 7: first step, deterministic top-K, audio without chunking
+            return SelectionResult(s.cand_v, s.cand_a, I_v, I_a, C_v, C_a, s.qbar_a, s.qbar_v,
+                                   s.cand_v, s.cand_a, True)
         if select_replay:
             dev = I_v.device
             all_I_v = torch.cat([I_v, replay["I_v"].to(dev).float()])
@@ -477,5 +527,5 @@ class PatchSelector:
         audio_ids = select_audio_chunks(all_I_a, X_a, self.keep_audio, time_tokens=self.audio_time_tokens,
                                         freq_tokens=self.audio_freq_tokens, chunk=self.chunk,
                                         generator=generator)
-        return SelectionResult(video_ids, audio_ids, I_v, I_a, C_v, C_a, qbar_a, qbar_v, cand_v, cand_a,
-                               False)
+        return SelectionResult(video_ids, audio_ids, I_v, I_a, C_v, C_a, s.qbar_a, s.qbar_v, s.cand_v,
+                               s.cand_a, False)

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from stella_avalanche.training.plugins.replay_base import ReplayPluginBase
+from stella_avalanche.training.plugins.replay_base import ReplayPluginBase, der_penalty
 
 __all__ = ["DERPPPlugin"]
 
@@ -46,20 +45,13 @@ class DERPPPlugin(ReplayPluginBase, supports_distributed=True):
         :param z_audio: (M, D) current-model embeddings of the replay rows; ``z_video`` likewise.
         :param rep: replay rows with stored ``z_a``, ``z_v`` (M, D).
         """
-        za = z_audio.float()
-        zv = z_video.float()
-        return self.alpha * (F.mse_loss(za, rep["z_a"].to(za.device).float())
-                             + F.mse_loss(zv, rep["z_v"].to(zv.device).float()))
+        return der_penalty(z_audio, z_video, rep["z_a"], rep["z_v"], self.alpha)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        self.last_penalty = None
-        if self._rep is None:
-            return
-        out = strategy.mb_output
-        sl = slice(self.n_cur, self.n_cur + self.n_rep)
-        term = self.penalty(out["z_audio"][sl], out["z_video"][sl], self._rep)
-        self.last_penalty = term.detach()
-        strategy.loss = strategy.loss + term
+        term = self.der_term(strategy, self.alpha)
+        self.last_penalty = None if term is None else term.detach()
+        if term is not None:
+            strategy.loss = strategy.loss + term
 
     def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
         out = strategy.mb_output

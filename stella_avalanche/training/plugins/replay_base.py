@@ -35,13 +35,15 @@ import math
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from avalanche.training.plugins import SupervisedPlugin
 
 from stella_avalanche.batch_keys import SAMPLE_KEYS
-from stella_avalanche.training.buffer import ReservoirBuffer, video_from_uint8, video_to_uint8
+from stella_avalanche.training.buffer import ReservoirBuffer
+from stella_avalanche.training.item_codec import ClipCodec
 from stella_avalanche.utils import derive_seed
 
 __all__ = [
@@ -54,6 +56,9 @@ __all__ = [
     "make_ema_copy",
     "autocast_for",
     "loss_scale",
+    "unwrap_backbone",
+    "der_penalty",
+    "extend_batch",
 ]
 
 #: mini-batch keys stored in the reservoir and concatenated with the replay rows (when present)
@@ -66,6 +71,62 @@ def autocast_for(strategy: Any) -> contextlib.AbstractContextManager:
     dtype = getattr(strategy, "amp_dtype", None)
     device = torch.device(getattr(strategy, "device", "cpu"))
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def unwrap_backbone(strategy: Any) -> nn.Module:
+    """The strategy's model without a DDP wrapper (``strategy.backbone``, else ``strategy.model``
+    or its ``.module``)."""
+    bb = getattr(strategy, "backbone", None)
+    if bb is None:
+        bb = strategy.model
+        bb = bb.module if hasattr(bb, "module") and isinstance(bb.module, nn.Module) else bb
+    return bb
+
+
+def der_penalty(z_audio: Tensor, z_video: Tensor, z_a_buf: Tensor, z_v_buf: Tensor, alpha: float) -> Tensor:
+    """The DER penalty of ``docs/method.md`` §4 step 11 (DER++, STELLA, STELLA+):
+    ``α·MSE(z_a, z_a^buf) + α·MSE(z_v, z_v^buf)``, in fp32.
+
+    :param z_audio, z_video: (M, D) current-model embeddings of the M replay rows.
+    :param z_a_buf, z_v_buf: (M, D) the embeddings stored with those items.
+    :raises RuntimeError: when the row counts differ (the model output lacks replay rows).
+    """
+    if z_audio.shape[0] != z_a_buf.shape[0] or z_video.shape[0] != z_v_buf.shape[0]:
+        raise RuntimeError(f"DER penalty: the model output has {z_audio.shape[0]} replay rows, the buffer "
+                           f"draw {z_a_buf.shape[0]} (mb_output rows must follow mbatch: current, then replay)")
+    za, zv = z_audio.float(), z_video.float()
+    return alpha * (F.mse_loss(za, z_a_buf.to(za.device).float()) + F.mse_loss(zv, z_v_buf.to(zv.device).float()))
+
+
+def _placeholder(like: Tensor, rows: int) -> Tensor:
+    """Rows for a batch key the buffer does not store (e.g. ``label``): -1 for ints, 0 for floats."""
+    fill = 0 if like.is_floating_point() or like.dtype == torch.bool else -1
+    return torch.full((rows, *like.shape[1:]), fill, dtype=like.dtype, device=like.device)
+
+
+def extend_batch(batch: dict, n: int, rep: Mapping[str, Tensor], *, skip: tuple[str, ...] = (),
+                 placeholders: bool = False) -> None:
+    """Append the M replay rows after the N current rows of every per-row entry of ``batch``.
+
+    A key that ``rep`` holds is concatenated (cast to the batch's dtype). Any other tensor with N
+    rows raises, or with ``placeholders`` gets M rows of -1 (integers) / 0 (floats), and a list of N
+    entries gets M ``None``. Keys in ``skip`` are left as they are.
+
+    :raises KeyError: a per-row tensor key that ``rep`` lacks, without ``placeholders``.
+    """
+    m = int(next(iter(rep.values())).shape[0]) if rep else 0
+    for k, v in list(batch.items()):
+        if k in skip:
+            continue
+        if torch.is_tensor(v) and k in rep:
+            batch[k] = torch.cat([v, rep[k].to(device=v.device, dtype=v.dtype)], dim=0)
+        elif torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n:
+            if not placeholders:
+                raise KeyError(f"mini-batch key {k!r} has one row per sample but is not stored in the "
+                               f"replay buffer (stored: {sorted(rep)})")
+            batch[k] = torch.cat([v, _placeholder(v, m)])
+        elif placeholders and isinstance(v, list) and len(v) == n:
+            batch[k] = v + [None] * m
 
 
 def loss_scale(strategy: Any) -> float:
@@ -227,6 +288,11 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     :param buffer_device: where the reservoir lives; ``None`` = the strategy's device.
     """
 
+    #: purposes of the two seeds derived from ``seed``: the plugin's own draws, the reservoir
+    seed_purposes: tuple[str, str] = ("replay_draws", "replay_buffer")
+    #: mini-batch tensors every training step must hold
+    required_keys: tuple[str, ...] = ("video", "audio")
+
     def __init__(self, *, mem_size: int = 2000, replay_batch: Optional[int] = None, seed: int = 0,
                  compact: bool = True, buffer_device: Optional[str | torch.device] = None) -> None:
         super().__init__()
@@ -240,9 +306,14 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         self.compact = bool(compact)
         self.buffer_device = buffer_device
         self.buffer: Optional[ReservoirBuffer] = None
+        #: how batch rows are stored and read back (``training/item_codec.py``)
+        self.codec: Any = ClipCodec(compact=compact)
+        draws, reservoir = self.seed_purposes
         #: the plugin's own draws (replay sampling, MIR candidates, LUMP λ, EMA coin flips, ...)
-        self.generator = torch.Generator().manual_seed(derive_seed(self.seed, "replay_draws"))
-        self._buffer_generator = torch.Generator().manual_seed(derive_seed(self.seed, "replay_buffer"))
+        self.generator = torch.Generator().manual_seed(derive_seed(self.seed, draws))
+        self._buffer_generator = torch.Generator().manual_seed(derive_seed(self.seed, reservoir))
+        #: the generator of the replay draws (:meth:`sample`)
+        self.draw_generator = self.generator
         #: training steps completed (drives the EMA / running-statistics α schedules)
         self.step = 0
         # per-iteration state (never checkpointed: it lives between before_forward and the end of
@@ -266,33 +337,33 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
 
     # ------------------------------------------------------------------ storage format
     def encode(self, items: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Batch rows -> stored form (uint8 video / fp16 audio when compact; other keys as given)."""
-        out = {}
-        for k, v in items.items():
-            v = v.detach()
-            if k == "video":
-                v = video_to_uint8(v) if self.compact else v.float()
-            elif k == "audio":
-                v = v.to(torch.float16) if self.compact else v.float()
-            out[k] = v
-        return out
+        """Batch rows -> stored form (:attr:`codec`)."""
+        return self.codec.encode(items)
 
     def decode(self, stored: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-        """Stored rows -> float training tensors on ``device`` (inverse of :meth:`encode`)."""
-        out = {}
-        for k, v in stored.items():
-            v = v.to(device, non_blocking=True)
-            if k == "video":
-                v = video_from_uint8(v) if v.dtype == torch.uint8 else v.float()
-            elif k == "audio":
-                v = v.float()
-            out[k] = v
-        return out
+        """Stored rows -> training tensors on ``device`` (:attr:`codec`, inverse of :meth:`encode`)."""
+        return self.codec.decode(stored, device)
 
     def _make_buffer(self, encoded: Mapping[str, Tensor], device: torch.device) -> ReservoirBuffer:
         fields = {k: (tuple(v.shape[1:]), v.dtype) for k, v in encoded.items()}
         dev = torch.device(self.buffer_device) if self.buffer_device is not None else device
         return ReservoirBuffer(self.mem_size, fields=fields, device=dev, generator=self._buffer_generator)
+
+    def ensure_buffer(self, fields: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                      device: torch.device) -> ReservoirBuffer:
+        """Create the buffer with a known layout (on ``buffer_device``, else ``device``), or check
+        that a loaded one has this layout and capacity.
+
+        :raises ValueError: a loaded buffer that does not fit, naming both layouts.
+        """
+        fields = {k: (tuple(int(s) for s in shape), dt) for k, (shape, dt) in fields.items()}
+        if self.buffer is None:
+            dev = torch.device(self.buffer_device) if self.buffer_device is not None else device
+            self.buffer = ReservoirBuffer(self.mem_size, fields=fields, device=dev, generator=self._buffer_generator)
+        elif self.buffer.fields != fields or self.buffer.capacity != self.mem_size:
+            raise ValueError(f"{type(self).__name__}: the loaded buffer ({self.buffer.capacity} items of "
+                             f"{self.buffer.fields}) does not fit this plugin ({self.mem_size} of {fields})")
+        return self.buffer
 
     def insert(self, items: Mapping[str, Tensor], device: torch.device) -> Tensor:
         """Reservoir-insert batch rows (float form); creates the buffer on first use.
@@ -307,7 +378,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     def sample(self, m: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
         """Draw ``m`` distinct items uniformly; returns (decoded rows on ``device``, slots (m,))."""
         assert self.buffer is not None
-        stored, slots = self.buffer.sample(m, generator=self.generator)
+        stored, slots = self.buffer.sample(m, generator=self.draw_generator)
         return self.decode(stored, device), slots
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -326,16 +397,18 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         A tensor key of the mini-batch with N rows that the buffer does not hold raises, rather
         than leaving the batch ragged.
         """
-        batch = strategy.mbatch
-        n = self.n_cur
-        for k, v in list(batch.items()):
-            if not torch.is_tensor(v):
-                continue
-            if k in rep:
-                batch[k] = torch.cat([v, rep[k].to(device=v.device, dtype=v.dtype)], dim=0)
-            elif v.ndim > 0 and v.shape[0] == n:
-                raise KeyError(f"{type(self).__name__}: mini-batch key {k!r} has one row per sample but "
-                               f"is not stored in the replay buffer (stored: {sorted(rep)})")
+        try:
+            extend_batch(strategy.mbatch, self.n_cur, rep)
+        except KeyError as e:
+            raise KeyError(f"{type(self).__name__}: {e.args[0]}") from None
+
+    def der_term(self, strategy: Any, alpha: float) -> Optional[Tensor]:
+        """:func:`der_penalty` between the model's ``z_audio`` / ``z_video`` of this step's replay rows
+        and their stored ``z_a`` / ``z_v``; None without replay rows."""
+        if self._rep is None:
+            return None
+        out, rows = strategy.mb_output, slice(self.n_cur, self.n_cur + self.n_rep)
+        return der_penalty(out["z_audio"][rows], out["z_video"][rows], self._rep["z_a"], self._rep["z_v"], alpha)
 
     def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
         """Per-item extras stored with the current rows (e.g. DER++'s z). Default: none."""
@@ -373,7 +446,9 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     # ------------------------------------------------------------------ Avalanche callbacks
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         batch = strategy.mbatch
-        for k in ("video", "audio"):
+        if not isinstance(batch, dict):
+            raise TypeError(f"{type(self).__name__} needs dict mini-batches, got {type(batch).__name__}")
+        for k in self.required_keys:
             if k not in batch or not torch.is_tensor(batch[k]):
                 raise KeyError(f"{type(self).__name__}: the mini-batch has no tensor {k!r} "
                                f"(keys: {sorted(batch)})")
@@ -387,7 +462,7 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
             rep = self.draw_replay(strategy, m)
             if rep is not None:
                 self._rep = rep
-                self.n_rep = int(rep["video"].shape[0])
+                self.n_rep = int(next(iter(rep.values())).shape[0])
                 self.apply_replay(strategy, rep)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
@@ -418,21 +493,26 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
             "extra": self.extra_state(),
         }
 
+    def load_buffer_state(self, bstate: Optional[Mapping[str, Any]], saved_device: Optional[str] = None) -> None:
+        """Rebuild the buffer from a :meth:`ReservoirBuffer.state_dict` (its saved field spec), on
+        ``buffer_device``, else where it was saved unless that was a GPU this machine lacks; ``None``
+        empties it."""
+        if bstate is None:
+            self.buffer = None
+            return
+        fields = {k: (tuple(shape), _dtype_from_str(dt)) for k, (shape, dt) in bstate["fields"].items()}
+        dev = self.buffer_device
+        if dev is None:
+            dev = saved_device or "cpu"
+            if str(dev).startswith("cuda") and not torch.cuda.is_available():
+                dev = "cpu"
+        self.buffer = ReservoirBuffer(int(bstate["capacity"]), fields=fields, device=dev,
+                                      generator=self._buffer_generator)
+        self.buffer.load_state_dict(bstate)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the buffer is rebuilt from the saved field spec)."""
-        bstate = state.get("buffer")
-        if bstate is not None:
-            fields = {k: (tuple(shape), _dtype_from_str(dt)) for k, (shape, dt) in bstate["fields"].items()}
-            dev = self.buffer_device
-            if dev is None:  # where it was saved, unless that was a GPU this machine lacks
-                dev = state.get("buffer_device") or "cpu"
-                if str(dev).startswith("cuda") and not torch.cuda.is_available():
-                    dev = "cpu"
-            self.buffer = ReservoirBuffer(int(bstate["capacity"]), fields=fields, device=dev,
-                                          generator=self._buffer_generator)
-            self.buffer.load_state_dict(bstate)
-        else:
-            self.buffer = None
+        self.load_buffer_state(state.get("buffer"), state.get("buffer_device"))
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
         self.load_extra_state(state.get("extra", {}))
