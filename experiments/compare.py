@@ -353,6 +353,13 @@ def write_tables(rows: list[dict], out: Path, benchmark: str) -> str:
     return md
 
 
+def _has_avm(key: str) -> bool:
+    """Whether a run key (``stella``, ``stella_plus-mem500``, ...) names a STELLA variant (the registry's
+    ``needs_avm``): those bars are drawn in another colour."""
+    spec = REGISTRY.get(key.split("-mem", 1)[0])
+    return spec is not None and spec.needs_avm
+
+
 def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
     import matplotlib
 
@@ -367,7 +374,7 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
             std = [r[f"{d}/Avg/{m}"][1] for r in rows]
             ok = [i for i, v in enumerate(mean) if not np.isnan(v)]
             ax.bar(ok, [mean[i] for i in ok], yerr=[std[i] for i in ok], capsize=3,
-                   color=["C3" if rows[i]["strategy"].startswith("stella") else "C0" for i in ok])
+                   color=["C3" if _has_avm(rows[i]["strategy"]) else "C0" for i in ok])
             for i in sorted(set(range(len(rows))) - set(ok)):  # e.g. multitask has no forgetting
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.4")
             ax.set_xlim(-0.6, len(rows) - 0.4)

@@ -10,6 +10,7 @@ import copy
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,6 +104,34 @@ def _selection_diagnostics(cfg: dict, plugin_params: dict) -> Optional[Any]:
                           per_class=int(dcfg.get("per_class", 5)), plugin_params=plugin_params)
 
 
+@dataclass
+class _Run:
+    """What :func:`_build` assembles for one run and the later steps use."""
+
+    cfg: dict
+    seed: int
+    out_dir: Path
+    ctx: Any                 #: ``distributed.init_from_env``'s context (rank, world size, device)
+    spec: Any                #: the strategy's registry entry (``training/strategies.py``)
+    bm: Any                  #: the benchmark (train / retrieval streams, task names)
+    init: dict               #: stage-1 / stage-2 checkpoint paths
+    avm: Any
+    tracker: Any             #: the recall-matrix metric plugin
+    diag: Any                #: selection diagnostics (STELLA on synthetic data) or None
+    strategy: Any
+    experiences: list        #: the stream's tasks, or their union for a joint (multitask) strategy
+    ckpt_dir: Path
+    t0: float
+
+    @property
+    def name(self) -> str:
+        return self.cfg["strategy"]["name"]
+
+    @property
+    def keep_last(self) -> int:
+        return int((self.cfg.get("checkpoint") or {}).get("keep_last", 3))
+
+
 def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str = "auto",
                    progress: bool = True, resume: bool = False) -> dict:
     """Train one strategy over a benchmark's stream, evaluate retrieval after every task, and write
@@ -112,43 +141,56 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     after each task's evaluation; ``resume=True`` continues from the newest one (same results as
     an uninterrupted run on CPU with a fixed seed).
 
+    The steps: :func:`_build` (benchmark, model and initialisation, evaluation, strategy), then
+    :func:`_train_and_evaluate` (one task at a time, results and a checkpoint after each), then
+    :func:`_write_outputs` (downstream suite, report).
+
     :returns: the results dict (layout: ``docs/contracts.md``, "results.json").
     """
-    from stella_avalanche.evaluation import metrics as M
-    from stella_avalanche.evaluation import report as R
-    from stella_avalanche.evaluation.loggers import make_loggers
-    from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.models.loading import load_backbone_weights
-    from stella_avalanche.evaluation.downstream import after_first_task, at_end_of_stream, downstream_enabled
-    from stella_avalanche.training.pretrain import load_avm_checkpoint
-    from stella_avalanche.training.strategies import get_spec, make_strategy
-    from stella_avalanche.training.template import make_adam
-    from stella_avalanche import checkpoint as C
-    from stella_avalanche.distributed import all_gather_cat, init_from_env, wrap_ddp
-    from avalanche.training.plugins import EvaluationPlugin
+    run = _build(copy.deepcopy(cfg), out_dir=Path(out_dir), seed=seed, device=device, progress=progress)
+    results = _train_and_evaluate(run, start=_resume_position(run) if resume else 0)
+    return _write_outputs(run, results, progress=progress)
 
-    cfg = copy.deepcopy(cfg)
-    out_dir = Path(out_dir)
+
+# --------------------------------------------------------------------------------------------- build
+def _build(cfg: dict, *, out_dir: Path, seed: int, device: str, progress: bool) -> _Run:
+    """Process group and output folder, benchmark, model with its initialisation, evaluation and the
+    strategy, in this order (the order fixes what the global RNG has drawn when the model is built)."""
+    from stella_avalanche.distributed import init_from_env
+    from stella_avalanche.training.strategies import get_spec
+
     ctx = init_from_env(device)  # torchrun: process group, device by LOCAL_RANK; else single process
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"results directory is not writable: {out_dir}")
     dev = ctx.device if ctx.enabled else resolve_device(device)
-    tr = cfg["train"]
-    if tr.get("threads"):
-        torch.set_num_threads(int(tr["threads"]))
-    name = cfg["strategy"]["name"]
-    spec = get_spec(name)
+    if cfg["train"].get("threads"):
+        torch.set_num_threads(int(cfg["train"]["threads"]))
+    spec = get_spec(cfg["strategy"]["name"])
     t0 = time.perf_counter()
-
     bm = _build_benchmark(cfg)
-    features = getattr(bm, "features", None)
-    model_cfg = _model_config(cfg, features)
-    need_avm = spec.needs_avm
-    init = _resolve_init(cfg, model_cfg, dev, need_avm)
-
+    model_cfg = _model_config(cfg, getattr(bm, "features", None))
+    init = _resolve_init(cfg, model_cfg, dev, spec.needs_avm)
     seed_everything(seed)
+    model, avm = _build_model(model_cfg, init, need_avm=spec.needs_avm)
+    evaluator, tracker = _build_evaluation(cfg, bm, ctx, out_dir, progress)
+    ckpt_dir = out_dir / "checkpoints" / (f"rank{ctx.rank}" if ctx.enabled else "")
+    plugin_kwargs = _plugin_kwargs(cfg, spec)
+    diag = _selection_diagnostics(cfg, plugin_kwargs) if spec.needs_avm and ctx.is_main else None
+    strategy = _build_strategy(cfg, spec, model=model, avm=avm, plugin_kwargs=plugin_kwargs, ctx=ctx, dev=dev,
+                               seed=seed, evaluator=evaluator, tracker=tracker, ckpt_dir=ckpt_dir)
+    return _Run(cfg=cfg, seed=seed, out_dir=out_dir, ctx=ctx, spec=spec, bm=bm, init=init, avm=avm,
+                tracker=tracker, diag=diag, strategy=strategy, experiences=_experiences(bm, spec),
+                ckpt_dir=ckpt_dir, t0=t0)
+
+
+def _build_model(model_cfg: Any, init: dict, *, need_avm: bool) -> tuple[Any, Any]:
+    """The backbone with its stage-1 weights and, for STELLA, the AVM with its stage-2 weights."""
+    from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.loading import load_backbone_weights
+    from stella_avalanche.training.pretrain import load_avm_checkpoint
+
     model = CAVMAE(model_cfg)
     if init["backbone"]:
         load_backbone_weights(model, init["backbone"])
@@ -160,106 +202,149 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
         else:
             log.warning("STELLA without a stage-2 AVM checkpoint: the AVM starts from random weights "
                         "(the paper always loads one; see docs/method.md, D6)")
+    return model, avm
 
-    gallery = cfg.get("eval", {}).get("gallery", "pooled")
-    ks = tuple(cfg.get("eval", {}).get("ks", (1, 5, 10)))
-    metrics = M.retrieval_metrics(ks=ks, gallery=gallery, num_tasks=len(bm.task_names),
-                                  gather_fn=all_gather_cat if ctx.enabled else None,
-                                  gallery_pools=int(cfg.get("eval", {}).get("gallery_pools", 1)))
-    tracker = M.find_recall_matrix_plugin(metrics)
-    evaluator = EvaluationPlugin(*metrics, loggers=make_loggers(out_dir, interactive=progress and ctx.is_main)
-                                 if ctx.is_main else None)
-    ck = cfg.get("checkpoint", {}) or {}
-    # one checkpoint series per rank: the replay buffers are per rank (resume needs the same world size)
-    ckpt_dir = out_dir / "checkpoints" / (f"rank{ctx.rank}" if ctx.enabled else "")
+
+def _build_evaluation(cfg: dict, bm: Any, ctx: Any, out_dir: Path, progress: bool) -> tuple[Any, Any]:
+    """The evaluation plugin (retrieval metrics, loggers on rank 0) and its recall-matrix tracker."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from stella_avalanche.distributed import all_gather_cat
+    from stella_avalanche.evaluation import metrics as M
+    from stella_avalanche.evaluation.loggers import make_loggers
+
+    ev = cfg.get("eval", {})
+    metrics = M.retrieval_metrics(ks=tuple(ev.get("ks", (1, 5, 10))), gallery=ev.get("gallery", "pooled"),
+                                  num_tasks=len(bm.task_names), gather_fn=all_gather_cat if ctx.enabled else None,
+                                  gallery_pools=int(ev.get("gallery_pools", 1)))
+    loggers = make_loggers(out_dir, interactive=progress and ctx.is_main) if ctx.is_main else None
+    return EvaluationPlugin(*metrics, loggers=loggers), M.find_recall_matrix_plugin(metrics)
+
+
+def _plugin_kwargs(cfg: dict, spec: Any) -> dict:
+    """The strategy's own plugin arguments: the preset's ``strategy.params`` where the strategy has a
+    plugin (finetune / multitask have none); STELLA's AVM gets the backbone's lr (one Adam in the paper)."""
+    kwargs = dict(cfg["strategy"].get("params") or {}) if spec.takes_params else {}
+    if spec.needs_avm and "lr" not in kwargs:
+        kwargs["lr"] = float(cfg["train"]["lr"])
+    return kwargs
+
+
+def _build_strategy(cfg: dict, spec: Any, *, model: Any, avm: Any, plugin_kwargs: dict, ctx: Any, dev: Any,
+                    seed: int, evaluator: Any, tracker: Any, ckpt_dir: Path) -> Any:
+    """The optimizer (before DDP wrapping: parameter names), the checkpoint plugin and the named strategy.
+
+    The rank goes to ``make_strategy``: each rank draws its own replay items (per-rank reservoirs, as
+    the paper's 4 x 500); one checkpoint series per rank (resuming needs the same world size).
+    """
+    from stella_avalanche import checkpoint as C
+    from stella_avalanche.distributed import wrap_ddp
+    from stella_avalanche.training.strategies import make_strategy
+    from stella_avalanche.training.template import make_adam
+
+    tr, ck = cfg["train"], cfg.get("checkpoint", {}) or {}
     ckpt_plugin = C.CheckpointPlugin(directory=ckpt_dir, every_n_iterations=int(ck.get("every_n_iterations", 0)),
                                      keep_last=int(ck.get("keep_last", 3)),
                                      extra_state=lambda: {"tracker": tracker.state_dict()})
-    # finetune / multitask have no plugin: the preset's replay parameters do not apply to them. The
-    # rank goes to make_strategy: each rank draws its own replay items (per-rank reservoirs, as the
-    # paper's 4 x 500)
-    plugin_kwargs = dict(cfg["strategy"].get("params") or {}) if spec.takes_params else {}
-    if need_avm and "lr" not in plugin_kwargs:  # the paper trains backbone and AVM with one Adam: same lr
-        plugin_kwargs["lr"] = float(tr["lr"])
-    diag = _selection_diagnostics(cfg, plugin_kwargs) if need_avm and ctx.is_main else None
-    optimizer = make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]),
-                          weight_decay=float(tr["weight_decay"]))  # before DDP wrapping (parameter names)
+    optimizer = make_adam(model, lr=float(tr["lr"]), betas=tuple(tr["betas"]), weight_decay=float(tr["weight_decay"]))
     if ctx.enabled:
         model = wrap_ddp(model, ctx)  # no unused-parameter search: every parameter takes part
-    strategy = make_strategy(
-        name, model=model, avm=avm, plugin_kwargs=plugin_kwargs, rank=ctx.rank, world_size=ctx.world_size,
-        plugins=[ckpt_plugin],
-        optimizer=optimizer,
-        train_mb_size=int(tr["batch_size"]), train_epochs=int(tr["epochs"]),
-        eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev, evaluator=evaluator,
-        amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
+    return make_strategy(
+        spec.name, model=model, avm=avm, plugin_kwargs=plugin_kwargs, rank=ctx.rank, world_size=ctx.world_size,
+        plugins=[ckpt_plugin], optimizer=optimizer, train_mb_size=int(tr["batch_size"]),
+        train_epochs=int(tr["epochs"]), eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev,
+        evaluator=evaluator, amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
         num_workers=int(tr.get("num_workers", 0)))
 
-    results_path = out_dir / "results.json"
 
-    def write(done: bool) -> dict:
-        cost = strategy.cost()
-        plugin = next((p for p in strategy.plugins if hasattr(p, "buffer_bytes_per_item")), None)
-        cost["buffer_bytes"] = int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)
-        cost["wall_seconds"] = round(time.perf_counter() - t0, 3)
-        res = R.build_results(strategy=name, benchmark=cfg["benchmark"]["name"], seed=seed,
-                              tasks=list(bm.task_names), recall_matrix=tracker.matrix,
-                              config=cfg, cost=cost)
-        res["complete"] = done
-        res["init"] = init
-        if diag is not None:
-            res["diagnostics"] = diag.entries
-        res["world_size"] = ctx.world_size
-        if ctx.is_main:  # only rank 0 writes results
-            R.write_results_json(results_path, res)
-        return res
-
+# --------------------------------------------------------------------------------------------- train
+def _experiences(bm: Any, spec: Any) -> list:
+    """The training experiences: the stream's tasks, or their union for a joint (multitask) strategy."""
     if spec.joint:
         from stella_avalanche.benchmarks.common import multitask_experience
 
-        experiences = [multitask_experience(bm)]
-    else:
-        experiences = list(bm.train_stream)
-    start = 0
-    if resume:
-        path = C.latest_checkpoint(ckpt_dir)
-        if path is None:
-            log.info("--resume: no checkpoint in %s, starting from the beginning", ckpt_dir)
-        else:
-            state = C.load_checkpoint(path)
-            tracker.load_state_dict(state["extra"]["tracker"])
-            if diag is not None and "diagnostics" in state["extra"]:
-                diag.load_state_dict(state["extra"]["diagnostics"])
-            start = C.restore_strategy(strategy, state).experience
-            log.info("resumed from %s at %s", path.name, state["position"])
+        return [multitask_experience(bm)]
+    return list(bm.train_stream)
+
+
+def _resume_position(run: _Run) -> int:
+    """Restore the newest checkpoint of ``run`` (strategy, tracker, diagnostics); the experience to
+    start from (0 when there is none)."""
+    from stella_avalanche import checkpoint as C
+
+    path = C.latest_checkpoint(run.ckpt_dir)
+    if path is None:
+        log.info("--resume: no checkpoint in %s, starting from the beginning", run.ckpt_dir)
+        return 0
+    state = C.load_checkpoint(path)
+    run.tracker.load_state_dict(state["extra"]["tracker"])
+    if run.diag is not None and "diagnostics" in state["extra"]:
+        run.diag.load_state_dict(state["extra"]["diagnostics"])
+    start = C.restore_strategy(run.strategy, state).experience
+    log.info("resumed from %s at %s", path.name, state["position"])
+    return start
+
+
+def _train_and_evaluate(run: _Run, *, start: int) -> dict:
+    """Train task by task from ``start``; after each: retrieval evaluation, diagnostics, results.json and
+    a checkpoint. :returns: the last results (rewritten as complete when nothing was left to train)."""
+    from stella_avalanche import checkpoint as C
+    from stella_avalanche.evaluation.downstream import after_first_task, downstream_enabled
+
+    experiences, strategy, diag = run.experiences, run.strategy, run.diag
     results = None
     if diag is not None and not diag.entries:  # the stage-1 backbone with the stage-2 AVM
-        diag.measure(strategy.backbone, avm, "init")
+        diag.measure(strategy.backbone, run.avm, "init")
     for k in range(start, len(experiences)):
         strategy.train(experiences[k], eval_streams=[])
-        strategy.eval(bm.retrieval_stream)
+        strategy.eval(run.bm.retrieval_stream)
         if diag is not None:
-            diag.measure(strategy.backbone, avm, str(bm.task_names[k]) if not spec.joint else "joint")
-        # --- downstream suite (issue 12): one task's embeddings after the first task (PCA picture) ---
-        if k == 0 and ctx.is_main and downstream_enabled(cfg):
-            after_first_task(strategy.backbone, bm, cfg, out_dir)
-        # --- end downstream ---
-        results = write(done=k == len(experiences) - 1)
-        extra = {"tracker": tracker.state_dict()}
+            diag.measure(strategy.backbone, run.avm, "joint" if run.spec.joint else str(run.bm.task_names[k]))
+        if k == 0 and run.ctx.is_main and downstream_enabled(run.cfg):  # the PCA picture of one task
+            after_first_task(strategy.backbone, run.bm, run.cfg, run.out_dir)
+        results = _write_results(run, done=k == len(experiences) - 1)
+        extra = {"tracker": run.tracker.state_dict()}
         if diag is not None:
             extra["diagnostics"] = diag.state_dict()
-        C.save_checkpoint(ckpt_dir, strategy, C.Position(experience=k + 1),
-                          extra=extra, keep_last=int(ck.get("keep_last", 3)))
-    if results is None:  # resumed after the last experience: nothing left to train
-        results = write(done=True)
-    # --- downstream suite (issue 12): frozen-backbone probe / transfer / localisation / gap at the end ---
-    if ctx.is_main and downstream_enabled(cfg):
-        results["downstream"] = at_end_of_stream(strategy.backbone, bm, cfg, results, out_dir, progress=progress)
-        R.write_results_json(results_path, results)
-    # --- end downstream ---
-    if ctx.is_main:
-        R.write_report(results, out_dir)
-    if ctx.enabled:
+        C.save_checkpoint(run.ckpt_dir, strategy, C.Position(experience=k + 1), extra=extra,
+                          keep_last=run.keep_last)
+    return results if results is not None else _write_results(run, done=True)
+
+
+# --------------------------------------------------------------------------------------------- write
+def _write_results(run: _Run, *, done: bool) -> dict:
+    """The results dict so far (recall matrix, cost, init, diagnostics); rank 0 writes results.json."""
+    from stella_avalanche.evaluation import report as R
+
+    cost = run.strategy.cost()
+    plugin = next((p for p in run.strategy.plugins if hasattr(p, "buffer_bytes_per_item")), None)
+    cost["buffer_bytes"] = int(getattr(plugin, "buffer_bytes_per_item", 0) or 0)
+    cost["wall_seconds"] = round(time.perf_counter() - run.t0, 3)
+    res = R.build_results(strategy=run.name, benchmark=run.cfg["benchmark"]["name"], seed=run.seed,
+                          tasks=list(run.bm.task_names), recall_matrix=run.tracker.matrix, config=run.cfg, cost=cost)
+    res["complete"] = done
+    res["init"] = run.init
+    if run.diag is not None:
+        res["diagnostics"] = run.diag.entries
+    res["world_size"] = run.ctx.world_size
+    if run.ctx.is_main:  # only rank 0 writes results
+        R.write_results_json(run.out_dir / "results.json", res)
+    return res
+
+
+def _write_outputs(run: _Run, results: dict, *, progress: bool) -> dict:
+    """End of the stream: the downstream suite (frozen backbone) into results.json, then summary.md and
+    the plots (rank 0); all ranks wait for each other before returning."""
+    from stella_avalanche.evaluation import report as R
+    from stella_avalanche.evaluation.downstream import at_end_of_stream, downstream_enabled
+
+    if run.ctx.is_main and downstream_enabled(run.cfg):
+        results["downstream"] = at_end_of_stream(run.strategy.backbone, run.bm, run.cfg, results, run.out_dir,
+                                                 progress=progress)
+        R.write_results_json(run.out_dir / "results.json", results)
+    if run.ctx.is_main:
+        R.write_report(results, run.out_dir)
+    if run.ctx.enabled:
         import torch.distributed as dist
 
         dist.barrier()

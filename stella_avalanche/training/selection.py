@@ -369,26 +369,15 @@ class Scores:
 
 
 @dataclass
-class SelectionResult:
-    """Output of :meth:`PatchSelector.select`.
-
-    ``video_ids`` (R', K_V), ``audio_ids`` (R', K_A) with R' = N + M when replay rows were selected,
-    else N. Statistics of the N current rows, to be stored in the buffer: ``I_v`` (N, L_V), ``I_a``
-    (N, L_A), ``C_v`` (N, L_V), ``C_a`` (N, L_A) (zeros on the first step), ``qbar_a``, ``qbar_v``
-    (N, H, d), candidates ``cand_v`` (N, K_V), ``cand_a`` (N, K_A). ``first_step`` is True when no
-    replay statistics were given (deterministic top-K path).
+class SelectionResult(Scores):
+    """Output of :meth:`PatchSelector.select`: the :class:`Scores` of the N current rows (what the
+    buffer stores; C is zero on the first step) and the kept ids ``video_ids`` (R', K_V),
+    ``audio_ids`` (R', K_A), with R' = N + M when replay rows were selected, else N. ``first_step``
+    is True when no replay statistics were given (deterministic top-K path).
     """
 
     video_ids: Tensor
     audio_ids: Tensor
-    I_v: Tensor
-    I_a: Tensor
-    C_v: Tensor
-    C_a: Tensor
-    qbar_a: Tensor
-    qbar_v: Tensor
-    cand_v: Tensor
-    cand_a: Tensor
     first_step: bool
 
 
@@ -506,8 +495,7 @@ class PatchSelector:
         s = self.score(proj=proj, replay=replay, generator=generator)
         I_v, I_a, C_v, C_a = s.I_v, s.I_a, s.C_v, s.C_a
         if replay is None:  # step 7: first step, deterministic top-K, audio without chunking
-            return SelectionResult(s.cand_v, s.cand_a, I_v, I_a, C_v, C_a, s.qbar_a, s.qbar_v,
-                                   s.cand_v, s.cand_a, True)
+            return SelectionResult(**vars(s), video_ids=s.cand_v, audio_ids=s.cand_a, first_step=True)
         if select_replay:
             dev = I_v.device
             all_I_v = torch.cat([I_v, replay["I_v"].to(dev).float()])
@@ -527,5 +515,4 @@ class PatchSelector:
         audio_ids = select_audio_chunks(all_I_a, X_a, self.keep_audio, time_tokens=self.audio_time_tokens,
                                         freq_tokens=self.audio_freq_tokens, chunk=self.chunk,
                                         generator=generator)
-        return SelectionResult(video_ids, audio_ids, I_v, I_a, C_v, C_a, s.qbar_a, s.qbar_v, s.cand_v,
-                               s.cand_a, False)
+        return SelectionResult(**vars(s), video_ids=video_ids, audio_ids=audio_ids, first_step=False)

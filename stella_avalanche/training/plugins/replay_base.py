@@ -18,9 +18,14 @@ step, which :class:`ReplayPluginBase` implements once:
     run per-step bookkeeping (EMA updates) and drop the stash.
 
 The buffer is :class:`~stella_avalanche.training.buffer.ReservoirBuffer`, created at the first
-insertion from the batch's per-item shapes. Storage is compact by default (video as uint8 pixels,
-audio as fp16, ``docs/method.md`` §6); ``compact=False`` stores fp32 (GMED needs this,
-its input edits are far below the uint8 quantisation step).
+insertion from the batch's per-item shapes (or up front with a known layout, :meth:`ensure_buffer`).
+Rows are stored through :attr:`ReplayPluginBase.codec` (``training/item_codec.py``): compact by default
+(video as uint8 pixels, audio as fp16, ``docs/method.md`` §6); ``compact=False`` stores fp32 (GMED
+needs this, its input edits are far below the uint8 quantisation step). ``STELLAPlugin`` runs on the
+same step with its own codec, AVM pass and selection.
+
+Shared pieces: :func:`extend_batch` (replay rows after the current ones), :func:`der_penalty` (DER++,
+STELLA), :func:`autocast_for`, :func:`unwrap_backbone`.
 
 Also here: the helpers MIR and GMED share (:func:`virtual_adam_params`, a look-ahead Adam step that
 never touches the optimizer, and :func:`forward_with_params`), the masked-input embedding used by
