@@ -1,6 +1,7 @@
 """Tests for the two-stream backbone (stella_avalanche.models.cav)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -121,7 +122,9 @@ def test_patch_vector_embedding_equals_conv_on_full_frames() -> None:
     torch.testing.assert_close(ours_a, conv_a, atol=1e-5, rtol=1e-5)
 
 
-def test_positional_tables_follow_token_order(tiny: CAVMAE) -> None:
+def test_positional_tables_follow_token_order() -> None:
+    torch.manual_seed(0)
+    tiny = CAVMAE(dataclasses.replace(MODEL_PRESETS["tiny"], video_time_code="none"))
     cfg = tiny.config
     d, g, fa = cfg.embed_dim, cfg.grid, cfg.audio_freq_tokens
     pv, pa = tiny.pos_embed_v[0].detach(), tiny.pos_embed_a[0].detach()
@@ -140,6 +143,40 @@ def test_positional_tables_follow_token_order(tiny: CAVMAE) -> None:
     torch.testing.assert_close(tiny.inter_pos_embed_a, tiny.pos_embed_a)
     dd = cfg.decoder_dim
     assert math.isclose(tiny.decoder_pos_embed_a[0, 7 * fa + 2, dd // 2].item(), math.sin(2), abs_tol=1e-6)
+
+
+def test_video_time_code_adds_a_frame_code() -> None:
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], video_time_code="sincos")
+    none = CAVMAE(dataclasses.replace(cfg, video_time_code="none"))
+    timed = CAVMAE(cfg)
+    g, d = cfg.grid, cfg.embed_dim
+    diff = (timed.pos_embed_v - none.pos_embed_v)[0].detach()          # (T*G*G, D)
+    for t in range(cfg.num_frames):
+        rows = diff[t * g * g:(t + 1) * g * g]
+        torch.testing.assert_close(rows, rows[:1].expand_as(rows))     # one code per frame
+        assert math.isclose(rows[0, 0].item(), math.sin(t), abs_tol=1e-6)
+        assert math.isclose(rows[0, d // 2].item(), math.cos(t), abs_tol=1e-6)
+    torch.testing.assert_close(timed.inter_pos_embed_v, timed.pos_embed_v)
+    dd = cfg.decoder_dim
+    assert math.isclose((timed.decoder_pos_embed_v - none.decoder_pos_embed_v)[0, 3 * g * g, dd // 2].item(),
+                        math.cos(3), abs_tol=1e-6)
+    with pytest.raises(ValueError, match="video_time_code"):
+        dataclasses.replace(cfg, video_time_code="learned")
+
+
+def test_without_a_time_code_the_video_embedding_ignores_frame_order() -> None:
+    """The reason the synthetic preset uses a time code: with the paper's tables a fresh video encoder
+    gives the same embedding for any order of the frames, so "the object shows when the sound is on"
+    cannot be represented until a temporal code is learned from zero."""
+    video, audio = _batch(MODEL_PRESETS["tiny"], b=2)
+    reversed_video = video.flip(1)
+    for code, same in (("none", True), ("sincos", False)):
+        torch.manual_seed(0)
+        m = CAVMAE(dataclasses.replace(MODEL_PRESETS["tiny"], video_time_code=code)).eval()
+        _, z = m.embed(video, audio)
+        _, z_rev = m.embed(reversed_video, audio)
+        gap = (z - z_rev).abs().max().item()
+        assert (gap < 1e-6) if same else (gap > 1e-4), (code, gap)
 
 
 # --------------------------------------------------------------------------------------------

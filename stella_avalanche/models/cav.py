@@ -105,6 +105,14 @@ class CAVConfig:
         ``"visible"`` (paper / CAV-MAE: the encoder-visible tokens of the masked pass) or
         ``"kept"`` (a second, unmasked encoder pass over all kept tokens: a lower InfoNCE on the
         synthetic benchmark but ~2.4x the step time, so no preset uses it by default).
+    :param video_time_code: temporal part of the video positional tables at initialisation.
+        ``"none"`` (paper / CAV-MAE): the 2-D grid code repeated identically for every frame, so at
+        initialisation the video encoder cannot tell frames apart and its pooled embedding is the same
+        for any order of the frames; a temporal code can only be learned from zero. ``"sincos"``: a
+        1-D sin-cos code of the frame index added to every row of a frame, so "the object is on in
+        frames 1 and 3" is visible from the first step. The synthetic benchmark's transferable cue
+        (the sound is on exactly when the object is shown) needs it (docs/synthetic.md, "temporal
+        code"); published CAV-MAE weights overwrite the tables, so the paper presets keep ``"none"``.
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
@@ -131,6 +139,7 @@ class CAVConfig:
     norm_eps: float = 1e-5
     pool_order: str = "norm_then_pool"
     contrastive_input: str = "visible"
+    video_time_code: str = "none"
     gather_negatives: bool = True
 
     def __post_init__(self) -> None:
@@ -151,6 +160,8 @@ class CAVConfig:
             problems.append(f"pool_order={self.pool_order!r} must be one of {_POOL_ORDERS}")
         if self.contrastive_input not in ("visible", "kept"):
             problems.append(f"contrastive_input={self.contrastive_input!r} must be 'visible' or 'kept'")
+        if self.video_time_code not in ("none", "sincos"):
+            problems.append(f"video_time_code={self.video_time_code!r} must be 'none' or 'sincos'")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0")
         for name in ("depth_modality", "depth_fusion", "decoder_depth", "num_frames"):
@@ -270,11 +281,15 @@ def sincos_2d(dim: int, first: Tensor, second: Tensor) -> Tensor:
     return torch.cat([_sincos_1d(dim // 2, first), _sincos_1d(dim // 2, second)], dim=1).float()
 
 
-def _video_table(dim: int, grid: int, frames: int) -> Tensor:
-    """(1, T*G*G, dim): the 2-D grid code repeated per frame (no temporal code)."""
+def _video_table(dim: int, grid: int, frames: int, time_code: str = "none") -> Tensor:
+    """(1, T*G*G, dim): the 2-D grid code repeated per frame, plus (``time_code="sincos"``) a 1-D
+    sin-cos code of the frame index over all ``dim`` channels, so rows of different frames differ."""
     idx = torch.arange(grid * grid)
-    table = sincos_2d(dim, idx % grid, idx // grid)
-    return table.repeat(frames, 1)[None]
+    table = sincos_2d(dim, idx % grid, idx // grid).repeat(frames, 1)
+    if time_code == "sincos":
+        t = torch.arange(frames).repeat_interleave(grid * grid)
+        table = table + _sincos_1d(dim, t).float()
+    return table[None]
 
 
 def _audio_table(dim: int, t_tokens: int, f_tokens: int) -> Tensor:
@@ -522,13 +537,14 @@ class CAVMAE(nn.Module):
                     self.decoder_modality_a, self.decoder_modality_v):
             nn.init.normal_(tok, std=0.02)
         dev = self.pos_embed_a.device
-        v_enc = _video_table(cfg.embed_dim, cfg.grid, cfg.num_frames).to(dev)
+        v_enc = _video_table(cfg.embed_dim, cfg.grid, cfg.num_frames, cfg.video_time_code).to(dev)
         a_enc = _audio_table(cfg.embed_dim, cfg.audio_time_tokens, cfg.audio_freq_tokens).to(dev)
         self.pos_embed_v.copy_(v_enc)
         self.inter_pos_embed_v.copy_(v_enc)
         self.pos_embed_a.copy_(a_enc)
         self.inter_pos_embed_a.copy_(a_enc)
-        self.decoder_pos_embed_v.copy_(_video_table(cfg.decoder_dim, cfg.grid, cfg.num_frames).to(dev))
+        self.decoder_pos_embed_v.copy_(
+            _video_table(cfg.decoder_dim, cfg.grid, cfg.num_frames, cfg.video_time_code).to(dev))
         self.decoder_pos_embed_a.copy_(
             _audio_table(cfg.decoder_dim, cfg.audio_time_tokens, cfg.audio_freq_tokens).to(dev))
 
