@@ -24,11 +24,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 __all__ = [
@@ -391,57 +394,36 @@ def info_nce(z_a: Tensor, z_v: Tensor, *, temperature: float, weight: float = 1.
 # ---------------------------------------------------------------------------------------------
 # blocks
 # ---------------------------------------------------------------------------------------------
-class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias (timm/CAV-MAE names ``qkv``, ``proj``)."""
+class ViTBlock(Block):
+    """Pre-LN ViT block, timm's :class:`~timm.models.vision_transformer.Block` with CAV-MAE's settings.
 
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
+    ``x + Attn(LN1 x)``, then ``x + MLP(LN2 x)``; qkv with bias, GELU :class:`~timm.layers.Mlp`,
+    LayerNorm eps ``eps`` (``CAVConfig.norm_eps``), no dropout, drop-path nor layer scale. Parameter
+    names are CAV-MAE's (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``),
+    which :mod:`stella_avalanche.models.weights` relies on.
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, L, D) -> (B, L, D)."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    """Two-layer GELU MLP (names ``fc1``, ``fc2``)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class ViTBlock(nn.Module):
-    """Pre-LN ViT block: x + Attn(LN1 x), then x + MLP(LN2 x). No dropout / drop-path."""
+    :param dim: token width D.
+    :param num_heads: attention heads (D must be divisible by it).
+    :param mlp_ratio: MLP hidden width / D.
+    :param eps: LayerNorm eps.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, L, D) -> (B, L, D)."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, act_layer=nn.GELU,
+                         norm_layer=partial(nn.LayerNorm, eps=eps), mlp_layer=Mlp)
+        # timm picks fused attention from the TIMM_FUSED_ATTN environment variable; its fallback
+        # materialises the (B, H, L, L) score matrix and rounds differently. Always use
+        # F.scaled_dot_product_attention so a run's numbers and memory do not depend on that variable.
+        self.attn.fused_attn = True
 
 
 class FusionBlock(ViTBlock):
     """Fusion block: shared attention/MLP, three LayerNorm pairs (§1.3).
 
     ``norm1/norm2`` serve the joint pass, ``norm1_a/norm2_a`` the audio-only pass and
-    ``norm1_v/norm2_v`` the video-only pass.
+    ``norm1_v/norm2_v`` the video-only pass. timm's ``Block.forward`` always uses ``norm1/norm2``,
+    so the forward pass is written here over the inherited ``attn`` and ``mlp`` (the block's layer
+    scale and drop-path are identities, see :class:`ViTBlock`).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-5) -> None:
