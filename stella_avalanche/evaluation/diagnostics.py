@@ -441,8 +441,8 @@ def load_models(*, checkpoint: Optional[str] = None, backbone: Optional[str] = N
     from stella_avalanche.experiment import model_config_for
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.training.pretrain import (load_avm_checkpoint, load_backbone_checkpoint,
-                                                    synthetic_initialisation)
+    from stella_avalanche.models.loading import load_backbone_weights
+    from stella_avalanche.training.pretrain import load_avm_checkpoint, synthetic_initialisation
 
     cfg = model_config_for(model_preset, default_features(preset))
     model = CAVMAE(cfg)
@@ -461,11 +461,11 @@ def load_models(*, checkpoint: Optional[str] = None, backbone: Optional[str] = N
         net.load_state_dict(avm_state)
         return model, net, f"checkpoint {checkpoint}"
     if backbone:
-        load_backbone_checkpoint(model, backbone)
+        load_backbone_weights(model, backbone)
         load_avm_checkpoint(net, avm)
         return model, net, f"backbone {backbone}, avm {avm}"
     paths = synthetic_initialisation(cfg, preset=preset, seed=data_seed)
-    load_backbone_checkpoint(model, paths["backbone"])
+    load_backbone_weights(model, paths["backbone"])
     load_avm_checkpoint(net, paths["avm"])
     return model, net, f"cached synthetic initialisation {paths['backbone'].parent}"
 

@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = ["PretrainingHost", "PretrainingModel", "HostRequirements", "HostContractError", "check_host",
            "check_stock_plugins", "check_strategy", "forward_owner", "declared_model_inputs",
-           "STOCK_PLUGIN_SUPPORT"]
+           "unwrap_backbone", "STOCK_PLUGIN_SUPPORT"]
 
 
 class HostContractError(TypeError):
@@ -112,8 +112,16 @@ def declared_model_inputs(strategy: Any) -> tuple[str, ...]:
     return tuple(vars(forward_owner(strategy)).get("model_input_keys", ()))
 
 
-def _unwrap(model: Any) -> Any:
-    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+def unwrap_backbone(strategy: Any) -> Any:
+    """The strategy's model without a DDP wrapper: ``strategy.backbone``, else ``strategy.model`` or
+    its ``.module``; None when the strategy has neither (:func:`check_host` reports that). The replay
+    plugins use it through ``training/plugins/replay_base.py``."""
+    model = getattr(strategy, "backbone", None)
+    if model is None:
+        model = getattr(strategy, "model", None)
+        if isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+    return model
 
 
 def check_host(strategy: Any, plugin: Any, requirements: Optional[HostRequirements] = None) -> None:
@@ -137,7 +145,7 @@ def check_host(strategy: Any, plugin: Any, requirements: Optional[HostRequiremen
             f"model_input_keys={list(passed)}): the {name} rows/ids written into the mini-batch would be "
             "ignored. Use AudioVideoPretraining, or declare `model_input_keys` next to your forward "
             "and pass those keys to model.pretrain_forward")
-    model = getattr(strategy, "backbone", None) or _unwrap(getattr(strategy, "model", None))
+    model = unwrap_backbone(strategy)
     if model is None:
         problems.append("it has no model (strategy.model)")
     else:

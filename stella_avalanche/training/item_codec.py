@@ -20,16 +20,9 @@ import torch
 from torch import Tensor
 
 from stella_avalanche.batch_keys import AUDIO, AUDIO_PATCHES, INDEX, VIDEO, VIDEO_PATCHES
-from stella_avalanche.training.buffer import (
-    audio_from_uint8,
-    audio_to_uint8,
-    stella_fields,
-    stella_plus_fields,
-    video_from_uint8,
-    video_patches_from_uint8,
-    video_patches_to_uint8,
-    video_to_uint8,
-)
+from stella_avalanche.training.buffer import (audio_from_uint8, audio_to_uint8, stella_fields, stella_plus_fields,
+                                              video_from_uint8, video_patches_from_uint8, video_patches_to_uint8,
+                                              video_to_uint8)
 
 __all__ = ["ClipCodec", "StellaCodec"]
 
@@ -71,6 +64,8 @@ class ClipCodec:
 
 #: STELLA's stored statistics, decoded to fp32 (z are the DER targets; I, C, q̄ feed the selection)
 _STATS = ("z_a", "z_v", "qbar_a", "qbar_v", "I_v", "I_a", "C_v", "C_a")
+#: STELLA's stored pixels: (encode, decode) of the uint8 clip and of STELLA+'s uint8 patch rows
+_PIXELS = {VIDEO: (video_to_uint8, video_from_uint8), VIDEO_PATCHES: (video_patches_to_uint8, video_patches_from_uint8)}
 
 
 class StellaCodec:
@@ -120,13 +115,11 @@ class StellaCodec:
             ref = next(iter(rows.values()))
             out[INDEX] = torch.full((ref.shape[0],), -1, dtype=torch.long, device=ref.device)
         for k, v in rows.items():
-            v = v.detach()
             if k in self._dropped:
                 continue
-            if k == VIDEO:
-                out[k] = video_to_uint8(v)
-            elif k == VIDEO_PATCHES:
-                out[k] = video_patches_to_uint8(v)
+            v = v.detach()
+            if k in _PIXELS:
+                out[k] = _PIXELS[k][0](v)
             elif k in (AUDIO, AUDIO_PATCHES):
                 out.update(self._encode_audio(v, k))
             else:
@@ -141,10 +134,8 @@ class StellaCodec:
         for k, v in items.items():
             if k.endswith(("_lo", "_scale")):
                 continue
-            if k == VIDEO:
-                out[k] = video_from_uint8(v)
-            elif k == VIDEO_PATCHES:
-                out[k] = video_patches_from_uint8(v)
+            if k in _PIXELS:
+                out[k] = _PIXELS[k][1](v)
             elif k in (AUDIO, AUDIO_PATCHES):
                 out[k] = self._decode_audio(items, k)
             elif k in ("video_ids", "audio_ids"):

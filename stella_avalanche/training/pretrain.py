@@ -28,12 +28,9 @@ from stella_avalanche.training.template import make_adam
 from stella_avalanche.utils import atomic_torch_save, build_lock, default_cache_dir
 
 __all__ = ["pretrain_backbone", "pretrain_avm", "synthetic_initialisation", "InitSchedule",
-           "load_backbone_checkpoint", "load_avm_checkpoint"]
+           "load_avm_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-#: the one backbone loader lives in ``models/loading.py``; this name stays for existing importers
-load_backbone_checkpoint = load_backbone_weights
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ needs this, its input edits are far below the uint8 quantisation step). ``STELLA
 same step with its own codec, AVM pass and selection.
 
 Shared pieces: :func:`extend_batch` (replay rows after the current ones), :func:`der_penalty` (DER++,
-STELLA), :func:`autocast_for`, :func:`unwrap_backbone`.
+STELLA), :func:`autocast_for`, :func:`unwrap_backbone` (defined in ``training/contract.py``).
 
 Also here: the helpers MIR and GMED share (:func:`virtual_adam_params`, a look-ahead Adam step that
 never touches the optimizer, and :func:`forward_with_params`), the masked-input embedding used by
@@ -48,6 +48,7 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from stella_avalanche.batch_keys import SAMPLE_KEYS
 from stella_avalanche.training.buffer import ReservoirBuffer
+from stella_avalanche.training.contract import unwrap_backbone  # re-exported: one unwrapping rule
 from stella_avalanche.training.item_codec import ClipCodec
 from stella_avalanche.utils import derive_seed
 
@@ -76,16 +77,6 @@ def autocast_for(strategy: Any) -> contextlib.AbstractContextManager:
     dtype = getattr(strategy, "amp_dtype", None)
     device = torch.device(getattr(strategy, "device", "cpu"))
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def unwrap_backbone(strategy: Any) -> nn.Module:
-    """The strategy's model without a DDP wrapper (``strategy.backbone``, else ``strategy.model``
-    or its ``.module``)."""
-    bb = getattr(strategy, "backbone", None)
-    if bb is None:
-        bb = strategy.model
-        bb = bb.module if hasattr(bb, "module") and isinstance(bb.module, nn.Module) else bb
-    return bb
 
 
 def der_penalty(z_audio: Tensor, z_video: Tensor, z_a_buf: Tensor, z_v_buf: Tensor, alpha: float) -> Tensor:
