@@ -49,3 +49,20 @@ def test_initialisation_checkpoint_records_stage2(tmp_path) -> None:
     meta = torch.load(paths["avm"], weights_only=False)["meta"]
     assert set(meta["stage2"]) >= {"heldout", "steps_run", "criterion_met", "target_accuracy"}
     assert meta["stage2"]["target_accuracy"] == sched.avm_target_accuracy
+
+
+def test_decoder_only_after_contrastive_keeps_the_encoder() -> None:
+    """After the contrastive-only steps only the decoder learns; every parameter is trainable again
+    afterwards (the continual phase trains the whole model)."""
+    torch.manual_seed(0)
+    model = CAVMAE(model_config_for("tiny", default_features("tiny")))
+    P.pretrain_backbone(model, _loader(), steps=1, lr=1e-3, progress=False, contrastive_only_steps=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hist = P.pretrain_backbone(model, _loader(), steps=2, lr=1e-3, progress=False, contrastive_only_steps=0,
+                               decoder_only_after_contrastive=True)
+    assert all("loss_mae_audio" in h for h in hist)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    decoder = {n for n in before if n.startswith(P._DECODER_PREFIXES)}
+    assert changed and changed <= decoder, sorted(changed - decoder)[:5]
+    assert "decoder_pred_v.weight" in changed
+    assert all(p.requires_grad for p in model.parameters())

@@ -364,3 +364,18 @@ def test_concurrent_initialisation_builders_build_once(tmp_path: Path, monkeypat
                                                                  num_workers=0, progress=False), range(2)))
     assert out[0] == out[1] and len(calls) == 1
     assert all(p.is_file() for p in out[0].values())
+
+
+def test_init_only_fields_do_not_invalidate_the_written_splits(tiny_root: Path) -> None:
+    """The init stream is rendered on the fly: changing how it is drawn must not regenerate the splits
+    (and their feature cache), while a field that shapes the written clips must."""
+    from stella_avalanche.data import synthetic as syn
+
+    tiny = syn.get_preset("tiny")
+    for field, value in (("init_identity", "class" if tiny.init_identity == "per_clip" else "per_clip"),
+                         ("init_classes", 30), ("init_tint", 0.25)):
+        changed = dataclasses.replace(tiny, **{field: value})
+        assert syn.is_complete(tiny_root, seed=0, preset=changed), field
+        # ... because the benchmark's classes do not depend on it
+        assert syn.build_vocabulary(changed, 0).classes == syn.build_vocabulary(tiny, 0).classes, field
+    assert not syn.is_complete(tiny_root, seed=0, preset=dataclasses.replace(tiny, tint=0.2))

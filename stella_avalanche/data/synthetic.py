@@ -127,15 +127,14 @@ class SyntheticPreset:
     :param test_per_class: per-task validation clips per class.
     :param retrieval_per_class: retrieval-pool clips per class.
     :param init_classes: number of initialisation classes (distinct identities, same families). Used
-        by the init stream only when ``init_identity == "class"``.
+        by the init stream only when ``init_identity == "class"``; it also sizes the fixed held-out
+        init pool that stage 2 stops on.
     :param init_identity: how the initialisation stream draws a clip's appearance and sound:
-        ``"class"`` (default; ``init_classes`` fixed classes) or ``"per_clip"`` (a fresh visual and
-        sound identity for every clip, from the same families but never one of the benchmark's or the
-        transfer classes, so stage 1 cannot succeed by memorising which colour goes with which timbre
-        and can only learn the instance cues that transfer: on/off synchrony, pitch by height,
-        loudness by size). ``"per_clip"`` is not the default: the continual runs measured from it
-        were near chance (on the ``half_sounding`` geometry, where the class init also did poorly;
-        docs/synthetic.md).
+        ``"per_clip"`` (default: a fresh visual and sound identity for every clip, from the same
+        families but never one of the benchmark's or the transfer classes, so stage 1 cannot succeed by
+        memorising which colour goes with which timbre and can only learn the instance cues that
+        transfer: on/off synchrony, pitch by height, loudness by size) or ``"class"``
+        (``init_classes`` fixed classes, generator v1's stream; docs/synthetic.md).
     :param max_on_segments: the sounding object is on in 1..``max_on_segments`` segments (``None``,
         the default: up to ``num_segments - 1``). ``2`` (preset ``half_sounding``) keeps at most half of
         the segments sounding, so a selector that keeps half of the audio chunks (κ = 0.5, one chunk per
@@ -182,7 +181,7 @@ class SyntheticPreset:
     retrieval_per_class: int = 10
     init_classes: int = 12
     init_retrieval_per_class: int = 10
-    init_identity: str = "class"
+    init_identity: str = "per_clip"
     max_on_segments: int | None = None
     init_tint: float | None = None
     init_p_distractor: float | None = None
@@ -784,8 +783,15 @@ def synthetic_root(seed: int, preset: str | SyntheticPreset, root: str | os.Path
     return default_cache_dir() / "synthetic" / f"{SYNTHETIC_VERSION}-{p.name}-seed{seed}"
 
 
+#: Preset fields that only shape the initialisation stream (rendered on the fly, never written), so
+#: changing them must not regenerate the on-disk splits and their feature cache.
+INIT_ONLY_FIELDS = ("init_classes", "init_retrieval_per_class", "init_identity", "init_tint",
+                    "init_p_distractor", "init_p_offscreen")
+
+
 def _marker_payload(preset: SyntheticPreset, seed: int) -> dict[str, Any]:
-    return {"version": SYNTHETIC_VERSION, "seed": seed, "preset": dataclasses.asdict(preset)}
+    fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in INIT_ONLY_FIELDS}
+    return {"version": SYNTHETIC_VERSION, "seed": seed, "preset": fields}
 
 
 def is_complete(root: str | os.PathLike, *, seed: int, preset: str | SyntheticPreset) -> bool:
@@ -798,6 +804,8 @@ def is_complete(root: str | os.PathLike, *, seed: int, preset: str | SyntheticPr
     except (OSError, json.JSONDecodeError):
         return False
     want = json.loads(json.dumps(_marker_payload(get_preset(preset), seed)))
+    if isinstance(got.get("preset"), dict):  # markers written before INIT_ONLY_FIELDS held them all
+        got["preset"] = {k: v for k, v in got["preset"].items() if k not in INIT_ONLY_FIELDS}
     return {k: got.get(k) for k in want} == want
 
 

@@ -115,8 +115,10 @@ class AVMatching(nn.Module):
 
     @classmethod
     def from_config(cls, config: object, **kwargs: object) -> "AVMatching":
-        """AVM sized for a backbone config (``embed_dim``, ``num_heads``, ``norm_eps``)."""
+        """AVM sized for a backbone config (``embed_dim``, ``num_heads``, ``norm_eps``; ``avm_pooling``
+        when the config has it)."""
         kwargs.setdefault("norm_eps", getattr(config, "norm_eps"))
+        kwargs.setdefault("pooling", getattr(config, "avm_pooling", "mean"))
         return cls(getattr(config, "embed_dim"), getattr(config, "num_heads"), **kwargs)  # type: ignore[arg-type]
 
     @torch.no_grad()

@@ -116,6 +116,10 @@ class CAVConfig:
         frames 1 and 3" is visible from the first step. The synthetic benchmark's transferable cue
         (the sound is on exactly when the object is shown) needs it (docs/synthetic.md, "temporal
         code"); published CAV-MAE weights overwrite the tables, so the paper presets keep ``"none"``.
+    :param avm_pooling: pooling of the AVM built for this backbone (``build_avm``; see
+        :class:`~stella_avalanche.models.avm.AVMatching`): ``"mean"`` (paper) or ``"product"``. It lives
+        here, beside the sizes the AVM already takes from the backbone, so stage 2, the continual run,
+        resumption and the diagnostics always build the same AVM for a given model preset.
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
@@ -143,6 +147,7 @@ class CAVConfig:
     pool_order: str = "norm_then_pool"
     contrastive_input: str = "visible"
     video_time_code: str = "none"
+    avm_pooling: str = "mean"
     gather_negatives: bool = True
 
     def __post_init__(self) -> None:
@@ -165,6 +170,8 @@ class CAVConfig:
             problems.append(f"contrastive_input={self.contrastive_input!r} must be 'visible' or 'kept'")
         if self.video_time_code not in ("none", "sincos"):
             problems.append(f"video_time_code={self.video_time_code!r} must be 'none' or 'sincos'")
+        if self.avm_pooling not in ("mean", "product"):
+            problems.append(f"avm_pooling={self.avm_pooling!r} must be 'mean' or 'product'")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0")
         for name in ("depth_modality", "depth_fusion", "decoder_depth", "num_frames"):
@@ -240,6 +247,12 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
         embed_dim=192, num_heads=3, depth_modality=2, depth_fusion=1, decoder_dim=128, decoder_heads=4,
         decoder_depth=1, num_frames=4, img_size=64, patch_size=16, audio_length=256, mel_bins=64,
         mask_ratio=0.75, temperature=0.1, contrastive_weight=1.0, pool_order="pool_then_norm",
+        # the synthetic benchmark's transferable cue is "the object shows in the frames where the sound
+        # is on": without a frame code the video encoder starts blind to frame order (docs/synthetic.md)
+        video_time_code="sincos",
+        # with the paper's mean pooling the AVM stayed at chance on held-out pairs even on a backbone
+        # that matches them; the product pooling learns synchrony (docs/synthetic.md)
+        avm_pooling="product",
     ),
 }
 
