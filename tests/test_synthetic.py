@@ -253,15 +253,17 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
     assert (video - stored_v).abs().max() < 0.1  # JPEG decoder differences only
     assert torch.allclose(audio[0], stored_a, atol=1e-3)
 
-    ds = SyntheticInitDataset(preset="tiny", seed=0, length=6)
+    # the 12-fixed-class stream of generator v1 (the default stream draws per-clip identities)
+    by_class = dataclasses.replace(TINY, init_identity="class")
+    ds = SyntheticInitDataset(preset=by_class, seed=0, length=6)
     items = list(ds)
     assert [int(x["index"]) for x in items] == list(range(6))
     assert [int(x["label"]) for x in items] == list(range(6))  # balanced over the 12 init classes
     assert all(x["video"].shape == (4, 3, 64, 64) and x["audio"].shape == (1, 256, 64) for x in items)
     assert all(int(x["category"]) == 0 for x in items)
-    again = SyntheticInitDataset(preset="tiny", seed=0, start=3, length=1)
+    again = SyntheticInitDataset(preset=by_class, seed=0, start=3, length=1)
     assert torch.equal(next(iter(again))["video"], items[3]["video"])
-    other = SyntheticInitDataset(preset="tiny", seed=0, start=3 + 12, length=1)  # another clip
+    other = SyntheticInitDataset(preset=by_class, seed=0, start=3 + 12, length=1)  # another clip
     assert not torch.equal(next(iter(other))["video"], items[3]["video"])
     # worker sharding keeps the stream identical
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
@@ -269,12 +271,13 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
     assert [g[0] for g in got] == list(range(6))
     assert all(torch.equal(g[1], items[g[0]]["audio"]) for g in got)
 
-    pool = SyntheticInitRetrievalDataset(preset="tiny", seed=0)
+    pool = SyntheticInitRetrievalDataset(preset=by_class, seed=0)
     assert len(pool) == 12 * TINY.init_retrieval_per_class
     assert pool.label.bincount().tolist() == [TINY.init_retrieval_per_class] * 12  # fixed init classes
     assert not torch.equal(pool[0]["video"], items[0]["video"])  # held out from the training stream
     # per-clip identities: one "class" per clip
-    pool = SyntheticInitRetrievalDataset(preset=dataclasses.replace(TINY, init_identity="per_clip"), seed=0)
+    assert TINY.init_identity == "per_clip"
+    pool = SyntheticInitRetrievalDataset(preset="tiny", seed=0)
     assert pool.label.tolist() == list(range(len(pool)))
 
 
