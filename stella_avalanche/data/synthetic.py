@@ -612,20 +612,28 @@ def _tilted_noise(n: int, rms: float, tilt: float, rng: np.random.Generator, sam
     return x * (rms / (x.std() + 1e-12))
 
 
-def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPreset,
-                distractor_pool: Sequence[VisualIdentity], sound_pool: Sequence[SoundIdentity]) -> RenderedClip:
-    """Render one clip of class ``spec`` from its own generator.
+@dataclass(frozen=True)
+class _Motion:
+    """Instance parameters of a clip's sounding object (drawn by :func:`_draw_motion`).
 
-    :param spec: the clip's class.
-    :param rng: the clip's generator (see :func:`clip_rng`).
-    :param preset: sizes and difficulty knobs.
-    :param distractor_pool: visual identities a silent distractor is drawn from (own visual excluded here).
-    :param sound_pool: sound identities an off-screen sound is drawn from (own sound excluded here).
-    :returns: frames uint8 (S, H, W, 3), waveform float32 (N,), JSON-able ground truth.
+    :param pattern: bool (S,) segments in which the object is visible and sounding.
+    :param size: sprite side in pixels.
+    :param vx: horizontal speed in pixels per segment; ``vy`` vertical.
+    :param xs: int (S,) top-left column per segment; ``ys`` row.
     """
+
+    pattern: np.ndarray
+    size: int
+    vx: float
+    vy: float
+    xs: np.ndarray
+    ys: np.ndarray
+
+
+def _draw_motion(rng: np.random.Generator, preset: SyntheticPreset) -> _Motion:
+    """Draw the on/off pattern, size and straight path of the object (first draws of a clip)."""
     H = W = preset.image_size
     S = preset.num_segments
-    # --- instance parameters ---------------------------------------------------------------------
     lo_on, hi_on = preset.on_segments
     n_on = int(rng.integers(lo_on, hi_on + 1))
     pattern = np.zeros(S, dtype=bool)
@@ -635,66 +643,91 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPres
     span = S - 1
 
     def start_range(v: float) -> tuple[float, float]:
+        # start positions that keep the whole path inside the frame
         return max(0.0, -v * span), (W - size) - max(0.0, v * span)
 
     x0 = float(rng.uniform(*start_range(vx)))
     y0 = float(rng.uniform(*start_range(vy)))
     xs = np.clip(np.round(x0 + vx * np.arange(S)).astype(int), 0, W - size)
     ys = np.clip(np.round(y0 + vy * np.arange(S)).astype(int), 0, H - size)
+    return _Motion(pattern=pattern, size=size, vx=vx, vy=vy, xs=xs, ys=ys)
 
-    # --- video -----------------------------------------------------------------------------------
+
+def _draw_background(rng: np.random.Generator, preset: SyntheticPreset) -> np.ndarray:
+    """float32 (S, H, W, 3) frames holding a dark linear-gradient background (base, angle, amplitude)."""
+    H = W = preset.image_size
     base = rng.uniform(0.0, preset.background_level, size=3)
     angle = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     proj = ((xx / (W - 1) - 0.5) * math.cos(angle) + (yy / (H - 1) - 0.5) * math.sin(angle)) * 2.0  # [-1.4, 1.4]
     grad_amp = rng.uniform(-preset.background_gradient, preset.background_gradient, size=3)
     background = base[None, None, :] + np.clip(proj, -1, 1)[..., None] * grad_amp[None, None, :]
-    frames = np.broadcast_to(background, (S, H, W, 3)).astype(np.float32).copy()
+    return np.broadcast_to(background, (preset.num_segments, H, W, 3)).astype(np.float32).copy()
 
-    distractor: dict[str, Any] | None = None
-    if distractor_pool and rng.random() < preset.p_distractor:
-        d_vis = distractor_pool[int(rng.integers(len(distractor_pool)))]
-        d_size = int(rng.integers(preset.distractor_size[0], preset.distractor_size[1] + 1))
-        d_mask, d_rgb = _sprite(d_vis, d_size)
-        # Prefer a place that does not overlap the object's path (a few tries, then accept).
-        obj_box = (int(xs.min()), int(ys.min()), int(xs.max()) + size, int(ys.max()) + size)
-        for _ in range(8):
-            dx, dy = (int(v) for v in rng.integers(0, W - d_size + 1, size=2))
-            if dx + d_size <= obj_box[0] or dx >= obj_box[2] or dy + d_size <= obj_box[1] or dy >= obj_box[3]:
-                break
-        for s in range(S):
-            _paste(frames[s], d_mask, d_rgb, dx, dy)
-        distractor = {"box": _box_of(d_mask, dx, dy), "shape": d_vis.shape, "texture": d_vis.texture,
-                      "colour": d_vis.colour}
 
-    mask, rgb = _sprite(spec.visual, size)
+def _add_distractor(frames: np.ndarray, rng: np.random.Generator, preset: SyntheticPreset,
+                    pool: Sequence[VisualIdentity], motion: _Motion) -> dict[str, Any] | None:
+    """Maybe paste a static silent distractor into every frame (in place); its ground truth or None."""
+    if not (pool and rng.random() < preset.p_distractor):
+        return None
+    W = preset.image_size
+    d_vis = pool[int(rng.integers(len(pool)))]
+    d_size = int(rng.integers(preset.distractor_size[0], preset.distractor_size[1] + 1))
+    d_mask, d_rgb = _sprite(d_vis, d_size)
+    # Prefer a place that does not overlap the object's path (a few tries, then accept).
+    xs, ys, size = motion.xs, motion.ys, motion.size
+    obj_box = (int(xs.min()), int(ys.min()), int(xs.max()) + size, int(ys.max()) + size)
+    for _ in range(8):
+        dx, dy = (int(v) for v in rng.integers(0, W - d_size + 1, size=2))
+        if dx + d_size <= obj_box[0] or dx >= obj_box[2] or dy + d_size <= obj_box[1] or dy >= obj_box[3]:
+            break
+    for s in range(frames.shape[0]):
+        _paste(frames[s], d_mask, d_rgb, dx, dy)
+    return {"box": _box_of(d_mask, dx, dy), "shape": d_vis.shape, "texture": d_vis.texture,
+            "colour": d_vis.colour}
+
+
+def _add_object(frames: np.ndarray, spec: ClassSpec, preset: SyntheticPreset,
+                motion: _Motion) -> list[list[int] | None]:
+    """Paste the class's sprite and the tint into the sounding frames (in place); per-frame boxes."""
+    mask, rgb = _sprite(spec.visual, motion.size)
     boxes: list[list[int] | None] = []
     colour = np.asarray(PALETTE[spec.visual.colour], np.float32)
-    for s in range(S):
-        if pattern[s]:
-            _paste(frames[s], mask, rgb, int(xs[s]), int(ys[s]))
+    for s in range(frames.shape[0]):
+        if motion.pattern[s]:
+            x, y = int(motion.xs[s]), int(motion.ys[s])
+            _paste(frames[s], mask, rgb, x, y)
             frames[s] += preset.tint * colour  # faint full-frame tint marks sounding frames
-            boxes.append(_box_of(mask, int(xs[s]), int(ys[s])))
+            boxes.append(_box_of(mask, x, y))
         else:
             boxes.append(None)
-    frames += rng.normal(0.0, preset.pixel_noise, size=frames.shape).astype(np.float32)
-    frames_u8 = np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+    return boxes
 
-    # --- audio -----------------------------------------------------------------------------------
-    sr, n = preset.sample_rate, preset.num_samples
-    t = np.arange(n) / sr
-    on_rows = (ys + size / 2.0)[pattern]
+
+def _finish_frames(frames: np.ndarray, rng: np.random.Generator, preset: SyntheticPreset) -> np.ndarray:
+    """Add pixel noise (in place) and quantise to uint8 (S, H, W, 3)."""
+    frames += rng.normal(0.0, preset.pixel_noise, size=frames.shape).astype(np.float32)
+    return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def _object_cues(preset: SyntheticPreset, motion: _Motion) -> tuple[float, float, float]:
+    """(mean centre row, pitch shift in mel bins, loudness) of the object: the shared instance cues."""
+    H = preset.image_size
+    on_rows = (motion.ys + motion.size / 2.0)[motion.pattern]
     mean_cy = float(on_rows.mean())
     # Higher on screen (small y) -> higher pitch: 0 .. max_pitch_shift mel bins.
     lo_c, hi_c = preset.object_size[0] / 2.0, H - preset.object_size[0] / 2.0
     height = 1.0 - float(np.clip((mean_cy - lo_c) / (hi_c - lo_c), 0.0, 1.0))
     pitch_shift = preset.max_pitch_shift * height
     lo_s, hi_s = preset.object_size
-    loud = preset.loudness[0] + (preset.loudness[1] - preset.loudness[0]) * (size - lo_s) / max(1, hi_s - lo_s)
+    loud = preset.loudness[0] + (preset.loudness[1] - preset.loudness[0]) * (motion.size - lo_s) / max(1, hi_s - lo_s)
+    return mean_cy, pitch_shift, loud
 
-    snd = spec.sound
-    step = _mel_step(preset)
-    f0 = float(_mel_to_hz(_hz_to_mel(snd.f0) + pitch_shift * step))
+
+def _object_sound(snd: SoundIdentity, t: np.ndarray, rng: np.random.Generator, preset: SyntheticPreset,
+                  pattern: np.ndarray, pitch_shift: float, loud: float) -> tuple[np.ndarray, float]:
+    """(N,) waveform of the object's sound, on in the ``pattern`` segments, and its pitched f0 in Hz."""
+    f0 = float(_mel_to_hz(_hz_to_mel(snd.f0) + pitch_shift * _mel_step(preset)))
     freqs = f0 * np.asarray(snd.harmonics, np.float64)
     tone = _band_waveform(t, freqs, np.asarray(snd.weights), rng)
     rate, depth = TIMBRES[snd.timbre]
@@ -702,40 +735,82 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPres
         am_phase = rng.uniform(0, 2 * math.pi)
         tone *= 1.0 - depth * (0.5 - 0.5 * np.cos(2 * math.pi * rate * t + am_phase))
     tone /= np.abs(tone).max() + 1e-9
-    wav = preset.event_level * loud * tone * _segment_envelope(preset, pattern)
+    return preset.event_level * loud * tone * _segment_envelope(preset, pattern), f0
 
+
+def _noise_floor(rng: np.random.Generator, preset: SyntheticPreset) -> np.ndarray:
+    """(N,) background noise with a random level and spectral tilt."""
     noise_rms = float(rng.uniform(*preset.noise_rms))
     tilt = float(rng.uniform(-1.0, 0.3))
-    wav = wav + _tilted_noise(n, noise_rms, tilt, rng, sr)
+    return _tilted_noise(preset.num_samples, noise_rms, tilt, rng, preset.sample_rate)
 
-    offscreen: dict[str, Any] | None = None
-    if sound_pool and rng.random() < preset.p_offscreen:
-        o_snd = sound_pool[int(rng.integers(len(sound_pool)))]
-        h = int(rng.choice(o_snd.harmonics))
-        o_shift = float(rng.uniform(0, preset.max_pitch_shift))
-        o_f = float(_mel_to_hz(_hz_to_mel(o_snd.f0) + o_shift * step)) * h
-        o_pattern = np.zeros(S, dtype=bool)
-        o_pattern[rng.choice(S, size=int(rng.integers(1, 3)), replace=False)] = True
-        o_tone = _band_waveform(t, np.array([o_f]), np.array([1.0]), rng)
-        o_tone /= np.abs(o_tone).max() + 1e-9
-        level = float(rng.uniform(*preset.offscreen_level))
-        wav = wav + preset.event_level * level * o_tone * _segment_envelope(preset, o_pattern)
-        offscreen = {"frequency": round(o_f, 3), "pattern": [bool(v) for v in o_pattern], "level": round(level, 4)}
 
+def _offscreen_sound(t: np.ndarray, rng: np.random.Generator, preset: SyntheticPreset,
+                     pool: Sequence[SoundIdentity]) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """Maybe an off-screen sound: ((N,) waveform, ground truth), or (None, None)."""
+    if not (pool and rng.random() < preset.p_offscreen):
+        return None, None
+    o_snd = pool[int(rng.integers(len(pool)))]
+    h = int(rng.choice(o_snd.harmonics))
+    o_shift = float(rng.uniform(0, preset.max_pitch_shift))
+    o_f = float(_mel_to_hz(_hz_to_mel(o_snd.f0) + o_shift * _mel_step(preset))) * h
+    o_pattern = np.zeros(preset.num_segments, dtype=bool)
+    o_pattern[rng.choice(preset.num_segments, size=int(rng.integers(1, 3)), replace=False)] = True
+    o_tone = _band_waveform(t, np.array([o_f]), np.array([1.0]), rng)
+    o_tone /= np.abs(o_tone).max() + 1e-9
+    level = float(rng.uniform(*preset.offscreen_level))
+    wav = preset.event_level * level * o_tone * _segment_envelope(preset, o_pattern)
+    return wav, {"frequency": round(o_f, 3), "pattern": [bool(v) for v in o_pattern], "level": round(level, 4)}
+
+
+def _quantise_audio(wav: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 pcm, float32 waveform = pcm / 32768) of a float waveform clipped to [-1, 1]."""
     wav = np.clip(wav, -1.0, 1.0)
     # Quantise to the 16-bit levels of the stored wav, so in-memory clips equal decoded files.
     pcm = np.round(wav * 32767.0).astype(np.int16)
-    waveform = (pcm.astype(np.float32) / 32768.0)
+    return pcm, (pcm.astype(np.float32) / 32768.0)
 
+
+def render_clip(spec: ClassSpec, rng: np.random.Generator, preset: SyntheticPreset,
+                distractor_pool: Sequence[VisualIdentity], sound_pool: Sequence[SoundIdentity]) -> RenderedClip:
+    """Render one clip of class ``spec`` from its own generator.
+
+    The helpers draw from ``rng`` in a fixed order (motion, background, distractor, pixel noise, object
+    sound, noise floor, off-screen sound); changing that order changes every generated data set.
+
+    :param spec: the clip's class.
+    :param rng: the clip's generator (see :func:`clip_rng`).
+    :param preset: sizes and difficulty knobs.
+    :param distractor_pool: visual identities a silent distractor is drawn from (own visual excluded here).
+    :param sound_pool: sound identities an off-screen sound is drawn from (own sound excluded here).
+    :returns: frames uint8 (S, H, W, 3), waveform float32 (N,), JSON-able ground truth.
+    """
+    motion = _draw_motion(rng, preset)
+    # --- video -----------------------------------------------------------------------------------
+    frames = _draw_background(rng, preset)
+    distractor = _add_distractor(frames, rng, preset, distractor_pool, motion)
+    boxes = _add_object(frames, spec, preset, motion)
+    frames_u8 = _finish_frames(frames, rng, preset)
+    # --- audio -----------------------------------------------------------------------------------
+    t = np.arange(preset.num_samples) / preset.sample_rate
+    mean_cy, pitch_shift, loud = _object_cues(preset, motion)
+    wav, f0 = _object_sound(spec.sound, t, rng, preset, motion.pattern, pitch_shift, loud)
+    wav = wav + _noise_floor(rng, preset)
+    o_wav, offscreen = _offscreen_sound(t, rng, preset, sound_pool)
+    if o_wav is not None:
+        wav = wav + o_wav
+    pcm, waveform = _quantise_audio(wav)
+
+    pattern, xs, ys = motion.pattern, motion.xs, motion.ys
     truth = {
         "class_id": spec.class_id,
         "task": spec.task,
         "pattern": [bool(v) for v in pattern],
         "boxes": boxes,
-        "positions": [[int(xs[s]), int(ys[s])] if pattern[s] else None for s in range(S)],
+        "positions": [[int(xs[s]), int(ys[s])] if pattern[s] else None for s in range(len(pattern))],
         "shape": spec.visual.shape,
-        "size": size,
-        "velocity": [round(vx, 4), round(vy, 4)],
+        "size": motion.size,
+        "velocity": [round(motion.vx, 4), round(motion.vy, 4)],
         "mean_center_y": round(mean_cy, 4),
         "pitch_shift": round(pitch_shift, 4),
         "loudness": round(loud, 4),
