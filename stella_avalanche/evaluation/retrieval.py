@@ -95,30 +95,10 @@ def _as_embeddings(x: torch.Tensor, name: str, device: torch.device) -> torch.Te
     return F.normalize(x, dim=1)
 
 
-def retrieval_ranks(
-    z_audio: torch.Tensor,
-    z_video: torch.Tensor,
-    *,
-    task_ids: torch.Tensor | Sequence[int] | None = None,
-    per_task_gallery: bool = False,
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-    memory_budget_bytes: int = _DEFAULT_MEMORY_BUDGET,
-) -> RetrievalRanks:
-    """Strict and pessimistic ranks of the true match in both directions.
-
-    :param z_audio: (N, D) audio embeddings, row ``i`` pairs with ``z_video[i]``; normalised here.
-    :param z_video: (N, D) video embeddings.
-    :param task_ids: (N,) int task id per clip; required when ``per_task_gallery``.
-    :param per_task_gallery: restrict every query's gallery to clips of its own task.
-    :param chunk_size: tile side c (rows and columns per tile), rounded up to a multiple of 64;
-        ``None`` derives it from ``memory_budget_bytes``.
-    :param device: where to compute (``None``: the embeddings' device).
-    :param memory_budget_bytes: working-memory budget of one tile, used when ``chunk_size`` is None.
-    :return: :class:`RetrievalRanks`, int64 (N,) CPU tensors.
-    """
-    dev = torch.device(device) if device is not None else (
-        z_audio.device if isinstance(z_audio, torch.Tensor) else torch.device("cpu"))
+def _checked_inputs(z_audio: torch.Tensor, z_video: torch.Tensor, task_ids: torch.Tensor | Sequence[int] | None,
+                    per_task_gallery: bool, dev: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Normalised (N, D) fp32 embeddings on ``dev`` and (N,) int64 task ids (or None), validated."""
     a = _as_embeddings(z_audio, "z_audio", dev)
     v = _as_embeddings(z_video, "z_video", dev)
     if a.shape != v.shape:
@@ -131,9 +111,11 @@ def retrieval_ranks(
             raise ValueError(f"task_ids has {tasks.numel()} entries for {n} embeddings")
     if per_task_gallery and tasks is None:
         raise ValueError("per_task_gallery=True needs task_ids")
-    if n == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return RetrievalRanks(empty, empty, empty, empty)
+    return a, v, tasks
+
+
+def _tile_side(n: int, chunk_size: int | None, memory_budget_bytes: int, dev: torch.device) -> int:
+    """Aligned tile side c (a multiple of ``_TILE_ALIGN``, at most ``_TILE_MAX`` rounded up) for N >= 1."""
     if chunk_size:
         c = int(chunk_size)
     else:
@@ -146,30 +128,53 @@ def retrieval_ranks(
     # MKL rounds entries differently depending on their position, so two duplicate clips would no
     # longer tie exactly (verified on the project machine); aligned shapes keep every entry's
     # rounding independent of where it sits.
-    c = _TILE_ALIGN * -(-min(c, n, _TILE_MAX) // _TILE_ALIGN)
-    nb = -(-n // c)
-    npad = nb * c
-    # Zero-pad to a whole number of c x c tiles so that every similarity comes from a GEMM call of the
-    # same aligned shape: a block of another shape may take another kernel path and round differently.
-    if npad != n:
-        a = torch.cat([a, a.new_zeros(npad - n, a.shape[1])])
-        v = torch.cat([v, v.new_zeros(npad - n, v.shape[1])])
-        if tasks is not None:
-            tasks = torch.cat([tasks, tasks.new_full((npad - n,), -1)])
+    return _TILE_ALIGN * -(-min(c, n, _TILE_MAX) // _TILE_ALIGN)
 
-    # Positives S_ii, read from the diagonal tiles, i.e. from the very GEMM call that produces the
-    # diagonal tiles below (a separately computed dot product can differ in the last bit). Both
-    # directions compare against this one vector.
-    # Preallocated tile buffers: fresh multi-MB tensors per tile would page-fault on every allocation.
-    sim = torch.empty(c, c, dtype=torch.float32, device=dev)
-    pos = torch.empty(npad, dtype=torch.float32, device=dev)
-    for b in range(nb):
+
+def _pad_rows(a: torch.Tensor, v: torch.Tensor, tasks: torch.Tensor | None, npad: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Zero-pad embeddings (and pad task ids with -1) to ``npad`` rows.
+
+    Padding to a whole number of c x c tiles makes every similarity come from a GEMM call of the same
+    aligned shape: a block of another shape may take another kernel path and round differently.
+    """
+    n = a.shape[0]
+    if npad == n:
+        return a, v, tasks
+    a = torch.cat([a, a.new_zeros(npad - n, a.shape[1])])
+    v = torch.cat([v, v.new_zeros(npad - n, v.shape[1])])
+    if tasks is not None:
+        tasks = torch.cat([tasks, tasks.new_full((npad - n,), -1)])
+    return a, v, tasks
+
+
+def _diagonal_positives(a: torch.Tensor, v: torch.Tensor, c: int, sim: torch.Tensor) -> torch.Tensor:
+    """(Npad,) positives S_ii, read from the diagonal c x c tiles (``sim`` is the reused tile buffer).
+
+    Reading them from the very GEMM call that produces the diagonal tiles in :func:`_rank_counts` keeps
+    them bit-equal to the self entries there (a separately computed dot product can differ in the last
+    bit). Both directions compare against this one vector.
+    """
+    npad = a.shape[0]
+    pos = torch.empty(npad, dtype=torch.float32, device=a.device)
+    for b in range(npad // c):
         blk = slice(b * c, (b + 1) * c)
         torch.matmul(a[blk], v[blk].T, out=sim)
         pos[blk] = sim.diagonal()
+    return pos
 
+
+def _rank_counts(a: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, tasks: torch.Tensor | None, *, n: int,
+                 c: int, per_task_gallery: bool, sim: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-query counts of gallery entries > and >= the positive, both directions, tile by tile.
+
+    :param a: (Npad, D) padded audio embeddings; ``v`` the video ones; ``pos`` (Npad,) positives.
+    :param n: number of real (unpadded) rows.
+    :returns: ``{"a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge"}``, each float64 (Npad,) holding exact integers.
+    """
+    dev, nb = a.device, a.shape[0] // c
     # fp64 accumulators hold exact integer counts (< 2**53) and take the fp32 tile sums without a cast op
-    counts = {k: torch.zeros(npad, dtype=torch.float64, device=dev) for k in ("a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge")}
+    counts = {k: torch.zeros(nb * c, dtype=torch.float64, device=dev) for k in ("a2v_gt", "a2v_ge", "v2a_gt", "v2a_ge")}
     hits = torch.empty(c, c, dtype=torch.float32, device=dev)
     flag = torch.empty(c, c, dtype=torch.bool, device=dev) if per_task_gallery else None
     tail = n - (nb - 1) * c                                # valid rows/columns in the last tile
@@ -198,9 +203,47 @@ def retrieval_ranks(
                 # faster on CPU than a bool tensor, whose reduction first casts a copy (measured)
                 op(sim, thr, out=hits)
                 counts[key][idx] += hits.sum(dim=dim)
+    return counts
 
+
+def retrieval_ranks(
+    z_audio: torch.Tensor,
+    z_video: torch.Tensor,
+    *,
+    task_ids: torch.Tensor | Sequence[int] | None = None,
+    per_task_gallery: bool = False,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    memory_budget_bytes: int = _DEFAULT_MEMORY_BUDGET,
+) -> RetrievalRanks:
+    """Strict and pessimistic ranks of the true match in both directions.
+
+    :param z_audio: (N, D) audio embeddings, row ``i`` pairs with ``z_video[i]``; normalised here.
+    :param z_video: (N, D) video embeddings.
+    :param task_ids: (N,) int task id per clip; required when ``per_task_gallery``.
+    :param per_task_gallery: restrict every query's gallery to clips of its own task.
+    :param chunk_size: tile side c (rows and columns per tile), rounded up to a multiple of 64;
+        ``None`` derives it from ``memory_budget_bytes``.
+    :param device: where to compute (``None``: the embeddings' device).
+    :param memory_budget_bytes: working-memory budget of one tile, used when ``chunk_size`` is None.
+    :return: :class:`RetrievalRanks`, int64 (N,) CPU tensors.
+    """
+    dev = torch.device(device) if device is not None else (
+        z_audio.device if isinstance(z_audio, torch.Tensor) else torch.device("cpu"))
+    a, v, tasks = _checked_inputs(z_audio, z_video, task_ids, per_task_gallery, dev)
+    n = a.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return RetrievalRanks(empty, empty, empty, empty)
+    c = _tile_side(n, chunk_size, memory_budget_bytes, dev)
+    a, v, tasks = _pad_rows(a, v, tasks, c * -(-n // c))
+    # One preallocated tile buffer for both passes: a fresh multi-MB tensor per tile would page-fault
+    # on every allocation.
+    sim = torch.empty(c, c, dtype=torch.float32, device=dev)
+    pos = _diagonal_positives(a, v, c, sim)
+    counts = _rank_counts(a, v, pos, tasks, n=n, c=c, per_task_gallery=per_task_gallery, sim=sim)
     # strict: 1 + #{j : S_ij > S_ii}; pessimistic: 1 + #{j != i : S_ij >= S_ii} = #{j : S_ij >= S_ii}
-    out = {k: v[:n].to(torch.int64).cpu() for k, v in counts.items()}
+    out = {k: x[:n].to(torch.int64).cpu() for k, x in counts.items()}
     return RetrievalRanks(a2v=out["a2v_gt"] + 1, v2a=out["v2a_gt"] + 1, a2v_pess=out["a2v_ge"], v2a_pess=out["v2a_ge"])
 
 
