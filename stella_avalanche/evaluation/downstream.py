@@ -282,6 +282,70 @@ def _subsample_per_class(y: np.ndarray, cap: int | None, seed: int) -> np.ndarra
     return np.sort(np.concatenate(keep))
 
 
+def _probe_model(c: float, *, multi: bool, max_iter: int) -> Any:
+    """Unfitted standardise + logistic-regression pipeline (one-vs-rest when ``multi``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    lr = LogisticRegression(C=c, max_iter=max_iter)
+    return make_pipeline(StandardScaler(), OneVsRestClassifier(lr) if multi else lr)
+
+
+def _probe_score(clf: Any, x: np.ndarray, y: np.ndarray, *, multi: bool) -> float:
+    """Top-1 accuracy, or (``multi``) macro AP over the classes with a positive in ``y`` (NaN if none); percent."""
+    if multi:
+        from sklearn.metrics import average_precision_score
+
+        cols = y.sum(0) > 0
+        if not cols.any():
+            return float("nan")
+        p = clf.predict_proba(x)
+        return 100.0 * float(average_precision_score(y[:, cols], p[:, cols], average="macro"))
+    return 100.0 * float((clf.predict(x) == y).mean())
+
+
+def _probe_holdout(train_y: np.ndarray, *, multi: bool, val_fraction: float, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows) of train; stratified by class when every class can be on both sides."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(train_y)
+    n_val = max(1, int(round(val_fraction * n)))
+    strat = None
+    if not multi:
+        classes, counts = np.unique(train_y, return_counts=True)
+        # a stratified hold-out needs one row of every class on both sides
+        if counts.min() >= 2 and n - max(n_val, len(classes)) >= len(classes):
+            strat, n_val = train_y, max(n_val, len(classes))
+    return train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=strat)
+
+
+def _probe_group_scores(clf: Any, test_x: np.ndarray, test_y: np.ndarray, test_groups: np.ndarray | None,
+                        group_names: Sequence[str] | None, *, multi: bool) -> dict[str, float | None]:
+    """Score per test group (name -> percent, None where the score is undefined); empty without groups."""
+    per_task: dict[str, float | None] = {}
+    if test_groups is not None:
+        groups = np.asarray(test_groups)
+        for g in np.unique(groups):
+            name = group_names[int(g)] if group_names is not None else str(int(g))
+            rows = groups == g
+            s = _probe_score(clf, test_x[rows], test_y[rows], multi=multi)
+            per_task[name] = None if math.isnan(s) else s
+    return per_task
+
+
+def _probe_chance(train_y: np.ndarray, test_y: np.ndarray, *, multi: bool) -> tuple[int, float]:
+    """(number of classes, chance score in percent): 100 / C, or the positive rate for multi-label."""
+    n_classes = int(train_y.shape[1]) if multi else int(len(np.unique(train_y)))
+    if multi:
+        chance = 100.0 * float(test_y[:, test_y.sum(0) > 0].mean()) if test_y.size else float("nan")
+    else:
+        chance = 100.0 / max(1, n_classes)
+    return n_classes, chance
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                  test_groups: np.ndarray | None = None, group_names: Sequence[str] | None = None,
                  cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), val_fraction: float = 0.2, seed: int = 0,
@@ -301,12 +365,6 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import average_precision_score
-    from sklearn.model_selection import train_test_split
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
@@ -314,53 +372,20 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     multi = train_y.ndim == 2
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("linear_probe: features and labels differ in length")
-
-    def model(c: float) -> Any:
-        lr = LogisticRegression(C=c, max_iter=max_iter)
-        return make_pipeline(StandardScaler(), OneVsRestClassifier(lr) if multi else lr)
-
-    def score(clf: Any, x: np.ndarray, y: np.ndarray) -> float:
-        if multi:
-            cols = y.sum(0) > 0
-            if not cols.any():
-                return float("nan")
-            p = clf.predict_proba(x)
-            return 100.0 * float(average_precision_score(y[:, cols], p[:, cols], average="macro"))
-        return 100.0 * float((clf.predict(x) == y).mean())
-
-    n = len(train_y)
-    n_val = max(1, int(round(val_fraction * n)))
-    strat = None
-    if not multi:
-        classes, counts = np.unique(train_y, return_counts=True)
-        # a stratified hold-out needs one row of every class on both sides
-        if counts.min() >= 2 and n - max(n_val, len(classes)) >= len(classes):
-            strat, n_val = train_y, max(n_val, len(classes))
-    fit_i, val_i = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=strat)
+    fit_i, val_i = _probe_holdout(train_y, multi=multi, val_fraction=val_fraction, seed=seed)
     # one BLAS thread: these problems are small, and a multi-threaded BLAS on a busy CPU made the fits
     # ~20x slower (benchmarks/perf/downstream_cost.py); lbfgs may stop at max_iter for weak regularisation
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         val_scores = []
         for c in cs:
-            clf = model(c).fit(train_x[fit_i], train_y[fit_i])
-            val_scores.append(score(clf, train_x[val_i], train_y[val_i]))
+            clf = _probe_model(c, multi=multi, max_iter=max_iter).fit(train_x[fit_i], train_y[fit_i])
+            val_scores.append(_probe_score(clf, train_x[val_i], train_y[val_i], multi=multi))
         best = int(np.nanargmax(val_scores))  # first best: the strongest regularisation among ties
-        clf = model(cs[best]).fit(train_x, train_y)
-        per_task: dict[str, float | None] = {}
-        if test_groups is not None:
-            groups = np.asarray(test_groups)
-            for g in np.unique(groups):
-                name = group_names[int(g)] if group_names is not None else str(int(g))
-                rows = groups == g
-                s = score(clf, test_x[rows], test_y[rows])
-                per_task[name] = None if math.isnan(s) else s
-        test_score = score(clf, test_x, test_y)
-    n_classes = int(train_y.shape[1]) if multi else int(len(np.unique(train_y)))
-    if multi:
-        chance = 100.0 * float(test_y[:, test_y.sum(0) > 0].mean()) if test_y.size else float("nan")
-    else:
-        chance = 100.0 / max(1, n_classes)
+        clf = _probe_model(cs[best], multi=multi, max_iter=max_iter).fit(train_x, train_y)
+        per_task = _probe_group_scores(clf, test_x, test_y, test_groups, group_names, multi=multi)
+        test_score = _probe_score(clf, test_x, test_y, multi=multi)
+    n_classes, chance = _probe_chance(train_y, test_y, multi=multi)
     return {"metric": "mAP" if multi else "top1", "score": test_score, "per_task": per_task,
             "C": float(cs[best]), "val_score": float(val_scores[best]), "chance": chance,
             "num_train": int(len(train_y)), "num_test": int(len(test_y)), "num_classes": n_classes}
@@ -802,6 +827,107 @@ def _is_synthetic(bm: Any) -> bool:
     return getattr(bm, "name", "") == "synthetic" and hasattr(bm, "preset")
 
 
+class _TransferEvalSet:
+    """The synthetic transfer ``eval`` part, built on first use and shared by the transfer and localise tasks."""
+
+    def __init__(self, bm: Any, cfg: DownstreamConfig, progress: bool) -> None:
+        self._bm, self._cfg, self._progress = bm, cfg, progress
+        self._ds: Any = None
+
+    def get(self) -> Any:
+        """The dataset (built once, with one thread)."""
+        if self._ds is None:
+            from stella_avalanche.data.synthetic_transfer import SyntheticTransferDataset
+
+            bm, cfg = self._bm, self._cfg
+            with _threads(1):
+                self._ds = SyntheticTransferDataset(preset=bm.preset, seed=bm.seed, part="eval",
+                                                    per_class=cfg.transfer_per_class,
+                                                    num_classes=cfg.transfer_classes, features=bm.features,
+                                                    progress=self._progress)
+        return self._ds
+
+
+def _transfer_block(model: nn.Module, bm: Any, cfg: DownstreamConfig, progress: bool,
+                    eval_set: _TransferEvalSet) -> dict[str, Any]:
+    """Zero-shot retrieval on the synthetic transfer split or an MSR-VTT-style list (else skipped)."""
+    if _is_synthetic(bm):
+        ds, name = eval_set.get(), "synthetic_transfer"
+        extra: dict[str, Any] = {"classes": cfg.transfer_classes}
+    elif cfg.msrvtt_json:
+        from stella_avalanche.benchmarks.msrvtt import msrvtt_dataset
+
+        ds, name = msrvtt_dataset(cfg.msrvtt_json, data_root=cfg.msrvtt_root, features=bm.features,
+                                  progress=progress), "msrvtt"
+        extra = {"list": str(cfg.msrvtt_json)}
+    else:
+        return {"skipped": "no transfer data: set downstream.msrvtt_json for a real benchmark"}
+    emb = extract_embeddings(model, ds, batch_size=cfg.batch_size, desc="transfer: features", progress=progress)
+    return {"dataset": name, **extra, **transfer_retrieval(emb["z_audio"], emb["z_video"])}
+
+
+def _localise_block(model: nn.Module, bm: Any, cfg: DownstreamConfig, progress: bool,
+                    eval_set: _TransferEvalSet) -> dict[str, Any]:
+    """Fit the localisation head on one set and score it on another (synthetic transfer or AVSBench-S4)."""
+    if _is_synthetic(bm):
+        from stella_avalanche.data.synthetic_transfer import SyntheticTransferDataset
+
+        with _threads(1):
+            fit_ds = SyntheticTransferDataset(preset=bm.preset, seed=bm.seed, part="fit",
+                                              per_class=cfg.localise_fit_per_class,
+                                              num_classes=cfg.transfer_classes, features=bm.features,
+                                              progress=progress)
+        fit, test = _synthetic_localisation_sets(model, fit_ds, eval_set.get(), cfg.batch_size, progress)
+        source = {"dataset": "synthetic_transfer", "fit": "fit part", "eval": "eval part"}
+    elif cfg.avsbench_root:
+        from stella_avalanche.benchmarks.avsbench import AVSBenchS4Dataset
+
+        sets = []
+        for split in (cfg.avsbench_fit_split, cfg.avsbench_eval_split):
+            ds = AVSBenchS4Dataset(root=cfg.avsbench_root, split=split, features=bm.features,
+                                   csv_path=cfg.avsbench_csv, max_clips=cfg.avsbench_max_clips)
+            sets.append(localisation_set(model, ds, batch_size=cfg.batch_size, progress=progress,
+                                         desc=f"localise: {split} features"))
+        fit, test = sets
+        source = {"dataset": "avsbench_s4", "fit": cfg.avsbench_fit_split, "eval": cfg.avsbench_eval_split}
+    else:
+        return {"skipped": "no localisation data: set downstream.avsbench_root for a real benchmark"}
+    head = fit_localisation_head(fit, steps=cfg.localise_steps, lr=cfg.localise_lr,
+                                 batch=cfg.localise_batch, seed=cfg.seed, progress=progress)
+    return {**source, **score_localisation(head, fit, test)}
+
+
+def _first_task_snapshot(out_path: Path, task: int) -> dict[str, Tensor] | None:
+    """The embeddings saved after the first task (``FIRST_TASK_EMBEDDINGS``) if they are of ``task``."""
+    snap = out_path / FIRST_TASK_EMBEDDINGS
+    if snap.is_file():
+        obj = torch.load(snap, map_location="cpu", weights_only=True)
+        if int(obj.get("task", -1)) == task:
+            return obj
+    return None
+
+
+def _gap_block(model: nn.Module, bm: Any, cfg: DownstreamConfig, results: Mapping[str, Any] | None,
+               out_path: Path | None, progress: bool, pictures: list[str]) -> dict[str, Any]:
+    """Modality-gap summary; with ``out_path`` also the gap and PCA pictures (their names appended to ``pictures``)."""
+    gap = (results or {}).get("modality_gap")
+    if not gap:
+        return {"skipped": "results hold no modality_gap matrix"}
+    block = gap_summary(gap)
+    tasks = list((results or {}).get("tasks") or bm.task_names)
+    if out_path is not None:
+        pictures.append(plot_gap(gap, tasks, out_path / PICTURES["gap"],
+                                 title=str((results or {}).get("strategy", ""))).name)
+        k = min(cfg.pca_task, len(bm.retrieval_stream) - 1)
+        last = extract_embeddings(model, bm.retrieval_stream[k].dataset, batch_size=cfg.batch_size,
+                                  desc="gap: PCA features", progress=progress)
+        first = _first_task_snapshot(out_path, k)
+        block["pca_first_task"] = first is not None
+        pictures.append(plot_pca(last, out_path / PICTURES["pca"], first=first,
+                                 task_name=str(tasks[k]) if k < len(tasks) else str(k)).name)
+    return block
+
+
 def run_downstream(model: nn.Module, bm: Any, *, cfg: DownstreamConfig | Mapping[str, Any] | None = None,
                    results: Mapping[str, Any] | None = None, out_dir: str | os.PathLike | None = None,
                    progress: bool = True, model_name: str = "model") -> dict[str, Any]:
@@ -816,7 +942,7 @@ def run_downstream(model: nn.Module, bm: Any, *, cfg: DownstreamConfig | Mapping
     :param model_name: how the geometry check names the model.
     :raises GeometryMismatchError: the model does not take the benchmark's input geometry.
     :returns: ``{"tasks", "probe", "transfer", "localise", "gap", "seconds", "pictures"}`` (tasks not run are
-        absent; a task that cannot run on this benchmark holds ``{"skipped": reason}``).
+        absent; a task that cannot run on this benchmark holds ``{"skipped": reason}`` and has no seconds entry).
     """
     from stella_avalanche.utils import progress_enabled
 
@@ -825,92 +951,19 @@ def run_downstream(model: nn.Module, bm: Any, *, cfg: DownstreamConfig | Mapping
     check_geometry(model.config, bm.features, model_name=model_name, benchmark_name=getattr(bm, "name", "?"))
     out: dict[str, Any] = {"tasks": list(cfg.tasks), "seconds": {}, "pictures": []}
     out_path = Path(out_dir) if out_dir is not None else None
-    synthetic = _is_synthetic(bm)
-    transfer_eval = None
-
-    def transfer_eval_set() -> Any:
-        nonlocal transfer_eval
-        if transfer_eval is None:
-            from stella_avalanche.data.synthetic_transfer import SyntheticTransferDataset
-
-            with _threads(1):
-                transfer_eval = SyntheticTransferDataset(preset=bm.preset, seed=bm.seed, part="eval",
-                                                         per_class=cfg.transfer_per_class,
-                                                         num_classes=cfg.transfer_classes, features=bm.features,
-                                                         progress=progress)
-        return transfer_eval
-
+    eval_set = _TransferEvalSet(bm, cfg, progress)
     for task in cfg.tasks:
         t0 = time.perf_counter()
         if task == "probe":
             out["probe"] = _probe_block(model, bm, cfg, progress)
         elif task == "transfer":
-            if synthetic:
-                ds, name = transfer_eval_set(), "synthetic_transfer"
-                extra = {"classes": cfg.transfer_classes}
-            elif cfg.msrvtt_json:
-                from stella_avalanche.benchmarks.msrvtt import msrvtt_dataset
-
-                ds, name = msrvtt_dataset(cfg.msrvtt_json, data_root=cfg.msrvtt_root, features=bm.features,
-                                          progress=progress), "msrvtt"
-                extra = {"list": str(cfg.msrvtt_json)}
-            else:
-                out["transfer"] = {"skipped": "no transfer data: set downstream.msrvtt_json for a real benchmark"}
-                continue
-            emb = extract_embeddings(model, ds, batch_size=cfg.batch_size, desc="transfer: features",
-                                     progress=progress)
-            out["transfer"] = {"dataset": name, **extra, **transfer_retrieval(emb["z_audio"], emb["z_video"])}
+            out["transfer"] = _transfer_block(model, bm, cfg, progress, eval_set)
         elif task == "localise":
-            if synthetic:
-                from stella_avalanche.data.synthetic_transfer import SyntheticTransferDataset
-
-                with _threads(1):
-                    fit_ds = SyntheticTransferDataset(preset=bm.preset, seed=bm.seed, part="fit",
-                                                      per_class=cfg.localise_fit_per_class,
-                                                      num_classes=cfg.transfer_classes, features=bm.features,
-                                                      progress=progress)
-                fit, test = _synthetic_localisation_sets(model, fit_ds, transfer_eval_set(), cfg.batch_size, progress)
-                source = {"dataset": "synthetic_transfer", "fit": "fit part", "eval": "eval part"}
-            elif cfg.avsbench_root:
-                from stella_avalanche.benchmarks.avsbench import AVSBenchS4Dataset
-
-                sets = []
-                for split in (cfg.avsbench_fit_split, cfg.avsbench_eval_split):
-                    ds = AVSBenchS4Dataset(root=cfg.avsbench_root, split=split, features=bm.features,
-                                           csv_path=cfg.avsbench_csv, max_clips=cfg.avsbench_max_clips)
-                    sets.append(localisation_set(model, ds, batch_size=cfg.batch_size, progress=progress,
-                                                 desc=f"localise: {split} features"))
-                fit, test = sets
-                source = {"dataset": "avsbench_s4", "fit": cfg.avsbench_fit_split, "eval": cfg.avsbench_eval_split}
-            else:
-                out["localise"] = {"skipped": "no localisation data: set downstream.avsbench_root for a real benchmark"}
-                continue
-            head = fit_localisation_head(fit, steps=cfg.localise_steps, lr=cfg.localise_lr,
-                                         batch=cfg.localise_batch, seed=cfg.seed, progress=progress)
-            out["localise"] = {**source, **score_localisation(head, fit, test)}
+            out["localise"] = _localise_block(model, bm, cfg, progress, eval_set)
         elif task == "gap":
-            gap = (results or {}).get("modality_gap")
-            if not gap:
-                out["gap"] = {"skipped": "results hold no modality_gap matrix"}
-                continue
-            block = gap_summary(gap)
-            tasks = list((results or {}).get("tasks") or bm.task_names)
-            if out_path is not None:
-                out["pictures"].append(plot_gap(gap, tasks, out_path / PICTURES["gap"],
-                                                title=str((results or {}).get("strategy", ""))).name)
-                k = min(cfg.pca_task, len(bm.retrieval_stream) - 1)
-                last = extract_embeddings(model, bm.retrieval_stream[k].dataset, batch_size=cfg.batch_size,
-                                          desc="gap: PCA features", progress=progress)
-                first = None
-                snap = out_path / FIRST_TASK_EMBEDDINGS
-                if snap.is_file():
-                    obj = torch.load(snap, map_location="cpu", weights_only=True)
-                    if int(obj.get("task", -1)) == k:
-                        first = obj
-                block["pca_first_task"] = first is not None
-                out["pictures"].append(plot_pca(last, out_path / PICTURES["pca"], first=first,
-                                                task_name=str(tasks[k]) if k < len(tasks) else str(k)).name)
-            out["gap"] = block
+            out["gap"] = _gap_block(model, bm, cfg, results, out_path, progress, out["pictures"])
+        if "skipped" in out.get(task, {}):
+            continue  # skipped tasks get no time entry
         out["seconds"][task] = round(time.perf_counter() - t0, 2)
     out["seconds"]["total"] = round(sum(out["seconds"].values()), 2)
     return out
