@@ -207,6 +207,122 @@ def _category_problem(where: str, cat: str, task_names: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------- split csv
+@dataclass(frozen=True)
+class _SplitLayout:
+    """Where a split CSV's columns are.
+
+    :param columns: column name -> field index.
+    :param n_fields: fields every data row must have.
+    :param is_header: the first line was a header.
+    :param data: the data rows ``(line, fields)``.
+    """
+
+    columns: dict[str, int]
+    n_fields: int
+    is_header: bool
+    data: list[tuple[int, list[str]]]
+
+
+def _load_split_rows(src: str) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a split CSV; :class:`ManifestError` if missing, unreadable or empty."""
+    try:
+        with open(src, newline="", encoding="utf-8") as fh:
+            rows = _read_csv_rows(fh)
+    except FileNotFoundError:
+        raise ManifestError(src, [f"{src}: file not found"]) from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ManifestError(src, [f"{src}: not a readable CSV ({e})"]) from None
+    if not rows:
+        raise ManifestError(src, [f"{src}:1: empty file (expected rows {', '.join(SPLIT_COLUMNS)})"])
+    return rows
+
+
+def _split_layout(src: str, rows: list[tuple[int, list[str]]]) -> _SplitLayout:
+    """Layout from the first row: a header line (any order, optional leading unnamed column) or
+    positional 5/6 fields; :class:`ManifestError` naming the line when it fits neither."""
+    first_line, first = rows[0]
+    is_header = any(c.strip().lower() in SPLIT_COLUMNS or c.strip().lower() in _HEADER_WORDS for c in first)
+    if not is_header:
+        n_fields = len(first)
+        if n_fields not in (5, 6):
+            raise ManifestError(src, [f"{src}:{first_line}: expected 5 fields ({', '.join(SPLIT_COLUMNS)}) "
+                                      f"or 6 (leading index + those), found {n_fields}: {first}"])
+        lead = n_fields - 5
+        return _SplitLayout({c: lead + i for i, c in enumerate(SPLIT_COLUMNS)}, n_fields, False, rows)
+    names = [c.strip().lower() for c in first]
+    lead = 1 if names and names[0] in ("", "unnamed: 0", "index") else 0
+    names_body = names[lead:]
+    missing = [c for c in SPLIT_COLUMNS if c not in names_body]
+    unknown = [c for c in names_body if c not in SPLIT_COLUMNS]
+    if missing or unknown or len(set(names_body)) != len(names_body):
+        msg = f"{src}:{first_line}: header {first} does not match the columns {list(SPLIT_COLUMNS)}"
+        if missing:
+            msg += f"; missing column(s) {missing}"
+        if unknown:
+            msg += f"; unexpected column(s) {unknown}"
+        raise ManifestError(src, [msg])
+    if not rows[1:]:
+        raise ManifestError(src, [f"{src}:{first_line}: file has a header but no rows"])
+    return _SplitLayout({c: lead + names_body.index(c) for c in SPLIT_COLUMNS}, len(names), True, rows[1:])
+
+
+def _check_row_labels(where: str, mids: tuple[str, ...], cat: str, *, task_names: Sequence[str] | None,
+                      label_table: LabelTable | None, multi_label: bool, problems: list[str]) -> tuple[str, ...]:
+    """Check a row's mids against the label table (problems appended); the mids the record keeps."""
+    if not multi_label and len(mids) != 1:
+        problems.append(f"{where}: single-label row must have exactly 1 mid, found {len(mids)}: {list(mids)}")
+    if label_table is None:
+        return mids
+    in_table = tuple(m for m in mids if m in label_table)
+    if not multi_label:
+        bad = [m for m in mids if m not in label_table]
+        if bad:
+            problems.append(f"{where}: mid(s) {bad} not in label table {label_table.source}")
+        return in_table or mids
+    if not in_table:
+        problems.append(f"{where}: none of the mids {list(mids)} is in label table {label_table.source}")
+    elif label_table.has_categories:
+        tasks = sorted({str(label_table.category_of(m)) for m in in_table})
+        if len(tasks) > 1:
+            problems.append(f"{where}: in-table labels span {len(tasks)} tasks {tasks}")
+        elif task_names is not None and cat in task_names and tasks[0] != cat:
+            problems.append(f"{where}: category {cat!r} disagrees with the labels' task {tasks[0]!r}")
+    return in_table or mids
+
+
+def _split_record(src: str, line: int, fields: list[str], layout: _SplitLayout, *, root: Path,
+                  seen: dict[str, int], task_names: Sequence[str] | None, label_table: LabelTable | None,
+                  multi_label: bool, problems: list[str]) -> ClipRecord | None:
+    """One data row as a record, its problems appended to ``problems`` (None when it cannot be read)."""
+    where = f"{src}:{line}"
+    if len(fields) != layout.n_fields:
+        problems.append(f"{where}: expected {layout.n_fields} fields, found {len(fields)}")
+        return None
+    if layout.n_fields - 5 and not layout.is_header and not _is_int(fields[0].strip()):
+        problems.append(f"{where}: leading index field {fields[0]!r} is not an integer")
+    vals = {c: fields[i].strip() for c, i in layout.columns.items()}
+    empty = [c for c, v in vals.items() if not v]
+    if empty:
+        problems.append(f"{where}: empty field(s) {empty}")
+        return None
+    key = clip_key(vals["frames_path"])
+    if key in seen:
+        problems.append(f"{where}: duplicate clip key {key!r} (first at line {seen[key]})")
+    else:
+        seen[key] = line
+    cat = vals["category"]
+    if task_names is not None and cat not in task_names:
+        problems.append(_category_problem(where, cat, task_names))
+    mids = _split_mids(vals["label"])
+    if not mids:
+        problems.append(f"{where}: label field {vals['label']!r} holds no mid")
+        return None
+    mids = _check_row_labels(where, mids, cat, task_names=task_names, label_table=label_table,
+                             multi_label=multi_label, problems=problems)
+    return ClipRecord(key=key, vid=vals["vid"], video=_resolve(vals["frames_path"], root),
+                      audio=_resolve(vals["wav"], root), labels=mids, category=cat, source=src, row=line)
+
+
 def read_split_csv(path: str | os.PathLike, *, data_root: str | os.PathLike | None,
                    task_names: Sequence[str] | None = None, label_table: LabelTable | None = None,
                    multi_label: bool = False) -> list[ClipRecord]:
@@ -228,102 +344,15 @@ def read_split_csv(path: str | os.PathLike, *, data_root: str | os.PathLike | No
     """
     src = str(path)
     root = Path(data_root) if data_root is not None else Path(src).resolve().parent
+    layout = _split_layout(src, _load_split_rows(src))
     problems: list[str] = []
-    try:
-        with open(src, newline="", encoding="utf-8") as fh:
-            rows = _read_csv_rows(fh)
-    except FileNotFoundError:
-        raise ManifestError(src, [f"{src}: file not found"]) from None
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise ManifestError(src, [f"{src}: not a readable CSV ({e})"]) from None
-    if not rows:
-        raise ManifestError(src, [f"{src}:1: empty file (expected rows {', '.join(SPLIT_COLUMNS)})"])
-
-    # --- layout: header line (any order, optional leading unnamed column) or positional 5/6 fields
-    first_line, first = rows[0]
-    columns: dict[str, int]
-    n_fields: int
-    is_header = any(c.strip().lower() in SPLIT_COLUMNS or c.strip().lower() in _HEADER_WORDS for c in first)
-    if is_header:
-        names = [c.strip().lower() for c in first]
-        lead = 1 if names and names[0] in ("", "unnamed: 0", "index") else 0
-        names_body = names[lead:]
-        missing = [c for c in SPLIT_COLUMNS if c not in names_body]
-        unknown = [c for c in names_body if c not in SPLIT_COLUMNS]
-        if missing or unknown or len(set(names_body)) != len(names_body):
-            msg = f"{src}:{first_line}: header {first} does not match the columns {list(SPLIT_COLUMNS)}"
-            if missing:
-                msg += f"; missing column(s) {missing}"
-            if unknown:
-                msg += f"; unexpected column(s) {unknown}"
-            raise ManifestError(src, [msg])
-        columns = {c: lead + names_body.index(c) for c in SPLIT_COLUMNS}
-        n_fields = len(names)
-        data = rows[1:]
-        if not data:
-            raise ManifestError(src, [f"{src}:{first_line}: file has a header but no rows"])
-    else:
-        n_fields = len(first)
-        if n_fields not in (5, 6):
-            raise ManifestError(src, [f"{src}:{first_line}: expected 5 fields ({', '.join(SPLIT_COLUMNS)}) "
-                                      f"or 6 (leading index + those), found {n_fields}: {first}"])
-        lead = n_fields - 5
-        columns = {c: lead + i for i, c in enumerate(SPLIT_COLUMNS)}
-        data = rows
-
-    records: list[ClipRecord] = []
     seen: dict[str, int] = {}
-    lead = n_fields - 5
-    for line, fields in data:
-        where = f"{src}:{line}"
-        if len(fields) != n_fields:
-            problems.append(f"{where}: expected {n_fields} fields, found {len(fields)}")
-            continue
-        if lead and not is_header and not _is_int(fields[0].strip()):
-            problems.append(f"{where}: leading index field {fields[0]!r} is not an integer")
-        vals = {c: fields[i].strip() for c, i in columns.items()}
-        empty = [c for c, v in vals.items() if not v]
-        if empty:
-            problems.append(f"{where}: empty field(s) {empty}")
-            continue
-        key = clip_key(vals["frames_path"])
-        if key in seen:
-            problems.append(f"{where}: duplicate clip key {key!r} (first at line {seen[key]})")
-        else:
-            seen[key] = line
-        cat = vals["category"]
-        if task_names is not None and cat not in task_names:
-            problems.append(_category_problem(where, cat, task_names))
-        mids = _split_mids(vals["label"])
-        if not mids:
-            problems.append(f"{where}: label field {vals['label']!r} holds no mid")
-            continue
-        if not multi_label and len(mids) != 1:
-            problems.append(f"{where}: single-label row must have exactly 1 mid, found {len(mids)}: {list(mids)}")
-        if label_table is not None:
-            in_table = tuple(m for m in mids if m in label_table)
-            if not multi_label:
-                bad = [m for m in mids if m not in label_table]
-                if bad:
-                    problems.append(f"{where}: mid(s) {bad} not in label table {label_table.source}")
-            else:
-                if not in_table:
-                    problems.append(f"{where}: none of the mids {list(mids)} is in label table "
-                                    f"{label_table.source}")
-                elif label_table.has_categories:
-                    tasks = sorted({str(label_table.category_of(m)) for m in in_table})
-                    if len(tasks) > 1:
-                        problems.append(f"{where}: in-table labels span {len(tasks)} tasks {tasks}")
-                    elif task_names is not None and cat in task_names and tasks[0] != cat:
-                        problems.append(f"{where}: category {cat!r} disagrees with the labels' task "
-                                        f"{tasks[0]!r}")
-                mids = in_table or mids
-        records.append(ClipRecord(key=key, vid=vals["vid"], video=_resolve(vals["frames_path"], root),
-                                  audio=_resolve(vals["wav"], root), labels=mids, category=cat,
-                                  source=src, row=line))
+    records = [_split_record(src, line, fields, layout, root=root, seen=seen, task_names=task_names,
+                             label_table=label_table, multi_label=multi_label, problems=problems)
+               for line, fields in layout.data]
     if problems:
         raise ManifestError(src, problems)
-    return records
+    return [r for r in records if r is not None]
 
 
 def _read_csv_rows(fh: Iterable[str]) -> list[tuple[int, list[str]]]:
