@@ -498,6 +498,88 @@ def _check_disjoint(named: Mapping[str, Iterable[str]], pairs: Sequence[tuple[st
         raise _error(source, "clips shared between splits that must be disjoint", problems)
 
 
+@dataclass(frozen=True)
+class _VggClasses:
+    """The VGGSound label table with every row's task and the trained classes.
+
+    :param table: the label CSV (``index, mid, display_name``), file order.
+    :param tasks: task name of every table row.
+    :param selected: task -> table rows of its trained classes.
+    :param trained_rows: all trained table rows, ascending.
+    """
+
+    table: pd.DataFrame
+    tasks: list[str]
+    selected: dict[str, list[int]]
+    trained_rows: list[int]
+
+    @property
+    def trained_mids(self) -> set[str]:
+        """Mids of the trained classes."""
+        return set(self.table["mid"].iloc[self.trained_rows])
+
+
+def _vggsound_classes(label_csv: Path, categories_csv: str | os.PathLike | None,
+                      classes_per_task: int) -> _VggClasses:
+    """Read the label table, assign every class its task and select the trained classes."""
+    categories = load_vggsound_categories(categories_csv)
+    table = _read_table(label_csv)
+    _require_columns(table, ("index", "mid", "display_name"), label_csv)
+    if table["mid"].duplicated().any():
+        raise _error(label_csv, f"{label_csv}: duplicate mid(s) {table['mid'][table['mid'].duplicated()].tolist()[:_MAX_LISTED]}")
+    tasks = assign_vggsound_tasks(table["display_name"].tolist(), categories, source=str(label_csv))
+    selected = select_vggsound_classes(tasks, classes_per_task=classes_per_task)
+    trained_rows = sorted(r for rows in selected.values() for r in rows)
+    return _VggClasses(table=table, tasks=tasks, selected=selected, trained_rows=trained_rows)
+
+
+def _vggsound_roles(train: _Entries, test: _Entries, retr: _Entries, trained_mids: set[str],
+                    max_per_class: int) -> dict[str, list[SplitRow]]:
+    """Rows per output file role (``train, test, retrieval, unused_train, unused_test``, in that order)."""
+    is_trained = np.fromiter((m in trained_mids for m in train.mids), bool, len(train.mids))
+    keep = is_trained & cap_per_class(np.where(is_trained, np.asarray(train.mids, dtype=object), ""),
+                                      max_per_class)
+    return {"train": [r for r, k in zip(train.rows, keep) if k],
+            "test": [r for r in test.rows if r.label in trained_mids],
+            "retrieval": list(retr.rows),
+            "unused_train": [r for r, k in zip(train.rows, keep) if not k],
+            "unused_test": [r for r in test.rows if r.label not in trained_mids]}
+
+
+def _write_vggsound_files(out_dir: Path, roles: Mapping[str, list[SplitRow]], classes: _VggClasses,
+                          seed: int | None) -> dict[str, Path]:
+    """Write the five split CSVs (shuffled) and the trained-class label table; role -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {role: out_dir / name for role, name in VGGSOUND_FILES.items()}
+    # Distinct shuffle streams per file so that files of equal length are not permuted identically.
+    for i, role in enumerate(("train", "test", "retrieval", "unused_train", "unused_test")):
+        _write_split(files[role], roles[role], shuffle_seed=None if seed is None else seed * 101 + i)
+    # Trained classes in the original row order, written with the pandas index (STELLA's layout):
+    # the leading unnamed column, then the original 309-class ``index``; category = task name.
+    lab = classes.table.iloc[classes.trained_rows][["index", "mid", "display_name"]].copy()
+    lab["category"] = [classes.tasks[r] for r in classes.trained_rows]
+    with atomic_write(files["labels"], "w") as fh:
+        lab.to_csv(fh, index=True, lineterminator="\n")
+    return files
+
+
+def _vggsound_counts(classes: _VggClasses, roles: Mapping[str, list[SplitRow]],
+                     dropped: Sequence[tuple[str, str, str, str]]) -> dict[str, dict[str, int]]:
+    """Per task: classes, trained classes, rows per split (``test`` counted as ``eval``), dropped rows."""
+    per = {t: Counter() for t in VGGSOUND_TASKS}
+    for t in classes.tasks:
+        per[t]["classes"] += 1
+    for t, rows in classes.selected.items():
+        per[t]["trained"] = len(rows)
+    for role, name in (("train", "train"), ("test", "eval"), ("retrieval", "retrieval"),
+                       ("unused_train", "unused_train"), ("unused_test", "unused_test")):
+        for r in roles[role]:
+            per[r.category][name] += 1
+    for split, _, t, _ in dropped:
+        per[t][f"dropped_{split}"] += 1
+    return {t: {c: int(n) for c, n in per[t].items()} for t in VGGSOUND_TASKS}
+
+
 def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.PathLike,
                             retrieval_json: str | os.PathLike, label_csv: str | os.PathLike,
                             data_root: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 0,
@@ -531,17 +613,8 @@ def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.P
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     label_csv = Path(label_csv)
-    categories = load_vggsound_categories(categories_csv)
-    table = _read_table(label_csv)
-    _require_columns(table, ("index", "mid", "display_name"), label_csv)
-    if table["mid"].duplicated().any():
-        raise _error(label_csv, f"{label_csv}: duplicate mid(s) {table['mid'][table['mid'].duplicated()].tolist()[:_MAX_LISTED]}")
-    tasks = assign_vggsound_tasks(table["display_name"].tolist(), categories, source=str(label_csv))
-    mid_to_task = dict(zip(table["mid"], tasks))
-    selected = select_vggsound_classes(tasks, classes_per_task=classes_per_task)
-    trained_rows = sorted(r for rows in selected.values() for r in rows)
-    trained_mids = set(table["mid"].iloc[trained_rows])
-
+    classes = _vggsound_classes(label_csv, categories_csv, classes_per_task)
+    mid_to_task = dict(zip(classes.table["mid"], classes.tasks))
     media = _MediaIndex(data_root, _VGG_PREFIX)
     dropped: list[tuple[str, str, str, str]] = []
     train = _load_vggsound_json(Path(train_json), "train", media, mid_to_task, "train", allow_raw_video, dropped)
@@ -552,43 +625,12 @@ def prepare_vggsound_splits(train_json: str | os.PathLike, test_json: str | os.P
     _check_disjoint({"train": [r.key for r in train.rows], "test": [r.key for r in test.rows],
                      "retrieval": [r.key for r in retr.rows]}, [("train", "test"), ("train", "retrieval")],
                     source=f"{train_json}, {test_json}, {retrieval_json}")
-
-    is_trained = np.fromiter((m in trained_mids for m in train.mids), bool, len(train.mids))
-    keep = is_trained & cap_per_class(np.where(is_trained, np.asarray(train.mids, dtype=object), ""),
-                                      max_per_class)
-    train_rows = [r for r, k in zip(train.rows, keep) if k]
-    unused_train = [r for r, k in zip(train.rows, keep) if not k]
-    eval_rows = [r for r in test.rows if r.label in trained_mids]
-    unused_test = [r for r in test.rows if r.label not in trained_mids]
-    retr_rows = list(retr.rows)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {role: out_dir / name for role, name in VGGSOUND_FILES.items()}
-    # Distinct shuffle streams per file so that files of equal length are not permuted identically.
-    for i, (role, rows) in enumerate([("train", train_rows), ("test", eval_rows), ("retrieval", retr_rows),
-                                      ("unused_train", unused_train), ("unused_test", unused_test)]):
-        _write_split(files[role], rows, shuffle_seed=None if seed is None else seed * 101 + i)
-    # Trained classes in the original row order, written with the pandas index (STELLA's layout):
-    # the leading unnamed column, then the original 309-class ``index``; category = task name.
-    lab = table.iloc[trained_rows][["index", "mid", "display_name"]].copy()
-    lab["category"] = [tasks[r] for r in trained_rows]
-    with atomic_write(files["labels"], "w") as fh:
-        lab.to_csv(fh, index=True, lineterminator="\n")
-
+    roles = _vggsound_roles(train, test, retr, classes.trained_mids, max_per_class)
+    files = _write_vggsound_files(out_dir, roles, classes, seed)
     report = SplitReport("continual_vs", list(VGGSOUND_TASKS), files=files)
-    per = {t: Counter() for t in VGGSOUND_TASKS}
-    for t in tasks:
-        per[t]["classes"] += 1
-    for t, rows in selected.items():
-        per[t]["trained"] = len(rows)
-    for name, rows in [("train", train_rows), ("eval", eval_rows), ("retrieval", retr_rows),
-                       ("unused_train", unused_train), ("unused_test", unused_test)]:
-        for r in rows:
-            per[r.category][name] += 1
-    for split, _, t, _ in dropped:
-        per[t][f"dropped_{split}"] += 1
-    report.counts = {t: {c: int(n) for c, n in per[t].items()} for t in VGGSOUND_TASKS}
-    report.selected_classes = {t: [str(table["display_name"].iloc[r]) for r in rows] for t, rows in selected.items()}
+    report.counts = _vggsound_counts(classes, roles, dropped)
+    report.selected_classes = {t: [str(classes.table["display_name"].iloc[r]) for r in rows]
+                               for t, rows in classes.selected.items()}
     report.dropped = _dropped_summary(dropped)
     _finish(report, files, dropped, verbose)
     return report
