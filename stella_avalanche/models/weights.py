@@ -263,6 +263,82 @@ def load_cavmae_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLi
 _MAE_BLOCK_RE = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)$")
 
 
+def _map_mae_block(key: str, m: re.Match, t: Tensor, cfg: Any, new: dict[str, Tensor], report: LoadReport) -> None:
+    """Map one encoder (``blocks.i.*``) or decoder (``decoder_blocks.k.*``) tensor into ``new``.
+
+    Encoder block ``i`` feeds both modality streams when ``i < depth_modality``, else fusion block
+    ``i - depth_modality``; blocks beyond the target's depth are recorded as skipped.
+    """
+    d_mod, d_fus = cfg.depth_modality, cfg.depth_fusion
+    if m.group(1) != "blocks":  # decoder_blocks
+        if int(m.group(2)) < cfg.decoder_depth:
+            new[key] = t
+        else:
+            report.skipped[key] = f"no slot: target has {cfg.decoder_depth} decoder blocks"
+        return
+    i, rest = int(m.group(2)), m.group(3)
+    if i < d_mod:
+        new[f"blocks_a.{i}.{rest}"] = t
+        new[f"blocks_v.{i}.{rest}"] = t
+    elif i < d_mod + d_fus:
+        j = i - d_mod
+        new[f"blocks_u.{j}.{rest}"] = t
+        head = rest.split(".")[0]
+        if head in ("norm1", "norm2"):  # one LN pair becomes the joint, audio and video pairs
+            tail = rest[len(head):]
+            new[f"blocks_u.{j}.{head}_a{tail}"] = t
+            new[f"blocks_u.{j}.{head}_v{tail}"] = t
+    else:
+        report.skipped[key] = f"no slot: target has {d_mod} + {d_fus} encoder blocks"
+
+
+def _map_mae_other(key: str, t: Tensor, cfg: Any, new: dict[str, Tensor], report: LoadReport, *,
+                   legacy_audio_head: bool) -> None:
+    """Map one non-block MAE tensor (norms, patch embedding, positions, tokens, decoder ends) into ``new``;
+    a key with no counterpart is recorded as skipped (known) or unexpected (unknown)."""
+    if key in ("norm.weight", "norm.bias"):
+        leaf = key.split(".")[1]
+        for name in ("norm", "norm_a", "norm_v"):
+            new[f"{name}.{leaf}"] = t
+    elif key == "patch_embed.proj.weight":
+        new["patch_embed_v.proj.weight"] = t
+        # grey audio patch replicated to RGB gives the same response as the summed kernel
+        new["patch_embed_a.proj.weight"] = t.sum(dim=1, keepdim=True)
+    elif key == "patch_embed.proj.bias":
+        new["patch_embed_v.proj.bias"] = t
+        new["patch_embed_a.proj.bias"] = t
+    elif key == "pos_embed":
+        tiled = _tile_frames(t, key, cfg, drop_cls=True)
+        new["pos_embed_v"] = tiled
+        new["inter_pos_embed_v"] = tiled
+    elif key == "cls_token":
+        report.skipped[key] = "no CLS token in the two-stream backbone"
+    elif key in ("decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias"):
+        new[key] = t
+    elif key == "decoder_pos_embed":
+        new["decoder_pos_embed_v"] = _tile_frames(t, key, cfg, drop_cls=True)
+    elif key == "mask_token":
+        new["mask_token_a"] = t
+        new["mask_token_v"] = t
+    elif key in ("decoder_pred.weight", "decoder_pred.bias"):
+        leaf = key.split(".")[1]
+        new[f"decoder_pred_v.{leaf}"] = t
+        if legacy_audio_head:
+            new[f"decoder_pred_a.{leaf}"] = t[: cfg.audio_patch_dim]
+    else:
+        report.unexpected.append(key)
+
+
+def _zero_unmapped(new: dict[str, Tensor], target: Mapping[str, Tensor], report: LoadReport) -> None:
+    """Zero the audio positional tables and modality tokens that MAE does not provide (official parity)."""
+    for key in ("pos_embed_a", "inter_pos_embed_a", "decoder_pos_embed_a", "modality_a", "modality_v",
+                "decoder_modality_a", "decoder_modality_v"):
+        if key not in new:
+            ref = target[key]
+            new[key] = torch.zeros(ref.shape, dtype=ref.dtype, device=ref.device)
+            report.filled[key] = "zeros (official MAE adaptation parity, D4)"
+
+
 def convert_imagenet_mae_state_dict(state: Mapping[str, Tensor], model: nn.Module, *,
                                     source: str = "<state_dict>", legacy_audio_head: bool = False,
                                     zero_unmapped: bool = False) -> tuple[dict[str, Tensor], LoadReport]:
@@ -278,69 +354,15 @@ def convert_imagenet_mae_state_dict(state: Mapping[str, Tensor], model: nn.Modul
     target = model.state_dict()
     report = LoadReport(source=source)
     new: dict[str, Tensor] = {}
-    d_mod, d_fus = cfg.depth_modality, cfg.depth_fusion
     for raw_key, t in state.items():
         key = raw_key[len("module."):] if raw_key.startswith("module.") else raw_key
         m = _MAE_BLOCK_RE.match(key)
-        if m and m.group(1) == "blocks":
-            i, rest = int(m.group(2)), m.group(3)
-            if i < d_mod:
-                new[f"blocks_a.{i}.{rest}"] = t
-                new[f"blocks_v.{i}.{rest}"] = t
-            elif i < d_mod + d_fus:
-                j = i - d_mod
-                new[f"blocks_u.{j}.{rest}"] = t
-                head = rest.split(".")[0]
-                if head in ("norm1", "norm2"):  # one LN pair becomes the joint, audio and video pairs
-                    tail = rest[len(head):]
-                    new[f"blocks_u.{j}.{head}_a{tail}"] = t
-                    new[f"blocks_u.{j}.{head}_v{tail}"] = t
-            else:
-                report.skipped[key] = f"no slot: target has {d_mod} + {d_fus} encoder blocks"
-        elif m:  # decoder_blocks
-            k = int(m.group(2))
-            if k < cfg.decoder_depth:
-                new[key] = t
-            else:
-                report.skipped[key] = f"no slot: target has {cfg.decoder_depth} decoder blocks"
-        elif key in ("norm.weight", "norm.bias"):
-            leaf = key.split(".")[1]
-            for name in ("norm", "norm_a", "norm_v"):
-                new[f"{name}.{leaf}"] = t
-        elif key == "patch_embed.proj.weight":
-            new["patch_embed_v.proj.weight"] = t
-            # grey audio patch replicated to RGB gives the same response as the summed kernel
-            new["patch_embed_a.proj.weight"] = t.sum(dim=1, keepdim=True)
-        elif key == "patch_embed.proj.bias":
-            new["patch_embed_v.proj.bias"] = t
-            new["patch_embed_a.proj.bias"] = t
-        elif key == "pos_embed":
-            tiled = _tile_frames(t, key, cfg, drop_cls=True)
-            new["pos_embed_v"] = tiled
-            new["inter_pos_embed_v"] = tiled
-        elif key == "cls_token":
-            report.skipped[key] = "no CLS token in the two-stream backbone"
-        elif key in ("decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias"):
-            new[key] = t
-        elif key == "decoder_pos_embed":
-            new["decoder_pos_embed_v"] = _tile_frames(t, key, cfg, drop_cls=True)
-        elif key == "mask_token":
-            new["mask_token_a"] = t
-            new["mask_token_v"] = t
-        elif key in ("decoder_pred.weight", "decoder_pred.bias"):
-            leaf = key.split(".")[1]
-            new[f"decoder_pred_v.{leaf}"] = t
-            if legacy_audio_head:
-                new[f"decoder_pred_a.{leaf}"] = t[: cfg.audio_patch_dim]
+        if m:
+            _map_mae_block(key, m, t, cfg, new, report)
         else:
-            report.unexpected.append(key)
+            _map_mae_other(key, t, cfg, new, report, legacy_audio_head=legacy_audio_head)
     if zero_unmapped:
-        for key in ("pos_embed_a", "inter_pos_embed_a", "decoder_pos_embed_a", "modality_a", "modality_v",
-                    "decoder_modality_a", "decoder_modality_v"):
-            if key not in new:
-                ref = target[key]
-                new[key] = torch.zeros(ref.shape, dtype=ref.dtype, device=ref.device)
-                report.filled[key] = "zeros (official MAE adaptation parity, D4)"
+        _zero_unmapped(new, target, report)
     _finish(new, report, target)
     return new, report
 
