@@ -828,9 +828,14 @@ def _is_synthetic(bm: Any) -> bool:
 
 
 class _TransferEvalSet:
-    """The synthetic transfer ``eval`` part, built on first use and shared by the transfer and localise tasks."""
+    """The synthetic transfer ``eval`` part, built on first use and shared by the transfer and localise tasks.
 
-    def __init__(self, bm: Any, cfg: DownstreamConfig, progress: bool) -> None:
+    :param bm: the synthetic benchmark (``preset``, ``seed``, ``features``).
+    :param cfg: the downstream config (``transfer_per_class``, ``transfer_classes``).
+    :param progress: show a progress bar while rendering.
+    """
+
+    def __init__(self, *, bm: Any, cfg: DownstreamConfig, progress: bool) -> None:
         self._bm, self._cfg, self._progress = bm, cfg, progress
         self._ds: Any = None
 
@@ -951,7 +956,7 @@ def run_downstream(model: nn.Module, bm: Any, *, cfg: DownstreamConfig | Mapping
     check_geometry(model.config, bm.features, model_name=model_name, benchmark_name=getattr(bm, "name", "?"))
     out: dict[str, Any] = {"tasks": list(cfg.tasks), "seconds": {}, "pictures": []}
     out_path = Path(out_dir) if out_dir is not None else None
-    eval_set = _TransferEvalSet(bm, cfg, progress)
+    eval_set = _TransferEvalSet(bm=bm, cfg=cfg, progress=progress)
     for task in cfg.tasks:
         t0 = time.perf_counter()
         if task == "probe":
