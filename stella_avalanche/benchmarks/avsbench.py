@@ -21,7 +21,6 @@ drops and counts the clip); an undecodable image raises :class:`~stella_avalanch
 from __future__ import annotations
 
 import collections
-import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from stella_avalanche.data import media
-from stella_avalanche.data.manifests import ManifestError
+from stella_avalanche.data.manifests import ManifestError, read_csv_records
 
 if TYPE_CHECKING:
     from stella_avalanche.data.features import FeatureConfig
@@ -89,15 +88,7 @@ def read_s4_csv(path: str | os.PathLike, *, root: str | os.PathLike, split: str 
     if split is not None and split not in S4_SPLITS:
         raise ValueError(f"unknown AVSBench-S4 split {split!r}; known: {list(S4_SPLITS)}")
     root = Path(root)
-    try:
-        with open(src, newline="", encoding="utf-8") as fh:
-            rows = [(i + 1, r) for i, r in enumerate(csv.reader(fh)) if any(c.strip() for c in r)]
-    except FileNotFoundError:
-        raise ManifestError(src, [f"{src}: file not found"]) from None
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise ManifestError(src, [f"{src}: not a readable CSV ({e})"]) from None
-    if not rows:
-        raise ManifestError(src, [f"{src}:1: empty file (expected a header with {', '.join(_REQUIRED)})"])
+    rows = read_csv_records(src, expected=f"a header with {', '.join(_REQUIRED)}")
     line0, header = rows[0]
     names = [c.strip().lower() for c in header]
     missing = [c for c in _REQUIRED if c not in names]

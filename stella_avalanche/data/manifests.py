@@ -23,6 +23,7 @@ __all__ = [
     "read_json_data_list",
     "SPLIT_COLUMNS",
     "read_split_csv",
+    "read_csv_records",
     "read_cavmae_json",
     "read_label_csv",
     "write_split_csv",
@@ -223,8 +224,12 @@ class _SplitLayout:
     data: list[tuple[int, list[str]]]
 
 
-def _load_split_rows(src: str) -> list[tuple[int, list[str]]]:
-    """The non-blank rows of a split CSV; :class:`ManifestError` if missing, unreadable or empty."""
+def read_csv_records(src: str | os.PathLike, *, expected: str) -> list[tuple[int, list[str]]]:
+    """The non-blank records of a CSV file with the line where each starts.
+
+    :param expected: what the file should hold, for the error on an empty file.
+    :raises ManifestError: naming the file when it is missing, unreadable or empty.
+    """
     try:
         with open(src, newline="", encoding="utf-8") as fh:
             rows = _read_csv_rows(fh)
@@ -233,8 +238,13 @@ def _load_split_rows(src: str) -> list[tuple[int, list[str]]]:
     except (csv.Error, UnicodeDecodeError) as e:
         raise ManifestError(src, [f"{src}: not a readable CSV ({e})"]) from None
     if not rows:
-        raise ManifestError(src, [f"{src}:1: empty file (expected rows {', '.join(SPLIT_COLUMNS)})"])
+        raise ManifestError(src, [f"{src}:1: empty file (expected {expected})"])
     return rows
+
+
+def _load_split_rows(src: str) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a split CSV; :class:`ManifestError` if missing, unreadable or empty."""
+    return read_csv_records(src, expected=f"rows {', '.join(SPLIT_COLUMNS)}")
 
 
 def _split_layout(src: str, rows: list[tuple[int, list[str]]]) -> _SplitLayout:
