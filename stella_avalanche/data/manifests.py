@@ -242,6 +242,15 @@ def read_csv_records(src: str | os.PathLike, *, expected: str) -> list[tuple[int
     return rows
 
 
+def _header_error(src: str | os.PathLike, msg: str, missing: list[str], unknown: list[str]) -> ManifestError:
+    """A header error: ``msg`` plus the missing and the unexpected column names."""
+    if missing:
+        msg += f"; missing column(s) {missing}"
+    if unknown:
+        msg += f"; unexpected column(s) {unknown}"
+    return ManifestError(src, [msg])
+
+
 def _load_split_rows(src: str) -> list[tuple[int, list[str]]]:
     """The non-blank rows of a split CSV; :class:`ManifestError` if missing, unreadable or empty."""
     return read_csv_records(src, expected=f"rows {', '.join(SPLIT_COLUMNS)}")
@@ -265,12 +274,8 @@ def _split_layout(src: str, rows: list[tuple[int, list[str]]]) -> _SplitLayout:
     missing = [c for c in SPLIT_COLUMNS if c not in names_body]
     unknown = [c for c in names_body if c not in SPLIT_COLUMNS]
     if missing or unknown or len(set(names_body)) != len(names_body):
-        msg = f"{src}:{first_line}: header {first} does not match the columns {list(SPLIT_COLUMNS)}"
-        if missing:
-            msg += f"; missing column(s) {missing}"
-        if unknown:
-            msg += f"; unexpected column(s) {unknown}"
-        raise ManifestError(src, [msg])
+        raise _header_error(src, f"{src}:{first_line}: header {first} does not match the columns "
+                                 f"{list(SPLIT_COLUMNS)}", missing, unknown)
     if not rows[1:]:
         raise ManifestError(src, [f"{src}:{first_line}: file has a header but no rows"])
     return _SplitLayout({c: lead + names_body.index(c) for c in SPLIT_COLUMNS}, len(names), True, rows[1:])
@@ -457,12 +462,8 @@ def read_label_csv(path: str | os.PathLike, *,
     missing = [c for c in _LABEL_REQUIRED if c not in body]
     unknown = [c for c in body if c not in _LABEL_REQUIRED + _LABEL_OPTIONAL]
     if missing or unknown:
-        msg = f"{src}:{hline}: header {header} must name the columns index,mid,display_name[,category]"
-        if missing:
-            msg += f"; missing column(s) {missing}"
-        if unknown:
-            msg += f"; unexpected column(s) {unknown}"
-        raise ManifestError(src, [msg])
+        raise _header_error(src, f"{src}:{hline}: header {header} must name the columns "
+                                 "index,mid,display_name[,category]", missing, unknown)
     col = {c: lead + body.index(c) for c in body}
     problems: list[str] = []
     mids: list[str] = []
