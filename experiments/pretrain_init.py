@@ -49,8 +49,10 @@ def main(argv=None) -> int:
         feats = FeatureConfig.synthetic()
         cfg = model_config_for(args.model, feats)
         sched = InitSchedule()
-        sched = dataclasses.replace(sched, **{k: v for k, v in (("backbone_steps", args.steps),
-                                                                 ("batch_size", args.batch_size),
+        if args.steps is not None:  # keep the recipe's share of contrastive-only steps
+            sched = dataclasses.replace(sched, backbone_steps=args.steps, contrastive_only_steps=args.steps
+                                        * sched.contrastive_only_steps // sched.backbone_steps)
+        sched = dataclasses.replace(sched, **{k: v for k, v in (("batch_size", args.batch_size),
                                                                  ("lr", args.lr)) if v is not None})
         paths = synthetic_initialisation(cfg, preset=args.preset, seed=args.seed, schedule=sched,
                                          device=device, force=args.force)

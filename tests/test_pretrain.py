@@ -66,3 +66,11 @@ def test_decoder_only_after_contrastive_keeps_the_encoder() -> None:
     assert changed and changed <= decoder, sorted(changed - decoder)[:5]
     assert "decoder_pred_v.weight" in changed
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_init_schedule_refuses_more_contrastive_steps_than_steps() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="contrastive_only_steps"):
+        P.InitSchedule(backbone_steps=10, contrastive_only_steps=20)
+    assert P.InitSchedule().contrastive_only_steps < P.InitSchedule().backbone_steps

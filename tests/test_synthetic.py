@@ -361,7 +361,7 @@ def test_concurrent_initialisation_builders_build_once(tmp_path: Path, monkeypat
     real = P._build_initialisation
     monkeypatch.setattr(P, "_build_initialisation", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = model_config_for("tiny", default_features("tiny"))
-    sched = P.InitSchedule(backbone_steps=2, avm_steps=2, batch_size=4, warmup_steps=1)
+    sched = P.InitSchedule(backbone_steps=2, contrastive_only_steps=1, avm_steps=2, batch_size=4, warmup_steps=1)
     with ThreadPoolExecutor(2) as pool:
         out = list(pool.map(lambda _: P.synthetic_initialisation(cfg, preset="tiny", schedule=sched, cache_dir=tmp_path,
                                                                  num_workers=0, progress=False), range(2)))

@@ -77,6 +77,11 @@ class InitSchedule:
     avm_target_accuracy: float = 0.85
     avm_eval_every: int = 50
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.contrastive_only_steps <= self.backbone_steps:
+            raise ValueError(f"InitSchedule: contrastive_only_steps={self.contrastive_only_steps} must lie in "
+                             f"[0, backbone_steps={self.backbone_steps}]")
+
 
 def _batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
     while True:  # an IterableDataset of fresh clips never ends; a map-style one is cycled
