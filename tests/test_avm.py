@@ -226,7 +226,7 @@ def _synchrony_auc(pooling: str, seed: int = 0, steps: int = 150) -> float:
         loss.backward()
         opt.step()
     E_a, E_v, pat = _planted_synchrony(torch.Generator().manual_seed(99), 256)
-    other = idx.new_tensor(range(256)).roll(1)
+    other = torch.arange(256).roll(1)
     differ = ~(pat[other] == pat).all(1)
     with torch.no_grad():
         pos, neg = avm(E_a, E_v), avm(E_a, E_v[other])[differ]

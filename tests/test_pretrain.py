@@ -74,3 +74,18 @@ def test_init_schedule_refuses_more_contrastive_steps_than_steps() -> None:
     with pytest.raises(ValueError, match="contrastive_only_steps"):
         P.InitSchedule(backbone_steps=10, contrastive_only_steps=20)
     assert P.InitSchedule().contrastive_only_steps < P.InitSchedule().backbone_steps
+
+
+def test_decoder_only_phase_unfreezes_the_encoder_even_when_a_step_fails() -> None:
+    """A non-finite loss in the decoder-only phase ends stage 1 with an error, never with a model
+    whose encoder stays frozen."""
+    torch.manual_seed(0)
+    model = CAVMAE(model_config_for("tiny", default_features("tiny")))
+    real = model.forward
+    model.forward = lambda **kw: {**real(**kw), "loss": torch.tensor(float("nan"))}  # type: ignore[method-assign]
+    import pytest
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        P.pretrain_backbone(model, _loader(), steps=2, lr=1e-3, progress=False, contrastive_only_steps=0,
+                            decoder_only_after_contrastive=True)
+    assert all(p.requires_grad for p in model.parameters())

@@ -132,30 +132,33 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
     it = _batches(loader, device)
     bar = tqdm(range(steps), desc="stage 1: backbone init", disable=not progress, dynamic_ncols=True)
     frozen: list[nn.Parameter] = []
-    for step in bar:
-        batch = next(it)
-        if step == contrastive_only_steps and decoder_only_after_contrastive:
-            frozen = [p for n, p in model.named_parameters()
-                      if p.requires_grad and not n.startswith(_DECODER_PREFIXES)]
-            for p in frozen:  # Adam skips parameters without a gradient
-                p.requires_grad_(False)
-        if step < contrastive_only_steps:
-            out = contrastive_forward(model, batch["video"], batch["audio"])
-        else:
-            out = model(video=batch["video"], audio=batch["audio"])
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at initialisation step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        rec = {k: float(out[k].detach()) for k in ("loss", "loss_mae_audio", "loss_mae_video", "loss_nce") if k in out}
-        history.append(rec)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", nce=f"{rec.get('loss_nce', math.nan):.3f}")
-    for p in frozen:
-        p.requires_grad_(True)
+    try:
+        for step in bar:
+            batch = next(it)
+            if step == contrastive_only_steps and decoder_only_after_contrastive:
+                frozen = [p for n, p in model.named_parameters()
+                          if p.requires_grad and not n.startswith(_DECODER_PREFIXES)]
+                for p in frozen:  # Adam skips parameters without a gradient
+                    p.requires_grad_(False)
+            if step < contrastive_only_steps:
+                out = contrastive_forward(model, batch["video"], batch["audio"])
+            else:
+                out = model(video=batch["video"], audio=batch["audio"])
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)} at initialisation step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            rec = {k: float(out[k].detach())
+                   for k in ("loss", "loss_mae_audio", "loss_mae_video", "loss_nce") if k in out}
+            history.append(rec)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", nce=f"{rec.get('loss_nce', math.nan):.3f}")
+    finally:  # the caller (and the continual phase) trains the whole model
+        for p in frozen:
+            p.requires_grad_(True)
     return history
 
 
