@@ -130,22 +130,61 @@ def test_matching_loss_gradients_reach_only_the_avm(backbone_and_codes) -> None:
     assert avm.matching_score.fc.weight.grad.abs().sum() > 0 and avm.to_a_q.weight.grad.abs().sum() > 0
 
 
-def test_matching_loss_value_and_joint_reuse(backbone_and_codes) -> None:
+@pytest.mark.parametrize("source", ["joint", "unimodal"])
+def test_matching_loss_value_and_feature_reuse(backbone_and_codes, source: str) -> None:
+    """The loss equals BCE on the AVM logits of the paired features of the configured source, with or
+    without the caller's features of the matched rows."""
+    import dataclasses
+
+    from stella_avalanche.models.avm import avm_inputs
+
     model, video, audio = backbone_and_codes
+    model.config = dataclasses.replace(model.config, avm_features=source)
     torch.manual_seed(3)
     avm = AVMatching.from_config(model.config)
     with torch.no_grad():
         U_a = model.encode_modality(model.patchify_audio(audio), None, "audio")
         U_v = model.encode_modality(model.patchify_video(video), None, "video")
-        joint = model.fuse_joint(U_a, None, U_v, None)
+        own = avm_inputs(model, U_a, U_v)
         plain = avm.matching_loss(model, U_a, U_v, generator=_gen(7))
-        reused = avm.matching_loss(model, U_a, U_v, joint=joint, generator=_gen(7))
+        reused = avm.matching_loss(model, U_a, U_v, own=own, generator=_gen(7))
         labels, vidx, _ = matching_pairs(5, generator=_gen(7))
-        E_a, E_v = model.fuse_joint(U_a, None, U_v[vidx], None)
+        if source == "joint":
+            E_a, E_v = model.fuse_joint(U_a, None, U_v[vidx], None)
+        else:
+            E_a = model.fuse_unimodal(U_a, None, "audio", final_norm=False)
+            E_v = model.fuse_unimodal(U_v[vidx], None, "video", final_norm=False)
         ref = F.binary_cross_entropy_with_logits(avm(E_a, E_v), labels)
     torch.testing.assert_close(plain, ref)
     torch.testing.assert_close(reused, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(vidx[labels == 1], torch.arange(5)[labels == 1]) and (labels == 0).sum() == 3
+
+
+def test_avm_inputs_follow_the_config(backbone_and_codes) -> None:
+    """Joint features of the video depend on the audio it is fused with; unimodal ones do not, and
+    they are the pre-norm tokens the retrieval embedding pools."""
+    import dataclasses
+
+    from stella_avalanche.models.avm import avm_inputs
+    from stella_avalanche.models.cav import CAVConfig, MODEL_PRESETS
+
+    model, video, audio = backbone_and_codes
+    with torch.no_grad():
+        U_a = model.encode_modality(model.patchify_audio(audio), None, "audio")
+        U_v = model.encode_modality(model.patchify_video(video), None, "video")
+        model.config = dataclasses.replace(model.config, avm_features="joint")
+        _, Ev_joint = avm_inputs(model, U_a, U_v)
+        _, Ev_joint_other = avm_inputs(model, U_a.roll(1, 0), U_v)
+        model.config = dataclasses.replace(model.config, avm_features="unimodal")
+        Ea_uni, Ev_uni = avm_inputs(model, U_a, U_v)
+        _, Ev_uni_other = avm_inputs(model, U_a.roll(1, 0), U_v)
+    assert not torch.allclose(Ev_joint, Ev_joint_other)
+    assert torch.equal(Ev_uni, Ev_uni_other)
+    torch.testing.assert_close(Ev_uni, model.fuse_unimodal(U_v, None, "video", final_norm=False))
+    torch.testing.assert_close(Ea_uni, model.fuse_unimodal(U_a, None, "audio", final_norm=False))
+    assert MODEL_PRESETS["tiny"].avm_features == "unimodal" and MODEL_PRESETS["base"].avm_features == "joint"
+    with pytest.raises(ValueError, match="avm_features"):
+        CAVConfig(avm_features="both")
 
 
 def test_avm_learns_to_match(backbone_and_codes) -> None:

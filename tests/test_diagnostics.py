@@ -115,6 +115,9 @@ class _PlantedBackbone(torch.nn.Module):
     def fuse_joint(self, U_a, a_ids, U_v, v_ids):
         return U_a, U_v
 
+    def fuse_unimodal(self, U, ids, m, final_norm=True):  # the tiny preset's AVM input
+        return U
+
     def embed(self, video, audio):
         rows_v, rows_a = video.flatten(1)[:, 0].long(), audio.flatten(1)[:, 0].long()
         n = int(max(rows_v.max(), rows_a.max())) + 1

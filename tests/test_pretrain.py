@@ -51,6 +51,31 @@ def test_initialisation_checkpoint_records_stage2(tmp_path) -> None:
     assert meta["stage2"]["target_accuracy"] == sched.avm_target_accuracy
 
 
+def test_stage2_only_changes_reuse_the_stage1_backbone(tmp_path, monkeypatch) -> None:
+    """A new AVM pooling, AVM input or stage-2 budget builds a new AVM next to the cached backbone,
+    without retraining stage 1; a stage-1 field gives a new directory."""
+    import dataclasses
+
+    cfg = model_config_for("tiny", default_features("tiny"))
+    sched = P.InitSchedule(backbone_steps=2, contrastive_only_steps=1, avm_steps=1, batch_size=4, warmup_steps=1,
+                           avm_eval_every=1)
+    first = P.synthetic_initialisation(cfg, preset="tiny", schedule=sched, cache_dir=tmp_path, num_workers=0,
+                                       progress=False)
+    stage1_calls: list[int] = []
+    real = P.pretrain_backbone
+    monkeypatch.setattr(P, "pretrain_backbone", lambda *a, **k: stage1_calls.append(1) or real(*a, **k))
+    for variant_cfg, variant_sched in ((dataclasses.replace(cfg, avm_features="joint"), sched),
+                                       (dataclasses.replace(cfg, avm_pooling="mean"), sched),
+                                       (cfg, dataclasses.replace(sched, avm_steps=2))):
+        paths = P.synthetic_initialisation(variant_cfg, preset="tiny", schedule=variant_sched, cache_dir=tmp_path,
+                                           num_workers=0, progress=False)
+        assert paths["backbone"] == first["backbone"] and paths["avm"] != first["avm"] and paths["avm"].exists()
+    assert stage1_calls == []
+    other = P.synthetic_initialisation(cfg, preset="tiny", schedule=dataclasses.replace(sched, lr=5e-4),
+                                       cache_dir=tmp_path, num_workers=0, progress=False)
+    assert other["backbone"].parent != first["backbone"].parent and stage1_calls == [1]
+
+
 def test_decoder_only_after_contrastive_keeps_the_encoder() -> None:
     """After the contrastive-only steps only the decoder learns; every parameter is trainable again
     afterwards (the continual phase trains the whole model)."""

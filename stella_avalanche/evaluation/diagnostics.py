@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stella_avalanche.models.avm import avm_inputs
+
 __all__ = [
     "pair_auc",
     "roc_auc",
@@ -181,7 +183,7 @@ def _codes(model: torch.nn.Module, video: Tensor, audio: Tensor) -> tuple[Tensor
 @torch.no_grad()
 def avm_projections(model: torch.nn.Module, avm: torch.nn.Module, video: Tensor, audio: Tensor, *,
                     video_partner: Optional[Tensor] = None, batch_size: int = 60) -> dict[str, Tensor]:
-    """AVM projections and matching logits of clips (unmasked, joint pass as in the plugin).
+    """AVM projections and matching logits of clips (unmasked, the AVM inputs the plugin uses).
 
     :param video_partner: (N,) row of the video paired with each audio (default: its own video).
     :returns: ``q_a``, ``k_a`` (N, H, L_A, d), ``q_v``, ``k_v`` (N, H, L_V, d) and ``logit`` (N,).
@@ -195,7 +197,7 @@ def avm_projections(model: torch.nn.Module, avm: torch.nn.Module, video: Tensor,
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
         U_a, U_v = _codes(model, video[partner[sl]], audio[sl])
-        E_a, E_v = model.fuse_joint(U_a, None, U_v, None)
+        E_a, E_v = avm_inputs(model, U_a, U_v)
         p = avm.project(E_a, E_v)
         for k in ("q_a", "k_a", "q_v", "k_v"):
             out[k].append(p[k].float())

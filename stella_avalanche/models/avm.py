@@ -1,8 +1,10 @@
 """Audio-video matching (AVM) module and its matching objective (docs/method.md §3).
 
-One bidirectional cross-attention layer over the joint-pass pre-norm features E_a, E_v of a clip,
-followed by a matching head that scores whether audio and video belong together. STELLA uses its
-attention logits for patch importance (§4) and trains it with the matching loss (VAM).
+One bidirectional cross-attention layer over the pre-norm features E_a, E_v of a clip (the joint
+fusion pass as in the paper, or each modality's own fusion pass: the backbone config's
+``avm_features``, :func:`avm_inputs`), followed by a matching head that scores whether audio and video
+belong together. STELLA uses its attention logits for patch importance (§4) and trains it with the
+matching loss (VAM).
 
 Parameter names follow the official module: ``norm_a``, ``norm_v``, ``to_{a,v}_{q,k,v}``,
 ``matching_score.pooler.dense``, ``matching_score.fc``.
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 
 from stella_avalanche.models.cav import init_linear_and_norm_
 
-__all__ = ["AVMatching", "matching_pairs", "build_avm"]
+__all__ = ["AVMatching", "matching_pairs", "build_avm", "avm_inputs", "avm_feature_source"]
 
 
 def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
@@ -49,6 +51,47 @@ def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
     video_index = idx.clone()
     video_index[neg] = neg.roll(-1)
     return labels, video_index, neg
+
+
+def avm_feature_source(backbone: nn.Module) -> str:
+    """``"joint"`` or ``"unimodal"``: the backbone config's ``avm_features`` (``"joint"`` when absent)."""
+    return getattr(getattr(backbone, "config", None), "avm_features", "joint")
+
+
+def avm_inputs(backbone: nn.Module, U_a: Tensor, U_v: Tensor) -> tuple[Tensor, Tensor]:
+    """The AVM's inputs for full clips whose rows are paired (audio row n with video row n).
+
+    :param backbone: a :class:`~stella_avalanche.models.cav.CAVMAE` (``fuse_joint`` or ``fuse_unimodal``).
+    :param U_a: (B, L_A, D) unimodal codes of unmasked clips; ``U_v`` (B, L_V, D).
+    :returns: (E_a (B, L_A, D), E_v (B, L_V, D)), pre-norm. With ``avm_features="joint"`` both come
+        from one joint fusion pass over the pair; with ``"unimodal"`` each from its modality's own
+        fusion pass, so E_v does not depend on the audio it is paired with.
+    """
+    if avm_feature_source(backbone) == "unimodal":
+        return (backbone.fuse_unimodal(U_a, None, "audio", final_norm=False),
+                backbone.fuse_unimodal(U_v, None, "video", final_norm=False))
+    return backbone.fuse_joint(U_a, None, U_v, None)
+
+
+def _paired_inputs(backbone: nn.Module, U_a: Tensor, U_v: Tensor, vidx: Tensor, neg: Tensor,
+                   own: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """AVM inputs of audio row n with video row ``vidx[n]`` (rows ``neg`` are the mismatched ones).
+
+    ``own`` = :func:`avm_inputs` of the matched rows, when the caller already has it. Unimodal
+    features of a mismatched pair are the rows of its two clips; joint ones need a fusion pass over
+    the new pairs (only those rows are recomputed, D12).
+    """
+    if avm_feature_source(backbone) == "unimodal":
+        E_a, E_v = own if own is not None else avm_inputs(backbone, U_a, U_v)
+        return E_a, E_v[vidx]
+    if own is None:
+        return backbone.fuse_joint(U_a, None, U_v[vidx], None)
+    E_a, E_v = own[0].clone(), own[1].clone()
+    if neg.numel():  # size known on the host: no device sync
+        Ea_n, Ev_n = backbone.fuse_joint(U_a[neg], None, U_v[vidx[neg]], None)
+        E_a[neg] = Ea_n.to(E_a.dtype)
+        E_v[neg] = Ev_n.to(E_v.dtype)
+    return E_a, E_v
 
 
 class _Pooler(nn.Module):
@@ -133,7 +176,7 @@ class AVMatching(nn.Module):
     def project(self, E_a: Tensor, E_v: Tensor) -> dict[str, Tensor]:
         """Per-head projections of the normed joint features.
 
-        :param E_a: (B, L_A, D) joint-pass pre-norm audio features; ``E_v``: (B, L_V, D).
+        :param E_a: (B, L_A, D) pre-norm audio features (:func:`avm_inputs`); ``E_v``: (B, L_V, D).
         :returns: dict ``q_a, k_a, v_a`` (B, H, L_A, d_h) from ``norm_a(E_a)`` and ``q_v, k_v, v_v``
             (B, H, L_V, d_h) from ``norm_v(E_v)``. Raw logits are ``q_a @ k_v^T / sqrt(d_h)`` (S_av) and
             ``q_v @ k_a^T / sqrt(d_h)`` (S_va).
@@ -171,17 +214,17 @@ class AVMatching(nn.Module):
         return self.matching_score(h)
 
     def matching_loss(self, backbone: nn.Module, U_a: Tensor, U_v: Tensor, *,
-                      joint: tuple[Tensor, Tensor] | None = None,
+                      own: tuple[Tensor, Tensor] | None = None,
                       generator: torch.Generator | None = None, weight: float = 1.0) -> Tensor:
         """VAM loss (§3.2): BCE-with-logits on matched / deranged audio-video pairs.
 
-        The backbone's joint fusion runs under ``torch.no_grad`` and its outputs are detached, so the
+        The backbone's fusion runs under ``torch.no_grad`` and its outputs are detached, so the
         gradient reaches only this module's parameters (D7).
 
-        :param backbone: a :class:`~stella_avalanche.models.cav.CAVMAE` (``fuse_joint`` is used).
+        :param backbone: a :class:`~stella_avalanche.models.cav.CAVMAE` (:func:`avm_inputs`).
         :param U_a: (B, L_A, D) unimodal codes of unmasked clips; ``U_v`` (B, L_V, D).
-        :param joint: optional (E_a, E_v) already computed from (U_a, U_v); reused for the positive
-            rows so only the negatives go through the fusion blocks again (D12).
+        :param own: optional ``avm_inputs(backbone, U_a, U_v)`` already computed by the caller; reused
+            so that only the mismatched pairs need new features (D12).
         :param generator: source of labels and derangement.
         :param weight: λ_m.
         :returns: scalar loss.
@@ -189,14 +232,7 @@ class AVMatching(nn.Module):
         b = U_a.shape[0]
         labels, vidx, neg = matching_pairs(b, device=U_a.device, generator=generator)
         with torch.no_grad():
-            if joint is None:
-                E_a, E_v = backbone.fuse_joint(U_a, None, U_v[vidx], None)
-            else:
-                E_a, E_v = joint[0].clone(), joint[1].clone()
-                if neg.numel():  # size known on the host: no device sync
-                    Ea_n, Ev_n = backbone.fuse_joint(U_a[neg], None, U_v[vidx[neg]], None)
-                    E_a[neg] = Ea_n.to(E_a.dtype)
-                    E_v[neg] = Ev_n.to(E_v.dtype)
+            E_a, E_v = _paired_inputs(backbone, U_a, U_v, vidx, neg, own)
         logit = self(E_a.detach(), E_v.detach())
         # matching accuracy of this batch, kept as a tensor (no device sync) for per-epoch logging
         self.last_accuracy = ((logit.detach() > 0).float() == labels).float().mean()

@@ -51,6 +51,7 @@ __all__ = [
 Modality = Literal["audio", "video"]
 _MODALITY_ALIASES = {"audio": "audio", "a": "audio", "video": "video", "v": "video"}
 _POOL_ORDERS = ("norm_then_pool", "pool_then_norm")
+_AVM_FEATURES = ("joint", "unimodal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +121,12 @@ class CAVConfig:
         :class:`~stella_avalanche.models.avm.AVMatching`): ``"mean"`` (paper) or ``"product"``. It lives
         here, beside the sizes the AVM already takes from the backbone, so stage 2, the continual run,
         resumption and the diagnostics always build the same AVM for a given model preset.
+    :param avm_features: what the AVM reads (``stella_avalanche.models.avm.avm_inputs``). ``"joint"``
+        (paper): the pre-norm outputs of the joint fusion pass over both modalities. ``"unimodal"``:
+        each modality's own fusion pass (pre-norm), the features the retrieval embeddings pool and the
+        InfoNCE trains; a mismatched pair is then a re-indexing, not a second fusion pass. On the
+        synthetic initialisation, whose stage 1 trains the unimodal passes only, a fresh AVM stayed
+        at ln 2 on joint features and learned on unimodal ones (docs/synthetic.md).
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
@@ -148,6 +155,7 @@ class CAVConfig:
     contrastive_input: str = "visible"
     video_time_code: str = "none"
     avm_pooling: str = "mean"
+    avm_features: str = "joint"
     gather_negatives: bool = True
 
     def __post_init__(self) -> None:
@@ -172,6 +180,8 @@ class CAVConfig:
             problems.append(f"video_time_code={self.video_time_code!r} must be 'none' or 'sincos'")
         if self.avm_pooling not in ("mean", "product"):
             problems.append(f"avm_pooling={self.avm_pooling!r} must be 'mean' or 'product'")
+        if self.avm_features not in _AVM_FEATURES:
+            problems.append(f"avm_features={self.avm_features!r} must be one of {_AVM_FEATURES}")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0")
         for name in ("depth_modality", "depth_fusion", "decoder_depth", "num_frames"):
@@ -253,6 +263,9 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
         # with the paper's mean pooling the AVM stayed at chance on held-out pairs even on a backbone
         # that matches them; the product pooling learns synchrony (docs/synthetic.md)
         avm_pooling="product",
+        # stage 1 trains the unimodal passes (InfoNCE) and never the joint one: an AVM on joint
+        # features did not learn on the synthetic initialisation (docs/synthetic.md)
+        avm_features="unimodal",
     ),
 }
 

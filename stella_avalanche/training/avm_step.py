@@ -2,9 +2,10 @@
 
 :class:`AVMStep` owns the AVM module (``stella_avalanche/models/avm.py``, used through its
 ``project`` and ``matching_loss``) and the Adam that trains it. Per training step it encodes the
-unmasked current clips with the backbone (no gradient), fuses them jointly, projects the joint
-features to the AVM's per-head queries and keys, and computes the matching loss, whose gradient
-reaches the AVM only (the positives reuse the joint features, D12).
+unmasked current clips with the backbone (no gradient), fuses them (jointly as in the paper, or per
+modality: the config's ``avm_features``, ``models/avm.avm_inputs``), projects those features to the
+AVM's per-head queries and keys, and computes the matching loss, whose gradient reaches the AVM only
+(the positives reuse the features, D12).
 """
 from __future__ import annotations
 
@@ -75,14 +76,16 @@ class AVMStep:
         self.avm.train()
 
     @staticmethod
-    def _joint(backbone: nn.Module, video: Tensor, audio: Tensor) -> tuple[Tensor, ...]:
-        """Patches, unimodal codes and joint features of full clips (steps 1-2; the caller holds
+    def _features(backbone: nn.Module, video: Tensor, audio: Tensor) -> tuple[Tensor, ...]:
+        """Patches, unimodal codes and AVM inputs of full clips (steps 1-2; the caller holds
         ``no_grad`` and the autocast context)."""
+        from stella_avalanche.models.avm import avm_inputs
+
         pv = backbone.patchify_video(video)
         pa = backbone.patchify_audio(audio)
         U_a = backbone.encode_modality(pa, None, "audio")
         U_v = backbone.encode_modality(pv, None, "video")
-        E_a, E_v = backbone.fuse_joint(U_a, None, U_v, None)
+        E_a, E_v = avm_inputs(backbone, U_a, U_v)
         return pv, pa, U_a, U_v, E_a, E_v
 
     def project(self, backbone: nn.Module, video: Tensor, audio: Tensor, *,
@@ -92,22 +95,22 @@ class AVMStep:
         :param video: (M, T, 3, S, S); ``audio``: (M, 1, A, F). :return: as :attr:`AVMPass.proj`.
         """
         with torch.no_grad(), autocast:
-            *_, E_a, E_v = self._joint(backbone, video, audio)
+            *_, E_a, E_v = self._features(backbone, video, audio)
             return self.avm.project(E_a, E_v)
 
     def run(self, backbone: nn.Module, video: Tensor, audio: Tensor, *,
             autocast: contextlib.AbstractContextManager, generator: Optional[torch.Generator]) -> AVMPass:
-        """Steps 1-3 for the N current clips: codes, joint features and projections without
+        """Steps 1-3 for the N current clips: codes, AVM inputs and projections without
         gradient, then the matching loss with gradient to the AVM.
 
         :param video: (N, T, 3, S, S) normalised frames; ``audio``: (N, 1, A, F).
         :param generator: source of the loss's negative pairing.
         """
         with torch.no_grad(), autocast:
-            pv, pa, U_a, U_v, E_a, E_v = self._joint(backbone, video, audio)
+            pv, pa, U_a, U_v, E_a, E_v = self._features(backbone, video, audio)
             proj = self.avm.project(E_a, E_v)
         with autocast:
-            loss = self.avm.matching_loss(backbone, U_a, U_v, joint=(E_a, E_v), generator=generator)
+            loss = self.avm.matching_loss(backbone, U_a, U_v, own=(E_a, E_v), generator=generator)
         return AVMPass(pv, pa, proj, loss)
 
     # ------------------------------------------------------------------ state

@@ -234,16 +234,28 @@ def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
     return obj.get("meta", {}) if isinstance(obj, dict) else {}
 
 
-def _init_key(model_cfg: object, preset: str, seed: int, schedule: InitSchedule) -> str:
+#: fields that only stage 2 (the AVM) reads: changing them keeps the cached stage-1 backbone
+_STAGE2_MODEL_FIELDS = ("avm_pooling", "avm_features")
+_STAGE2_SCHEDULE_FIELDS = ("avm_steps", "avm_lr", "avm_target_accuracy", "avm_eval_every")
+
+
+def _init_keys(model_cfg: object, preset: str, seed: int, schedule: InitSchedule) -> tuple[str, str]:
+    """(stage-1 key, stage-2 key). The stage-1 key leaves out what only the AVM depends on, so a new
+    AVM pooling, AVM input or stage-2 budget rebuilds the AVM (about 2 min) and not the backbone (10)."""
     from stella_avalanche.data import synthetic
 
     # the preset's fields (init stream, geometry) are part of the key
-    payload = json.dumps({"generator": synthetic.SYNTHETIC_VERSION, "preset": preset,
-                          "preset_fields": dataclasses.asdict(synthetic.get_preset(preset)),
-                          "features": dataclasses.asdict(synthetic.default_features(preset)),
-                          "seed": seed, "model": dataclasses.asdict(model_cfg),
-                          "schedule": dataclasses.asdict(schedule)}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {"generator": synthetic.SYNTHETIC_VERSION, "preset": preset,
+               "preset_fields": dataclasses.asdict(synthetic.get_preset(preset)),
+               "features": dataclasses.asdict(synthetic.default_features(preset)),
+               "seed": seed, "model": dataclasses.asdict(model_cfg), "schedule": dataclasses.asdict(schedule)}
+    stage1 = {**payload, "model": {k: v for k, v in payload["model"].items() if k not in _STAGE2_MODEL_FIELDS},
+              "schedule": {k: v for k, v in payload["schedule"].items() if k not in _STAGE2_SCHEDULE_FIELDS}}
+
+    def digest(obj: dict) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return digest(stage1), digest(payload)
 
 
 def synthetic_initialisation(model_cfg: object, *, preset: str = "default", seed: int = 0,
@@ -254,9 +266,9 @@ def synthetic_initialisation(model_cfg: object, *, preset: str = "default", seed
 
     :returns: ``{"backbone": path, "avm": path}``.
     """
-    key = _init_key(model_cfg, preset, seed, schedule)
+    key, avm_key = _init_keys(model_cfg, preset, seed, schedule)
     root = Path(cache_dir or default_cache_dir() / "init") / f"synthetic-{preset}-{key}"
-    paths = {"backbone": root / "backbone.pt", "avm": root / "avm.pt"}
+    paths = {"backbone": root / "backbone.pt", "avm": root / f"avm-{avm_key}.pt"}
     if not force and all(p.exists() for p in paths.values()):
         return paths
     # One builder at a time: parallel runs (compare.py --jobs) wait here and then reuse the cache.

@@ -93,7 +93,8 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
         """The kept ids (STELLA+: the patch rows) reach the model; the AVM's Adam is stepped with the rest."""
         return HostRequirements(host=("extra_optimizers", "device"),
                                 model_inputs=(K.VIDEO, K.AUDIO, *K.KEEP_KEYS, *(K.PATCH_KEYS if self.plus else ())),
-                                model=("config", "patchify_video", "patchify_audio", "encode_modality", "fuse_joint"))
+                                model=("config", "patchify_video", "patchify_audio", "encode_modality", "fuse_joint",
+                                       "fuse_unimodal"))
 
     def _build(self, strategy: Any) -> None:
         """Selector and buffer for the backbone's token grid; the AVM and its Adam on the device."""
