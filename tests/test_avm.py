@@ -182,7 +182,7 @@ def test_avm_inputs_follow_the_config(backbone_and_codes) -> None:
     assert torch.equal(Ev_uni, Ev_uni_other)
     torch.testing.assert_close(Ev_uni, model.fuse_unimodal(U_v, None, "video", final_norm=False))
     torch.testing.assert_close(Ea_uni, model.fuse_unimodal(U_a, None, "audio", final_norm=False))
-    assert MODEL_PRESETS["tiny"].avm_features == "unimodal" and MODEL_PRESETS["base"].avm_features == "joint"
+    assert MODEL_PRESETS["tiny"].avm_features == "joint" and MODEL_PRESETS["base"].avm_features == "joint"
     with pytest.raises(ValueError, match="avm_features"):
         CAVConfig(avm_features="both")
 

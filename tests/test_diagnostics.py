@@ -115,7 +115,7 @@ class _PlantedBackbone(torch.nn.Module):
     def fuse_joint(self, U_a, a_ids, U_v, v_ids):
         return U_a, U_v
 
-    def fuse_unimodal(self, U, ids, m, final_norm=True):  # the tiny preset's AVM input
+    def fuse_unimodal(self, U, ids, m, final_norm=True):  # for configs with avm_features="unimodal"
         return U
 
     def embed(self, video, audio):

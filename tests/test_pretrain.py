@@ -64,7 +64,7 @@ def test_stage2_only_changes_reuse_the_stage1_backbone(tmp_path, monkeypatch) ->
     stage1_calls: list[int] = []
     real = P.pretrain_backbone
     monkeypatch.setattr(P, "pretrain_backbone", lambda *a, **k: stage1_calls.append(1) or real(*a, **k))
-    for variant_cfg, variant_sched in ((dataclasses.replace(cfg, avm_features="joint"), sched),
+    for variant_cfg, variant_sched in ((dataclasses.replace(cfg, avm_features="unimodal"), sched),
                                        (dataclasses.replace(cfg, avm_pooling="mean"), sched),
                                        (cfg, dataclasses.replace(sched, avm_steps=2))):
         paths = P.synthetic_initialisation(variant_cfg, preset="tiny", schedule=variant_sched, cache_dir=tmp_path,

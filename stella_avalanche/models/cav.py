@@ -124,9 +124,10 @@ class CAVConfig:
     :param avm_features: what the AVM reads (``stella_avalanche.models.avm.avm_inputs``). ``"joint"``
         (paper): the pre-norm outputs of the joint fusion pass over both modalities. ``"unimodal"``:
         each modality's own fusion pass (pre-norm), the features the retrieval embeddings pool and the
-        InfoNCE trains; a mismatched pair is then a re-indexing, not a second fusion pass. On the
-        synthetic initialisation, whose stage 1 trains the unimodal passes only, a fresh AVM stayed
-        at ln 2 on joint features and learned on unimodal ones (docs/synthetic.md).
+        InfoNCE trains; a mismatched pair is then a re-indexing, not a second fusion pass. Measured on
+        the synthetic benchmark (docs/synthetic.md): the AVM matches a little better on unimodal
+        features, but its video importance avoids the sounding object, and STELLA's retrieval was
+        lower; every preset keeps ``"joint"``.
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
@@ -263,9 +264,8 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
         # with the paper's mean pooling the AVM stayed at chance on held-out pairs even on a backbone
         # that matches them; the product pooling learns synchrony (docs/synthetic.md)
         avm_pooling="product",
-        # stage 1 trains the unimodal passes (InfoNCE) and never the joint one: an AVM on joint
-        # features did not learn on the synthetic initialisation (docs/synthetic.md)
-        avm_features="unimodal",
+        # avm_features stays "joint" (paper): on unimodal features the AVM matched a little better
+        # but its video attention turned away from the sounding object (docs/synthetic.md)
     ),
 }
 
