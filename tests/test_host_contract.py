@@ -143,7 +143,7 @@ def test_missing_model_methods_are_named():
     s = AudioVideoPretraining(model=_Bare(), optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
                               device="cpu")
     with pytest.raises(HostContractError, match=r"lacks model method\(s\) \['patchify_video', 'patchify_audio', "
-                                                r"'encode_modality', 'fuse_joint'\] on _Bare"):
+                                                r"'encode_modality', 'fuse_joint', 'fuse_unimodal'\] on _Bare"):
         check_host(s, STELLAPlugin(avm=AVMatching.from_config(_Bare.config)))
 
 

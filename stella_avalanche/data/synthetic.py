@@ -178,7 +178,7 @@ class SyntheticPreset:
     twin_offset: int = 4
     train_per_class: int = 200
     test_per_class: int = 10
-    retrieval_per_class: int = 10
+    retrieval_per_class: int = 40
     init_classes: int = 12
     init_retrieval_per_class: int = 10
     init_identity: str = "per_clip"

@@ -237,16 +237,20 @@ def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
 #: fields that only stage 2 (the AVM) reads: changing them keeps the cached stage-1 backbone
 _STAGE2_MODEL_FIELDS = ("avm_pooling", "avm_features")
 _STAGE2_SCHEDULE_FIELDS = ("avm_steps", "avm_lr", "avm_target_accuracy", "avm_eval_every")
+#: how many stream clips each split holds: neither stage reads the stream's splits
+_STREAM_COUNT_FIELDS = ("train_per_class", "test_per_class", "retrieval_per_class")
 
 
 def _init_keys(model_cfg: object, preset: str, seed: int, schedule: InitSchedule) -> tuple[str, str]:
     """(stage-1 key, stage-2 key). The stage-1 key leaves out what only the AVM depends on, so a new
-    AVM pooling, AVM input or stage-2 budget rebuilds the AVM (about 2 min) and not the backbone (10)."""
+    AVM pooling, AVM input or stage-2 budget rebuilds the AVM (about 2 min) and not the backbone (10).
+    Neither key holds the stream's clip counts, which no stage reads."""
     from stella_avalanche.data import synthetic
 
     # the preset's fields (init stream, geometry) are part of the key
-    payload = {"generator": synthetic.SYNTHETIC_VERSION, "preset": preset,
-               "preset_fields": dataclasses.asdict(synthetic.get_preset(preset)),
+    fields = {k: v for k, v in dataclasses.asdict(synthetic.get_preset(preset)).items()
+              if k not in _STREAM_COUNT_FIELDS}
+    payload = {"generator": synthetic.SYNTHETIC_VERSION, "preset": preset, "preset_fields": fields,
                "features": dataclasses.asdict(synthetic.default_features(preset)),
                "seed": seed, "model": dataclasses.asdict(model_cfg), "schedule": dataclasses.asdict(schedule)}
     stage1 = {**payload, "model": {k: v for k, v in payload["model"].items() if k not in _STAGE2_MODEL_FIELDS},
