@@ -605,7 +605,24 @@ def ablation_markdown(boot: dict[str, BS.BootstrapResult]) -> str | None:
     head = ("# STELLA component ablation\n\nDER++ = neither component (full clips); STELLA: random patches = "
             "uniform importance, no RCA; LPIS only = importance, no RCA; RCA only = RCA over uniform importance; "
             "STELLA = both (``STELLAPlugin(importance=..., rca=...)``).\n\n")
-    return head + interval_markdown(interval_rows(boot, keys), boot, "Ablation")
+    return head + interval_markdown(interval_rows(boot, keys), boot, "Ablation") + _against_random(boot, keys)
+
+
+def _against_random(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str:
+    """The ablation's own reference: each variant that uses a component against random patches (the
+    same budget of kept tokens, chosen uniformly), paired over queries; empty without those runs."""
+    ref = "stella_random"
+    others = [k for k in keys if k not in (ref, "derpp")]
+    if ref not in keys or not others:
+        return ""
+    lines = ["", "## Against random patches", "",
+             f"Paired difference to {PRETTY.get(ref, ref)} [95 % interval]: what the importance map and RCA "
+             "add over keeping the same number of tokens chosen at random.", "",
+             "| method | Δ𝒜 A→V | Δℱ A→V | Δ𝒜 V→A | Δℱ V→A |", "|---|---|---|---|---|"]
+    for k in others:
+        cells = [_diff_text(_diff(boot[d], k, ref, m)) for d, _ in DIRS for m in ("A", "F")]
+        lines.append(f"| {PRETTY.get(k, k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
 
 def sweep_sizes(runs: dict[str, list[dict]], default_mem: int) -> list[int]:

@@ -193,6 +193,10 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert "target width" in (tmp_path / "power.md").read_text()
     ab = (tmp_path / "ablation.md").read_text()
     assert all(compare.PRETTY[k] in ab for k in compare.ABLATION_TABLE)
+    vs_random = ab.split("## Against random patches")[1].splitlines()
+    lpis = next(line for line in vs_random if line.startswith(f"| {compare.PRETTY['stella_lpis']} |"))
+    assert len(lpis.split(" | ")) == 5 and "| STELLA |" in "\n".join(vs_random)
+    assert not any(line.startswith(f"| {compare.PRETTY['stella_random']} |") for line in vs_random)
     sw = (tmp_path / "mem_sweep.md").read_text()
     assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
     assert (tmp_path / "mem_sweep.png").is_file()
