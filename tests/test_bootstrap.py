@@ -37,6 +37,22 @@ def test_point_values_equal_the_metrics_of_results_json() -> None:
     assert A[0] == pytest.approx(a_ref) and F[0] == pytest.approx(f_ref)
 
 
+def test_single_row_and_partial_runs_match_results_json() -> None:
+    """A multitask run (one row, every task evaluated) averages its row over all tasks, like
+    results.json; a partial run's ℱ counts only the tasks seen so far, like ``metrics.forgetting``.
+    (The 𝒜 of a one-row run once came from task 0 alone.)"""
+    ranks = _ranks(np.random.default_rng(3))
+    ranks[0, TASKS == 0] = 1                     # task 0 far easier: averaging task 0 alone would show
+    for rows in (1, 2):
+        rec = recall_from_ranks(ranks[:rows], TASKS, num_tasks=T)
+        A, F = B.run_replicates(_run(ranks[:rows]), None)
+        assert A[0] == pytest.approx(np.mean([average_accuracy(m) for m in rec.values()]))
+        if rows == 1:
+            assert F is None
+        else:
+            assert F[0] == pytest.approx(np.mean([forgetting(m) for m in rec.values()]))
+
+
 def test_query_weights_are_stratified_by_task() -> None:
     w = B.query_weights(TASKS, 50, np.random.default_rng(1))
     assert w.shape == (50, N) and np.all(w.sum(1) == N)

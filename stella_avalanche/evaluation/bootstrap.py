@@ -85,12 +85,17 @@ def query_weights(tasks: np.ndarray, n_boot: int, rng: np.random.Generator) -> n
 
 
 def _stats_from_recall(a: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """𝒜 and standard ℱ per replicate from recall ``a`` (B, L, T, K); both averaged over K."""
+    """𝒜 and standard ℱ per replicate from recall ``a`` (B, L, T, K); both averaged over K.
+
+    As ``metrics.average_accuracy`` / ``metrics.forgetting``: 𝒜 is the mean of the last row over all T
+    tasks (a single-row run such as multitask is evaluated on every task), ℱ uses the first L tasks
+    when L < T (a partial run).
+    """
     b, rows, cols, nk = a.shape
-    m = a[:, :, :rows] if rows < cols else a                       # partial run: tasks seen so far
-    A = m[:, -1].mean(axis=1).mean(axis=-1)                         # (B,)
+    A = a[:, -1].mean(axis=1).mean(axis=-1)                         # (B,)
     if rows == 1:
         return A, None
+    m = a[:, :, :rows] if rows < cols else a                       # partial run: tasks seen so far
     drop = m[:, :-1] - m[:, -1:]                                    # (B, L-1, T', K)
     valid = np.arange(rows - 1)[:, None] >= np.arange(m.shape[2])[None, :]
     masked = np.where(valid[None, :, :, None], drop, -np.inf)[:, :, : rows - 1]
