@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from stella_avalanche.experiment import model_config_for
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.loading import load_backbone_weights
-    from stella_avalanche.training.pretrain import synthetic_initialisation
+    from stella_avalanche.training.pretrain import avm_training_step, synthetic_initialisation
 
     cfg = model_config_for("tiny", S.default_features(args.preset))
     backbone = args.backbone or synthetic_initialisation(cfg, preset=args.preset)["backbone"]
@@ -79,15 +79,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     losses: list[float] = []
     for step in range(1, args.steps + 1):
-        batch = next(batches)
-        with torch.no_grad():
-            U_a = model.encode_modality(model.patchify_audio(batch["audio"]), None, "audio")
-            U_v = model.encode_modality(model.patchify_video(batch["video"]), None, "video")
-        loss = avm.matching_loss(model, U_a, U_v, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(avm_training_step(model, avm, next(batches), opt, generator=gen))
         if step % args.eval_every == 0 or step == args.steps:
             recent = losses[-args.eval_every:]
             res = diagnose(model, avm, clips, preset=args.preset)

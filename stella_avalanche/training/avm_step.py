@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from stella_avalanche.models.avm import avm_inputs
+
 __all__ = ["AVMStep", "AVMPass"]
 
 
@@ -79,8 +81,6 @@ class AVMStep:
     def _features(backbone: nn.Module, video: Tensor, audio: Tensor) -> tuple[Tensor, ...]:
         """Patches, unimodal codes and AVM inputs of full clips (steps 1-2; the caller holds
         ``no_grad`` and the autocast context)."""
-        from stella_avalanche.models.avm import avm_inputs
-
         pv = backbone.patchify_video(video)
         pa = backbone.patchify_audio(audio)
         U_a = backbone.encode_modality(pa, None, "audio")

@@ -162,6 +162,20 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
     return history
 
 
+def avm_training_step(model: nn.Module, avm: nn.Module, batch: dict, opt: torch.optim.Optimizer, *,
+                      generator: Optional[torch.Generator] = None) -> float:
+    """One stage-2 step: codes of the unmasked clips (frozen backbone), the matching loss, an optimizer
+    step on the AVM. ``batch``: ``video`` (B, T, 3, S, S), ``audio`` (B, 1, A, F). :returns: the loss."""
+    with torch.no_grad():
+        u_a = model.encode_modality(model.patchify_audio(batch["audio"]), None, "audio")
+        u_v = model.encode_modality(model.patchify_video(batch["video"]), None, "video")
+    loss = avm.matching_loss(model, u_a, u_v, generator=generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, steps: int,
                  lr: float = 1e-4, device: str | torch.device = "cpu", progress: bool = True,
                  generator: Optional[torch.Generator] = None, heldout: Optional[dict] = None,
@@ -201,15 +215,7 @@ def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, st
     bar = tqdm(range(steps), desc="stage 2: AVM", disable=not progress, dynamic_ncols=True)
     step = 0
     for step in bar:
-        batch = next(it)
-        with torch.no_grad():
-            u_a = model.encode_modality(model.patchify_audio(batch["audio"]), None, "audio")
-            u_v = model.encode_modality(model.patchify_video(batch["video"]), None, "video")
-        loss = avm.matching_loss(model, u_a, u_v, generator=generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
+        history.append(avm_training_step(model, avm, next(it), opt, generator=generator))
         if step % 10 == 0:
             bar.set_postfix(vam=f"{history[-1]:.3f}", heldout=f"{evals[-1]['accuracy']:.2f}" if evals else "-")
         if heldout is not None and (step + 1) % eval_every == 0:
