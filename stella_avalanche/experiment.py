@@ -173,6 +173,9 @@ def _build(cfg: dict, *, out_dir: Path, seed: int, device: str, progress: bool) 
     init = _resolve_init(cfg, model_cfg, dev, spec.needs_avm)
     seed_everything(seed)
     model, avm = _build_model(model_cfg, init, need_avm=spec.needs_avm)
+    if cfg["train"].get("compile"):
+        # after the weights are loaded: compiling wraps each block's forward, not its parameters
+        log.info("train.compile: compiled %d transformer blocks", model.compile_blocks())
     evaluator, tracker = _build_evaluation(cfg, bm, ctx, out_dir, progress)
     ckpt_dir = out_dir / "checkpoints" / (f"rank{ctx.rank}" if ctx.enabled else "")
     plugin_kwargs = _plugin_kwargs(cfg, spec)

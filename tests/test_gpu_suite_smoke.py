@@ -33,6 +33,10 @@ def test_gpu_suite_smoke(tmp_path: Path) -> None:
         sps = row["samples_per_second"]
         assert row["repeats"] == 2 and len(sps["values"]) == 2 and 0 < sps["min"] <= sps["mean"] <= sps["max"]
         assert row["flops_per_step"] > 0 and row["tflops"]["mean"] > 0
+        # the step alone (loader wait excluded) is shorter than the whole experience's share
+        assert len(row["in_step_seconds"]["values"]) == 2 * 2
+        assert len(row["warmup_losses"]) == 1 and row["warmup_losses"][0] > 0  # --smoke: 1 warm-up step
+        assert 0 < row["in_step_seconds"]["mean"] <= 1.05 * row["step_seconds"]["max"]
     # the analytic FLOPs agree with torch's counter (math attention on the CPU)
     assert {f["strategy"] for f in res["flop_check"]} == {"derpp", "stella"}
     assert all(abs(f["counted_over_analytic"] - 1) < 0.05 for f in res["flop_check"])
@@ -40,6 +44,10 @@ def test_gpu_suite_smoke(tmp_path: Path) -> None:
     assert {s["strategy"] for s in res["sync"]} == {"derpp", "stella"}
     for s in res["sync"]:
         assert any("template.py" in site and kind == "value_read" for kind, _, site, _ in s["audit"])
+        # no host data copied into device tensors inside the step (each was a stream wait on CUDA)
+        assert not {"host_data", "scalar_write"} & set(s["audit_counts"]), s["audit"]
     assert [b["input_fields_equal"] for b in res["buffer_check"]] == [True, True]
+    assert all(b["selected_fields_equal_repeat"] and max(b["max_abs_diff_repeat"].values()) == 0
+               for b in res["buffer_check"])  # the CPU is deterministic
     assert set(res["cost_model"]) == {"3", "4"} and res["cost_model"]["3"]["stella"]["flops"] > 0
     assert "| b4 | stella |" in r.stdout

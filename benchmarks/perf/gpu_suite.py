@@ -163,6 +163,8 @@ def _build(name: str, cfg, *, batch: int, mem_size: int, buffer: str, device, am
     name, extra = split_variant(name)
     torch.manual_seed(0)
     model = CAVMAE(cfg)
+    if extra.pop("compile", 0):  # the runner's train.compile
+        model.compile_blocks()
     avm = build_avm(model) if name.startswith("stella") else None
     pk: dict = {}
     if name != "finetune":
@@ -194,20 +196,25 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
     row: dict[str, Any] = {"strategy": name, "batch": batch, "replay": 0 if name == "finetune" else batch,
                            "buffer": "none" if name == "finetune" else buffer, "mem_size": mem_size}
     try:
+        timer = StepTimer(device)
         strategy = _build(name, cfg, batch=batch, mem_size=mem_size, buffer=buffer, device=device, amp=amp,
-                          plugins=[])
+                          plugins=[timer.plugin])
         bm = _clips(cfg, batch, repeats, steps, warmup)
         exps = list(bm.train_stream)
         strategy.train(exps[0], eval_streams=[])  # fills the buffer (>= batch items), lazy init
+        # same seed and clips for every variant of a strategy: compiled vs eager agree here or not
+        row["warmup_losses"] = [float(x) for x in timer.losses]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         secs = []
+        timer.reset(active=True)
         for exp in exps[1:]:
             _sync(device)
             t = time.perf_counter()
             strategy.train(exp, eval_streams=[])
             _sync(device)
             secs.append(time.perf_counter() - t)
+        in_step = timer.seconds()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         row["amp"] = str(strategy.amp_dtype)
         del strategy
@@ -220,10 +227,64 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
     row.update({
         "samples_per_second": _spread(sps), "step_seconds": _spread([s / steps for s in secs]),
         "tflops": _spread(tflops), "mfu": _spread([t / peak_tflops for t in tflops]),
+        "in_step_seconds": _spread(in_step),
+        "mfu_in_step": _spread([cost.total / s / 1e12 / peak_tflops for s in in_step]),
         "peak_memory_bytes": int(peak), "baseline_allocated_bytes": int(base_alloc),
         "flops_per_step": cost.total, "saved_activation_bytes_model": cost.saved_bytes,
         "steps": steps, "repeats": len(secs)})
     return row
+
+
+class StepTimer:
+    """Time of each training iteration without the wait for the loader's next batch.
+
+    On CUDA two events are recorded per iteration (``before_training_iteration`` and
+    ``after_training_iteration``) and read once at the end, so timing adds no synchronisation: the
+    first event runs when the host reaches the step or the previous step's work ends, whichever is
+    later, the second when the step's work ends. On the CPU the host clock is read instead.
+    """
+
+    def __init__(self, device) -> None:
+        from avalanche.training.plugins import SupervisedPlugin
+
+        self.device, self.active, self.marks, self.losses = device, False, [], []
+        timer = self
+
+        class _Plugin(SupervisedPlugin):
+            def before_training_iteration(self, strategy, **kw):
+                timer._mark()
+
+            def after_backward(self, strategy, **kw):
+                timer.losses.append(strategy.loss.detach().float().sum())  # read once, at the end
+
+            def after_training_iteration(self, strategy, **kw):
+                timer._mark()
+
+        self.plugin = _Plugin()
+
+    def reset(self, active: bool) -> None:
+        self.active, self.marks = active, []
+
+    def _mark(self) -> None:
+        import torch
+
+        if not self.active:
+            return
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds per timed iteration (pairs of marks)."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks[::2], self.marks[1::2])]
+        return [b - a for a, b in zip(self.marks[::2], self.marks[1::2])]
 
 
 def _spread(xs: list[float]) -> dict:
@@ -314,46 +375,90 @@ def sync_pass(name: str, cfg, *, batch: int, buffer: str, device, amp: str) -> d
                 strategy.train(exp, eval_streams=[])
         finally:
             warnings.showwarning = old
-    syncs = [e for e in events if "synchroniz" in e["message"].lower()]
+    # torch's one-time notice that the debug mode is a prototype is not a synchronisation
+    syncs = [e for e in events if "synchroniz" in e["message"].lower() and "prototype" not in e["message"]]
     return {"strategy": name, "batch": batch, "buffer": buffer, "cuda_sync_events": syncs,
             "cuda_sync_count": len(syncs),
             "audit": [list(r) for r in w.audit.summary()], "audit_counts": w.audit.counts()}
 
 
-def buffer_check(name: str, cfg, *, batch: int, device, amp: str) -> dict:
-    """The same seeded steps with the replay buffer on the device and in host memory: the stored
-    items must agree (the host path stages its device-to-host copies and waits once per insertion).
+#: stored fields copied from the input clip (equal whatever the device's arithmetic)
+COPIED_FIELDS = ("video", "audio", "audio_lo", "audio_scale", "category", "index", "label")
+#: STELLA+'s stored fields that depend on the patch selection, i.e. on the model's importance maps
+SELECTED_FIELDS = ("video_patches", "audio_patches", "audio_patches_lo", "audio_patches_scale", "video_ids",
+                   "audio_ids")
 
-    Fields copied from the input clips must be equal; fields computed by the model (z, importance)
-    may differ by the device's non-deterministic reductions, so their largest difference is reported.
+
+def buffer_check(name: str, cfg, *, batch: int, device, amp: str) -> dict:
+    """The same seeded steps with the replay buffer on the device, in host memory, and on the device
+    again: the stored items of the first two must agree as closely as the two device runs agree.
+
+    Fields copied from the input clips must be equal. Fields computed by the model (z, importance)
+    and, for STELLA+, the selected patches and their ids follow the model's arithmetic: on a GPU its
+    reductions are not deterministic, so a host-vs-device difference in those fields is a placement
+    bug only if the repeated device run does not show it too.
     """
     data = {}
-    for buf in ("device", "cpu"):
+    for run in ("device", "cpu", "device_repeat"):
+        buf = "device" if run == "device_repeat" else run
         strategy = _build(name, cfg, batch=batch, mem_size=4 * batch, buffer=buf, device=device, amp=amp,
                           plugins=[])
         for exp in _clips(cfg, batch, 1, 2, 1).train_stream:
             strategy.train(exp, eval_streams=[])
         plugin = next(p for p in strategy.plugins if getattr(p, "buffer", None) is not None)
-        data[buf] = {k: v[: len(plugin.buffer)].cpu() for k, v in plugin.buffer.data.items()}
-    exact = ("video", "audio", "category", "index", "label", "video_patches", "audio_patches", "video_ids",
-             "audio_ids", "audio_lo", "audio_scale", "audio_patches_lo", "audio_patches_scale")
-    diff = {k: float((data["device"][k].double() - data["cpu"][k].double()).abs().max())
-            for k in data["device"]}
-    equal = all(diff[k] == 0.0 for k in diff if k in exact)
-    return {"strategy": name, "items": len(next(iter(data["cpu"].values()))), "max_abs_diff": diff,
-            "input_fields_equal": equal}
+        data[run] = {k: v[: len(plugin.buffer)].cpu() for k, v in plugin.buffer.data.items()}
+
+    def diff(a: str, b: str) -> dict[str, float]:
+        return {k: float((data[a][k].double() - data[b][k].double()).abs().max()) for k in data[a]}
+
+    placement, repeat = diff("device", "cpu"), diff("device", "device_repeat")
+
+    def equal(d: dict, fields: tuple) -> bool:
+        return all(d[k] == 0.0 for k in d if k in fields)
+
+    return {"strategy": name, "items": len(next(iter(data["cpu"].values()))), "max_abs_diff": placement,
+            "max_abs_diff_repeat": repeat, "input_fields_equal": equal(placement, COPIED_FIELDS),
+            "selected_fields_equal": equal(placement, SELECTED_FIELDS),
+            "selected_fields_equal_repeat": equal(repeat, SELECTED_FIELDS)}
+
+
+def profile_step(name: str, cfg, *, batch: int, device, amp: str, steps: int = 3, top: int = 25) -> dict:
+    """``torch.profiler`` over ``steps`` training steps (buffer on the device, after a warm-up
+    experience): the kernels that take the device's time, grouped, to explain the utilisation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    strategy = _build(name, cfg, batch=batch, mem_size=4 * batch, buffer="device", device=device, amp=amp,
+                      plugins=[])
+    exps = list(_clips(cfg, batch, 1, steps, 1).train_stream)
+    strategy.train(exps[0], eval_streams=[])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        strategy.train(exps[1], eval_streams=[])
+        _sync(device)
+    wall = time.perf_counter() - t
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = []
+    for e in prof.key_averages():
+        rows.append({"name": e.key[:120], "calls": e.count, "self_device_us": getattr(e, "self_device_time_total", 0.0),
+                     "self_cpu_us": e.self_cpu_time_total})
+    rows.sort(key=lambda r: -r["self_device_us" if device.type == "cuda" else "self_cpu_us"])
+    busy_us = sum(r["self_device_us"] for r in rows)
+    return {"strategy": name, "batch": batch, "steps": steps, "wall_seconds": wall,
+            "device_busy_seconds": busy_us / 1e6, "top": rows[:top], "sort_key": key}
 
 
 # ------------------------------------------------------------------------------------ main
 def _table(runs: list[dict]) -> str:
     out = ["| setting | strategy | samples/s (mean, min-max) | step (s) | peak memory (MB) | TFLOP/s | MFU | "
-           "samples/s ÷ DER++ | memory ÷ DER++ | FLOPs ÷ DER++ (model) |", "|---" * 10 + "|"]
+           "samples/s ÷ DER++ | memory ÷ DER++ | FLOPs ÷ DER++ (model) | in-step s | in-step MFU |", "|---" * 12 + "|"]
     for setting in dict.fromkeys(r["setting"] for r in runs):
         rs = {r["strategy"]: r for r in runs if r["setting"] == setting}
         d = rs.get("derpp")
         for s, r in rs.items():
             if "oom" in r:
-                out.append(f"| {setting} | {s} | out of memory | | | | | | | |")
+                out.append(f"| {setting} | {s} | out of memory | | | | | | | | | |")
                 continue
             sp, ok = r["samples_per_second"], d is not None and "oom" not in d
             out.append(
@@ -362,7 +467,9 @@ def _table(runs: list[dict]) -> str:
                 f"{r['tflops']['mean']:.1f} | {100 * r['mfu']['mean']:.1f} % | "
                 + (f"{sp['mean'] / d['samples_per_second']['mean']:.2f} | "
                    f"{r['peak_memory_bytes'] / max(1, d['peak_memory_bytes']):.2f} | "
-                   f"{r['flops_per_step'] / d['flops_per_step']:.3f} |" if ok else "- | - | - |"))
+                   f"{r['flops_per_step'] / d['flops_per_step']:.3f} |" if ok else "- | - | - |")
+                + (f" {r['in_step_seconds']['mean']:.3f} | {100 * r['mfu_in_step']['mean']:.1f} % |"
+                   if "in_step_seconds" in r else " - | - |"))
     return "\n".join(out)
 
 
@@ -383,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
                         "kernel launches for the importance maps (all AVM heads at once) vs the default")
     p.add_argument("--amp", default="auto")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS)
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="checks (sync, flop, buffer) or settings (e.g. b9_buffer_pinned_host, b24) to leave out")
+    p.add_argument("--profile", nargs="*", default=[],
+                   help="STRATEGY:BATCH pairs to profile (torch.profiler, top kernels), after the checks")
+    p.add_argument("--variant-batch", type=int, default=None,
+                   help="batch of the variants' setting (default: --paper-batch)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="stop starting new runs after this many seconds (the JSON keeps what was measured)")
     p.add_argument("--workers", type=int, default=4, help="training-loader workers (0 with --smoke)")
@@ -434,22 +547,33 @@ def main(argv: list[str] | None = None) -> int:
     settings = [(f"b{args.paper_batch}_buffer_gpu", args.paper_batch, "device"),
                 (f"b{args.paper_batch}_buffer_pinned_host", args.paper_batch, "cpu")]
     settings += [(f"b{b}", b, "device") for b in args.batches]
-    variant_setting = (f"b{args.paper_batch}_buffer_gpu_variants", args.paper_batch, "device")
+    settings = [st for st in settings if st[0] not in args.skip]
+    vb = args.variant_batch or args.paper_batch
+    variant_setting = (f"b{vb}_buffer_gpu_variants", vb, "device")
     # 1. the synchronisation pass and the FLOP check first: short and needed whatever the budget
     for s in ("derpp", "stella", "stella_plus"):
-        if s in args.strategies:
+        if s in args.strategies and "sync" not in args.skip:
             for buf in (("device",) if args.smoke else ("device", "cpu")):
                 result["sync"].append(sync_pass(s, cfg, batch=args.paper_batch, buffer=buf, device=device,
                                                 amp=args.amp))
                 save()
-    for s in args.strategies:
+    for s in args.strategies if "flop" not in args.skip else ():
         result["flop_check"].append(flop_check(s, cfg, batch=args.paper_batch, device=device, amp=args.amp))
         save()
     for s in ("derpp", "stella", "stella_plus"):
-        if s in args.strategies:
+        if s in args.strategies and "buffer" not in args.skip:
             result["buffer_check"].append(buffer_check(s, cfg, batch=args.paper_batch, device=device,
                                                        amp=args.amp))
             save()
+    for item in args.profile:
+        pname, _, pb = item.partition(":")
+        result.setdefault("profile", []).append(profile_step(pname, cfg, batch=int(pb or args.paper_batch),
+                                                             device=device, amp=args.amp))
+        pr = result["profile"][-1]
+        print(f"profile {item}: wall {pr['wall_seconds']:.3f} s, device busy {pr['device_busy_seconds']:.3f} s "
+              f"over {pr['steps']} steps; top: " + "; ".join(f"{r['name'][:40]} {r['self_device_us'] / 1e3:.1f} ms"
+                                                            for r in pr["top"][:8]), flush=True)
+        save()
     # 2. the timed runs, strategy order rotated per setting
     for i, (setting, batch, buffer) in enumerate(settings):
         order = args.strategies[i % len(args.strategies):] + args.strategies[:i % len(args.strategies)]
@@ -488,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
               f"audit {sp['audit_counts']}")
     for bc in result["buffer_check"]:
         print(f"buffer device vs host {bc['strategy']}: input fields equal {bc['input_fields_equal']}, "
-              f"largest difference {max(bc['max_abs_diff'].values()):.3g}")
+              f"selected fields equal {bc['selected_fields_equal']} (device vs device again: "
+              f"{bc['selected_fields_equal_repeat']}), largest difference "
+              f"{max(bc['max_abs_diff'].values()):.3g} (again: {max(bc['max_abs_diff_repeat'].values()):.3g})")
     for fc in result["flop_check"]:
         print(f"flops {fc['strategy']}: counted / analytic = {fc['counted_over_analytic']:.3f}")
     if result["skipped"]:

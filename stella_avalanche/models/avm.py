@@ -46,10 +46,11 @@ def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
     perm = torch.rand(batch_size, generator=generator, device=gdev).argsort().to(device, non_blocking=True)
     n_pos = batch_size // 2
     neg = perm[n_pos:]  # >= 2 entries, in random order
-    labels = torch.ones(batch_size, device=device)
-    labels[neg] = 0.0
     video_index = idx.clone()
     video_index[neg] = neg.roll(-1)
+    # the cycle has no fixed point, so label 1 <=> own video; derived on the device because
+    # ``labels[neg] = 0.0`` copies the Python scalar from the host and waits for the stream
+    labels = (video_index == idx).float()
     return labels, video_index, neg
 
 

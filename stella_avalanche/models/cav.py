@@ -528,6 +528,25 @@ class CAVMAE(nn.Module):
         self.decoder_pred_v = nn.Linear(dd, cfg.video_patch_dim)
         self.reset_parameters()
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every encoder, fusion and decoder block, in forward order."""
+        return [*self.blocks_a, *self.blocks_v, *self.blocks_u, *self.decoder_blocks]
+
+    def compile_blocks(self, **compile_kwargs: Any) -> int:
+        """``torch.compile`` each transformer block in place (``nn.Module.compile``).
+
+        Parameter names and the state dict stay unchanged, so checkpoints load either way. The rest
+        of the forward (masking, gathers, losses) stays eager: its shapes change with the strategy and
+        the batch, and a whole-model graph would recompile for each.
+
+        :param compile_kwargs: passed to ``torch.compile`` (e.g. ``mode``, ``backend``).
+        :returns: the number of blocks compiled.
+        """
+        blocks = self.transformer_blocks()
+        for blk in blocks:
+            blk.compile(**compile_kwargs)
+        return len(blocks)
+
     # ------------------------------------------------------------------------------------
     # initialisation and optimiser helpers
     # ------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ copy from pageable memory or a device-to-host copy waits for the stream on CUDA)
 training step can be audited on the CPU and the list compared with the GPU's sync-debug pass.
 
 A CPU run cannot tell whether a ``.to(device)`` would cross host and device; those calls are
-reported as their own kind (``device_copy``) for the reader to classify.
+reported as their own kind (``device_copy``) for the reader to classify. Two more kinds copy host
+data into a device tensor with a blocking copy on CUDA: ``host_data`` (``torch.tensor(list,
+device=...)``, ``new_tensor``) and ``scalar_write`` (``t[idx] = 0.0``: the Python number becomes a
+host tensor that is copied to ``t``'s device).
 """
 from __future__ import annotations
 
@@ -91,6 +94,13 @@ class HostSyncAudit(TorchFunctionMode):
             self._record("value_shape", f"{name}[bool mask]")
         elif name == "where" and len(args) == 1 and not kwargs:
             self._record("value_shape", "where(cond)")
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None and args \
+                and not torch.is_tensor(args[0]):
+            self._record("host_data", name)
+        elif name == "new_tensor" and len(args) > 1 and not torch.is_tensor(args[1]):
+            self._record("host_data", name)
+        elif name == "__setitem__" and len(args) > 2 and isinstance(args[2], (bool, int, float, complex)):
+            self._record("scalar_write", name)
         elif name in ("to", "cuda") and not kwargs.get("non_blocking", False):
             # .to(device[, dtype][, non_blocking]) names a device; .to(dtype) does not
             moves = name == "cuda" or "device" in kwargs or (
