@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -108,7 +108,8 @@ def contrastive_forward(model: nn.Module, video: torch.Tensor, audio: torch.Tens
 def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, lr: float = 1e-4,
                       warmup_steps: int = 0, device: str | torch.device = "cpu",
                       progress: bool = True, contrastive_only_steps: int = 0,
-                      decoder_only_after_contrastive: bool = False) -> list[dict]:
+                      decoder_only_after_contrastive: bool = False,
+                      on_step: Optional[Callable[[int, list[dict]], None]] = None) -> list[dict]:
     """Stage 1: MAE + contrastive pre-training with random masking.
 
     :param model: the backbone (``pretrain_forward``).
@@ -121,6 +122,9 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
         which also trains the decoder the continual phase needs.
     :param decoder_only_after_contrastive: in those remaining steps only the decoder (``decoder_*``,
         ``mask_token_*``) learns; the encoder keeps what the contrastive steps taught it.
+    :param on_step: called after each optimizer step with the number of steps done and the history
+        (e.g. to measure the backbone during training: ``experiments/stage1_curve.py``); the model is
+        put back in training mode afterwards.
     :returns: a loss history (one dict per step).
     """
     device = torch.device(device)
@@ -156,6 +160,9 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
             history.append(rec)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", nce=f"{rec.get('loss_nce', math.nan):.3f}")
+            if on_step is not None:
+                on_step(step + 1, history)
+                model.train()
     finally:  # the caller (and the continual phase) trains the whole model
         for p in frozen:
             p.requires_grad_(True)
