@@ -126,3 +126,16 @@ def test_query_sd_from_recall_matches_the_bootstrap_of_one_run() -> None:
     sd = B.query_sd_from_recall({k: m[-1] for k, m in rec.items()}, PER)
     boot = B.run_replicates(_run(ranks), B.query_weights(TASKS, 4000, np.random.default_rng(7)))[0]
     assert sd == pytest.approx(boot.std(), rel=0.1)
+
+
+def test_a_strategy_interval_does_not_depend_on_the_other_strategies() -> None:
+    """Each strategy's seed draws have their own stream: adding strategies (as a re-run does, one batch
+    at a time) leaves the replicates of the others unchanged."""
+    rng = np.random.default_rng(4)
+    x = [_run(_ranks(rng)) for _ in range(3)]
+    y = [_run(_ranks(rng)) for _ in range(3)]
+    extra = [_run(_ranks(rng)) for _ in range(5)]
+    alone = B.bootstrap({"x": x, "y": y}, n_boot=300, seed=0)
+    more = B.bootstrap({"a_first": extra, "x": x, "b_between": extra[:2], "y": y}, n_boot=300, seed=0)
+    for s in ("x", "y"):
+        assert np.array_equal(alone.samples[s]["A"], more.samples[s]["A"]), s

@@ -21,6 +21,7 @@ Vectorised: one (B, N) x (N, L·T·K) matrix product per run.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -184,7 +185,10 @@ def bootstrap(runs: Mapping[str, Sequence[RunRanks]], *, n_boot: int = 2000, see
             reps = [tuple(None if x is None else np.repeat(x, n_boot) for x in p) for p in pts]
         else:
             reps = [run_replicates(r, weights, ks=ks) for r in group]
-        idx = (rng.integers(0, len(group), size=(n_boot, len(group))) if resample_seeds
+        # each strategy's seed draws come from its own stream, keyed by its name: adding or removing
+        # another strategy must not move this one's interval
+        own = np.random.default_rng([seed, zlib.crc32(s.encode())])
+        idx = (own.integers(0, len(group), size=(n_boot, len(group))) if resample_seeds
                else np.broadcast_to(np.arange(len(group)), (n_boot, len(group))))
         cols = np.arange(n_boot)[:, None]
         point[s], samples[s], std[s] = {}, {}, {}
