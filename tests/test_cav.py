@@ -435,3 +435,29 @@ def test_compile_blocks_keeps_state_dict_and_outputs() -> None:
     g1 = compiled.blocks_u[0].attn.qkv.weight.grad
     assert g0 is not None and torch.allclose(g0, g1, rtol=1e-4, atol=1e-6)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.transformer_blocks())
+
+
+def test_runner_compiles_the_blocks_when_train_compile_is_set(tmp_path, monkeypatch) -> None:
+    """``train.compile: true`` reaches ``CAVMAE.compile_blocks`` in the runner; false leaves it alone."""
+    import stella_avalanche.experiment as E
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    class Model:
+        def compile_blocks(self):
+            calls.append(1)
+            return 0
+
+    monkeypatch.setattr(E, "_build_benchmark", lambda cfg: None)
+    monkeypatch.setattr(E, "_model_config", lambda cfg, features: None)
+    monkeypatch.setattr(E, "_resolve_init", lambda *a, **k: {})
+    monkeypatch.setattr(E, "_build_model", lambda *a, **k: (Model(), None))
+    monkeypatch.setattr(E, "_build_evaluation", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    for flag, expected in ((False, 0), (True, 1)):
+        cfg = E.load_config(benchmark="synthetic", overrides=[f"train.compile={str(flag).lower()}"])
+        with pytest.raises(Stop):
+            E._build(cfg, out_dir=tmp_path, seed=0, device="cpu", progress=False)
+        assert len(calls) == expected

@@ -440,11 +440,15 @@ def profile_step(name: str, cfg, *, batch: int, device, amp: str, steps: int = 3
     wall = time.perf_counter() - t
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = []
+    busy_us = 0.0
     for e in prof.key_averages():
-        rows.append({"name": e.key[:120], "calls": e.count, "self_device_us": getattr(e, "self_device_time_total", 0.0),
+        dev_us = getattr(e, "self_device_time_total", 0.0)
+        # operator rows repeat their kernels' device time: count the kernel rows alone for "busy"
+        if str(getattr(e, "device_type", "")).endswith(("CUDA", "PrivateUse1")):
+            busy_us += dev_us
+        rows.append({"name": e.key[:120], "calls": e.count, "self_device_us": dev_us,
                      "self_cpu_us": e.self_cpu_time_total})
     rows.sort(key=lambda r: -r["self_device_us" if device.type == "cuda" else "self_cpu_us"])
-    busy_us = sum(r["self_device_us"] for r in rows)
     return {"strategy": name, "batch": batch, "steps": steps, "wall_seconds": wall,
             "device_busy_seconds": busy_us / 1e6, "top": rows[:top], "sort_key": key}
 
