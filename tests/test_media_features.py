@@ -43,6 +43,27 @@ def test_read_audio_resamples_and_averages_stereo(media_files):
     assert float(wav[100:-100].abs().max()) == pytest.approx(0.3, abs=0.01)
 
 
+def test_wav_header_read_without_pyav_matches_pyav(media_files, monkeypatch):
+    """WAV headers come from the standard library (same answer as PyAV), so a machine without PyAV
+    reads WAV audio; other containers still go to PyAV."""
+    import sys
+
+    for name, expect in [("wav", (1, SR)), ("stereo44k", (2, 44100))]:
+        path = str(getattr(media_files, name))
+        assert media._wav_format(path) == expect
+        import av
+        with av.open(path) as c:
+            s = c.streams.audio[0]
+            assert (s.layout.nb_channels, s.codec_context.sample_rate) == expect
+    assert media._wav_format(str(media_files.mp3)) is None           # not a wav: PyAV's job
+    assert media._wav_format(str(media_files.corrupt_audio)) is None  # unparsable header: PyAV reports it
+    monkeypatch.setitem(sys.modules, "av", None)                      # import av now raises
+    wav = media.read_audio(media_files.stereo44k, sample_rate=SR, seconds=2.0)
+    assert float(wav[100:-100].abs().max()) == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(ImportError):
+        media.read_audio(media_files.mp3, sample_rate=SR, seconds=SECONDS)
+
+
 def test_read_audio_first_seconds_only(media_files):
     wav = media.read_audio(media_files.wav, sample_rate=SR, seconds=1.0)
     assert wav.numel() == SR

@@ -158,17 +158,26 @@ def _entropy_ratio(I: Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # model passes
 # ---------------------------------------------------------------------------------------------
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live (the diagnostics keep clips and results on the host)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def embed_clips(model: torch.nn.Module, video: Tensor, audio: Tensor, *, batch_size: int = 120
                 ) -> tuple[Tensor, Tensor]:
-    """Retrieval embeddings (``model.embed``) of clips, in batches. :returns: z_a, z_v (N, D)."""
+    """Retrieval embeddings (``model.embed``) of clips, in batches. The clips may stay on the host:
+    each batch goes to the model's device and the embeddings come back. :returns: z_a, z_v (N, D) on
+    the host."""
     was = model.training
     model.eval()
+    dev = _device_of(model)
     za, zv = [], []
     for i in range(0, video.shape[0], batch_size):
-        a, v = model.embed(video[i:i + batch_size], audio[i:i + batch_size])
-        za.append(a)
-        zv.append(v)
+        a, v = model.embed(video[i:i + batch_size].to(dev), audio[i:i + batch_size].to(dev))
+        za.append(a.float().cpu())
+        zv.append(v.float().cpu())
     model.train(was)
     return torch.cat(za), torch.cat(zv)
 
@@ -186,22 +195,27 @@ def avm_projections(model: torch.nn.Module, avm: torch.nn.Module, video: Tensor,
     """AVM projections and matching logits of clips (unmasked, the AVM inputs the plugin uses).
 
     :param video_partner: (N,) row of the video paired with each audio (default: its own video).
-    :returns: ``q_a``, ``k_a`` (N, H, L_A, d), ``q_v``, ``k_v`` (N, H, L_V, d) and ``logit`` (N,).
+    :returns: ``q_a``, ``k_a`` (N, H, L_A, d), ``q_v``, ``k_v`` (N, H, L_V, d) and ``logit`` (N,), on
+        the host (each batch runs on the model's device).
     """
     was_m, was_a = model.training, avm.training
     model.eval()
     avm.eval()
+    dev, dev_avm = _device_of(model), _device_of(avm)
     n = video.shape[0]
     partner = torch.arange(n) if video_partner is None else video_partner
     out: dict[str, list[Tensor]] = {k: [] for k in ("q_a", "k_a", "q_v", "k_v", "logit")}
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        U_a, U_v = _codes(model, video[partner[sl]], audio[sl])
+        U_a, U_v = _codes(model, video[partner[sl]].to(dev), audio[sl].to(dev))
         E_a, E_v = avm_inputs(model, U_a, U_v)
+        # the AVM may still sit on the host (a run's "init" entry is measured before the plugin
+        # moves it), so its inputs go where its weights are
+        E_a, E_v = E_a.to(dev_avm), E_v.to(dev_avm)
         p = avm.project(E_a, E_v)
         for k in ("q_a", "k_a", "q_v", "k_v"):
-            out[k].append(p[k].float())
-        out["logit"].append(avm(E_a, E_v).float())
+            out[k].append(p[k].float().cpu())
+        out["logit"].append(avm(E_a, E_v).float().cpu())
     model.train(was_m)
     avm.train(was_a)
     return {k: torch.cat(v) for k, v in out.items()}
