@@ -625,6 +625,11 @@ def _against_random(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
 
+def _trained_on_gpu(result: dict) -> bool:
+    """Whether a run's ``environment`` block (results.json) names a CUDA device."""
+    return str((result.get("environment") or {}).get("device", "cpu")).startswith("cuda")
+
+
 def sweep_sizes(runs: dict[str, list[dict]], default_mem: int) -> list[int]:
     """Memory sizes of the sweep runs present under ``runs`` (DER++ / STELLA keys ``<name>-mem<M>``, plus
     the preset's memory, whose runs are the main ones)."""
@@ -641,7 +646,8 @@ def sweep_rows(runs: dict[str, list[dict]], boot: dict[str, BS.BootstrapResult],
         for mem in mems:
             items = mem if not label.endswith("bytes") else equal_bytes_items(mem, sizes)
             key = None if items is None else mem_key(strategy, items, default_mem)
-            row = {"curve": label, "mem": mem, "items": items, "key": key}
+            row = {"curve": label, "mem": mem, "items": items, "key": key,
+                   "gpu_runs": sum(1 for r in runs.get(key or "", []) if _trained_on_gpu(r))}
             for d, _ in DIRS:
                 b = boot[d]
                 if key is not None and key in b.point and b.point[key]["A"] is not None:
@@ -668,8 +674,13 @@ def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: P
                 txt = "–" if v is None else f"{v[0]:.2f} ± {v[1]:.2f} {_ci_text(v[2])}"
                 if label.endswith("bytes") and r["items"] is not None:
                     txt += f" ({r['items']} items)"
+                if v is not None and r.get("gpu_runs"):
+                    txt += " †"
                 cells.append(txt)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(r.get("gpu_runs") for r in rows):
+        lines += ["", "† trained on a GPU (results.json `environment`); the other cells' runs on the CPU. "
+                  "The same seed does not reproduce across platforms, so a † cell is another draw of its seeds."]
     md = "\n".join(lines) + "\n"
     with atomic_write(out / "mem_sweep.md") as fh:
         fh.write(md)

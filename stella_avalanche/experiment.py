@@ -330,9 +330,21 @@ def _write_results(run: _Run, *, done: bool) -> dict:
     if run.diag is not None:
         res["diagnostics"] = run.diag.entries
     res["world_size"] = run.ctx.world_size
+    res["environment"] = run_environment(run.strategy.device)
     if run.ctx.is_main:  # only rank 0 writes results
         R.write_results_json(run.out_dir / "results.json", res)
     return res
+
+
+def run_environment(device: torch.device | str) -> dict[str, Any]:
+    """Where a run was trained: device, its name, torch and Python versions, threads. Runs of one
+    comparison may come from different machines; their numbers then differ by more than rounding."""
+    import platform
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(dev), "device_name": name, "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
 def _write_outputs(run: _Run, results: dict, *, progress: bool) -> dict:

@@ -175,7 +175,10 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
             by = {"derpp": 83480, "stella_plus": 35214}.get(s, 0)
             _put_res(tmp_path, s, seed, _results_with_ranks(s, seed, shift, buffer_bytes=by))
             if s in compare.SWEEP_STRATEGIES:
-                _put_res(tmp_path, f"{s}-mem100", seed, _results_with_ranks(s, seed, shift - 2, 100, by))
+                res = _results_with_ranks(s, seed, shift - 2, 100, by)
+                if s == "derpp":   # DER++ at M = 100 trained on a GPU: its sweep cell is marked
+                    res["environment"] = {"device": "cuda:0"}
+                _put_res(tmp_path, f"{s}-mem100", seed, res)
     for seed in (0, 1):
         _put_res(tmp_path, "stella_plus-mem237", seed, _results_with_ranks("stella_plus", seed, 5, 237, 35214))
     # no --mem-sizes: re-aggregation finds the sweep (100 and the preset's 200) from the run keys
@@ -199,4 +202,7 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert not any(line.startswith(f"| {compare.PRETTY['stella_random']} |") for line in vs_random)
     sw = (tmp_path / "mem_sweep.md").read_text()
     assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
+    marked = [line for line in sw.splitlines() if line.startswith("| ") and "†" in line]
+    assert marked and all(line.startswith("| DER++ |") for line in marked) and "† trained on a GPU" in sw
+    assert all(line.count("†") == 1 for line in marked)   # M = 100 only, not the CPU runs at 200
     assert (tmp_path / "mem_sweep.png").is_file()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture()
@@ -40,6 +41,8 @@ def test_stella_run_writes_diagnostics_and_epoch_logs(cache, tmp_path: Path, mon
     assert diag[0]["avm_at_chance"]          # a random AVM is at chance, and the run says so
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(on_disk["diagnostics"]) == len(diag)
+    env = on_disk["environment"]   # where the run was trained (compare.py marks GPU-trained sweep cells)
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["threads"] >= 1
     assert "Selection diagnostics" in (tmp_path / "run" / "summary.md").read_text()
     names = {json.loads(line).get("name") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
     assert {"stella/loss_vam", "stella/avm_accuracy", "stella/mean_C_v", "stella/penalty"} <= names
