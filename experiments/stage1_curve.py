@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-at", type=int, nargs="*", default=[], help="steps at which to save the backbone")
     p.add_argument("--out-dir", default=None, help="folder for --save-at checkpoints and curve.json")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model-override", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="tiny-preset fields to change, e.g. embed_segments=4 (values parsed as YAML)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     sched = InitSchedule()
     lr = args.lr if args.lr is not None else sched.lr
     bs = args.batch_size or sched.batch_size
-    cfg = model_config_for("tiny", S.default_features(args.preset))
+    import yaml
+
+    overrides = {}
+    for item in args.model_override:
+        field, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--model-override {item!r}: expected FIELD=VALUE")
+        overrides[field] = yaml.safe_load(value)
+    cfg = model_config_for("tiny", S.default_features(args.preset), **overrides)
     torch.manual_seed(args.seed)
     model = CAVMAE(dataclasses.replace(cfg, contrastive_input=sched.contrastive_input))
     loader = DataLoader(S.SyntheticInitDataset(preset=args.preset, seed=args.seed), batch_size=bs)

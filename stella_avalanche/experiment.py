@@ -75,10 +75,11 @@ def _resolve_init(cfg: dict, model_cfg: Any, device: torch.device, need_avm: boo
         if cfg["benchmark"]["name"] != "synthetic":
             raise ValueError("init 'auto' exists only for the synthetic benchmark; pass --init-checkpoint "
                              "and --avm-checkpoint for real data")
-        from stella_avalanche.training.pretrain import synthetic_initialisation
+        from stella_avalanche.training.pretrain import InitSchedule, synthetic_initialisation
 
         built = synthetic_initialisation(model_cfg, preset=cfg["benchmark"].get("preset", "default"),
                                          seed=int(cfg["benchmark"].get("data_seed", 0)), device=device,
+                                         schedule=InitSchedule.from_config(init.get("schedule")),
                                          progress=progress_enabled())
         if ckpt == "auto":
             out["backbone"] = str(built["backbone"])

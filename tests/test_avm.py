@@ -290,3 +290,42 @@ def test_build_avm_takes_its_pooling_from_the_model_preset() -> None:
     assert build_avm(build_model("tiny"), pooling="mean").pooling == "mean"
     with pytest.raises(ValueError, match="avm_pooling"):
         CAVConfig(avm_pooling="max")
+
+
+def test_time_bias_aligns_attention_in_time_and_leaves_the_state_dict_alone() -> None:
+    """``avm_time_bias``: with zero projections every key scores alike, so each audio query's
+    attention mass on the video tokens of its own segment is e^β·n / (e^β·n + m) exactly; the bias is
+    not a parameter (checkpoints of the paper's AVM load), and it needs full clips."""
+    from stella_avalanche.models.avm import build_avm, token_time_segments
+    from stella_avalanche.models.cav import MODEL_PRESETS, build_model
+
+    cfg = MODEL_PRESETS["tiny"]
+    assert cfg.avm_time_bias == 5.0
+    seg_a, seg_v = token_time_segments(cfg)
+    assert seg_a.tolist()[::cfg.audio_freq_tokens] == [t * cfg.num_frames // cfg.audio_time_tokens
+                                                       for t in range(cfg.audio_time_tokens)]
+    assert seg_v.tolist() == [j // cfg.grid**2 for j in range(cfg.num_video_tokens)]
+    torch.manual_seed(0)
+    avm = build_avm(build_model("tiny"))
+    paper = build_avm(build_model("tiny", avm_time_bias=0.0))
+    assert set(avm.state_dict()) == set(paper.state_dict())
+    with torch.no_grad():
+        for lin in (avm.to_a_q, avm.to_a_k, avm.to_v_q, avm.to_v_k):
+            lin.weight.zero_()
+        paper.load_state_dict(avm.state_dict())
+        e_a = torch.randn(2, cfg.num_audio_tokens, cfg.embed_dim)
+        e_v = torch.randn(2, cfg.num_video_tokens, cfg.embed_dim)
+        p = avm.project(e_a, e_v)
+        mask = avm._time_mask(cfg.num_audio_tokens, cfg.num_video_tokens, torch.float32)
+        att = torch.softmax((p["q_a"] @ p["k_v"].transpose(-1, -2)) + mask, dim=-1)   # what SDPA computes
+        same = (seg_a[:, None] == seg_v[None, :]).float()
+        n = cfg.grid**2
+        want = math.exp(5.0) * n / (math.exp(5.0) * n + cfg.num_video_tokens - n)
+        torch.testing.assert_close((att * same).sum(-1), torch.full_like(att[..., 0], want))
+        ref = torch.nn.functional.scaled_dot_product_attention(p["q_a"], p["k_v"], p["v_v"], attn_mask=mask)
+        torch.testing.assert_close(ref, att @ p["v_v"])
+        assert not torch.allclose(avm(e_a, e_v), paper(e_a, e_v))  # uniform vs time-aligned attention
+    with pytest.raises(ValueError, match="needs full clips"):
+        avm(e_a[:, :10], e_v)
+    with pytest.raises(ValueError, match="avm_time_bias=-1"):
+        build_model("tiny", avm_time_bias=-1.0)

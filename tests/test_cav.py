@@ -197,9 +197,11 @@ def test_method_shapes_on_tiny(tiny: CAVMAE) -> None:
         lat = tiny.fuse_unimodal(U_a, ids_a, "audio")
         assert lat.shape == (b, 12, d)
         pre = tiny.fuse_unimodal(U_a, ids_a, "audio", final_norm=False)
-        z = tiny.pool(pre, "audio", normed=False)
+        z = tiny.pool(pre, "audio", normed=False, ids=ids_a)
         assert z.shape == (b, d)
-        torch.testing.assert_close(z, tiny.norm_a(pre.mean(dim=1)))  # pool_then_norm
+        flat = build_model("tiny", embed_segments=1).eval()  # the paper's token mean, pool_then_norm
+        flat.load_state_dict({k: v for k, v in tiny.state_dict().items() if "segment_proj" not in k})
+        torch.testing.assert_close(flat.pool(pre, "audio", normed=False), tiny.norm_a(pre.mean(dim=1)))
         with pytest.raises(ValueError, match="pool_then_norm"):
             tiny.pool(lat, "audio")
         za, zv = tiny.embed(video, audio)
@@ -217,6 +219,64 @@ def test_norm_then_pool_is_mean_of_latent() -> None:
         torch.testing.assert_close(
             model.pool(model.fuse_unimodal(U, None, "audio", final_norm=False), "audio", normed=False),
             lat.mean(dim=1))
+
+
+def test_segment_pooling_starts_as_the_token_mean_and_averages_each_segment() -> None:
+    """``embed_segments``: the learned map over the segment means starts as their average (the paper's
+    mean on full clips); on a token subset each segment is averaged over the tokens it holds."""
+    torch.manual_seed(0)
+    seg = CAVMAE(dataclasses.replace(MODEL_PRESETS["tiny"], embed_segments=4)).eval()
+    flat = CAVMAE(dataclasses.replace(MODEL_PRESETS["tiny"], embed_segments=1)).eval()
+    assert not any("segment_proj" in k for k in flat.state_dict())  # paper checkpoints stay loadable
+    flat.load_state_dict({k: v for k, v in seg.state_dict().items() if "segment_proj" not in k})
+    video, audio = _batch(seg.config, b=3)
+    with torch.no_grad():
+        for a, b in zip(seg.embed(video, audio), flat.embed(video, audio)):
+            torch.testing.assert_close(a, b)
+        cfg = seg.config
+        x = torch.randn(2, 5, cfg.embed_dim, generator=_gen(1))
+        # video: frames 0, 0, 2, 3, 3 (16 tokens per frame); audio: time tokens 0, 1, 4, 8, 15 (4 per
+        # time token), i.e. segments 0, 0, 1, 2, 3
+        ids_v = torch.tensor([[0, 15, 33, 48, 63]] * 2)
+        ids_a = torch.tensor([[0, 4, 16, 32, 60]] * 2)
+        w = torch.randn(cfg.embed_dim, 4 * cfg.embed_dim, generator=_gen(2))
+        for m, ids, groups in (("video", ids_v, [[0, 1], [], [2], [3, 4]]),
+                               ("audio", ids_a, [[0, 1], [2], [3], [4]])):
+            proj = seg.segment_proj_v if m == "video" else seg.segment_proj_a
+            proj.weight.copy_(w)
+            means = [x[:, g].mean(dim=1) if g else torch.zeros(2, cfg.embed_dim) for g in groups]
+            want = (seg.norm_v if m == "video" else seg.norm_a)(proj(torch.cat(means, dim=1)))
+            torch.testing.assert_close(seg.pool(x, m, normed=False, ids=ids), want)
+        with pytest.raises(ValueError, match="pass the token positions"):
+            seg.pool(x, "video", normed=False)
+
+
+def test_segment_pooling_can_tell_which_frames_show_an_object() -> None:
+    """The on/off pattern that a global mean loses: one frame of two lit, frame 0 or frame 1. The token
+    mean of a time-blind encoder cannot tell the two clips apart; the segment means can, once the map
+    weighs the segments differently (as training may learn)."""
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], video_time_code="none")
+    video = torch.zeros(2, cfg.num_frames, 3, cfg.img_size, cfg.img_size)
+    video[0, 0] = 1.0
+    video[1, 1] = 1.0
+    audio = torch.zeros(2, 1, cfg.audio_length, cfg.mel_bins)
+    gaps = {}
+    for s in (1, 4):
+        torch.manual_seed(0)
+        m = CAVMAE(dataclasses.replace(cfg, embed_segments=s)).eval()
+        with torch.no_grad():
+            if s > 1:
+                m.segment_proj_v.weight[:, : cfg.embed_dim] *= 3.0  # segment 0 weighs more
+            _, z = m.embed(video, audio)
+        gaps[s] = (z[0] - z[1]).abs().max().item()
+    assert gaps[1] < 1e-6 and gaps[4] > 1e-3, gaps
+
+
+def test_embed_segments_must_divide_the_time_axes() -> None:
+    with pytest.raises(ValueError, match="embed_segments=3 must divide num_frames=4"):
+        dataclasses.replace(MODEL_PRESETS["tiny"], embed_segments=3)
+    with pytest.raises(ValueError, match="embed_segments=0"):
+        dataclasses.replace(MODEL_PRESETS["tiny"], embed_segments=0)
 
 
 def test_embed_is_unit_norm_fp32_and_deterministic(tiny: CAVMAE) -> None:
@@ -278,7 +338,8 @@ def test_contrastive_input_kept_embeds_every_kept_token() -> None:
         keep_v, keep_a = _keep(4, 64, 32, 3), _keep(4, 64, 20, 4)
         ok = kept(video, audio, video_keep=keep_v, audio_keep=keep_a, generator=_gen(0))
         u = kept.encode_modality(gather_tokens(kept.patchify_audio(audio), keep_a), keep_a, "audio")
-        ref_a = kept.pool(kept.fuse_unimodal(u, keep_a, "audio", final_norm=False), "audio", normed=False)
+        ref_a = kept.pool(kept.fuse_unimodal(u, keep_a, "audio", final_norm=False), "audio", normed=False,
+                          ids=keep_a)
     torch.testing.assert_close(F.normalize(o1["z_audio"], dim=-1), za)
     torch.testing.assert_close(F.normalize(o1["z_video"], dim=-1), zv)
     torch.testing.assert_close(o1["loss_nce"], o2["loss_nce"])

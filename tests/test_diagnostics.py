@@ -209,3 +209,26 @@ def test_embed_clips_sends_batches_to_the_model_device_and_returns_host_tensors(
     except NotImplementedError:  # copying a meta tensor back to the host is impossible: expected here
         pass
     assert m.seen and all(d.type == "meta" for d in m.seen)
+
+
+def test_load_models_keeps_the_pooling_a_checkpoint_was_trained_with(tmp_path) -> None:
+    """A backbone made before the tiny preset's segment pooling (embed_segments=1) still loads for
+    diagnosis; loading it into the preset's model fails with a message that says what to set."""
+    from stella_avalanche.data.synthetic import default_features
+    from stella_avalanche.evaluation.diagnostics import load_models
+    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.loading import load_backbone_weights
+
+    torch.manual_seed(0)
+    old = CAVMAE(model_config_for("tiny", default_features("tiny"), embed_segments=1))
+    torch.save({"model": old.state_dict(), "meta": {}}, tmp_path / "backbone.pt")
+    torch.save({"avm": build_avm(old).state_dict(), "meta": {}}, tmp_path / "avm.pt")
+    model, _, _ = load_models(backbone=str(tmp_path / "backbone.pt"), avm=str(tmp_path / "avm.pt"), preset="tiny")
+    assert model.config.embed_segments == 1
+    torch.testing.assert_close(model.state_dict()["pos_embed_v"], old.state_dict()["pos_embed_v"])
+    current = CAVMAE(model_config_for("tiny", default_features("tiny")))
+    assert current.config.embed_segments == 4
+    with pytest.raises(RuntimeError, match="set model.overrides.embed_segments=1"):
+        load_backbone_weights(current, tmp_path / "backbone.pt")

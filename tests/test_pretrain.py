@@ -1,6 +1,7 @@
 """Stages 1 and 2: the contrastive-only warm phase, the held-out stopping rule of the AVM, metadata."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stella_avalanche.data.synthetic import SyntheticInitDataset, SyntheticInitRetrievalDataset, default_features
@@ -114,3 +115,44 @@ def test_decoder_only_phase_unfreezes_the_encoder_even_when_a_step_fails() -> No
         P.pretrain_backbone(model, _loader(), steps=2, lr=1e-3, progress=False, contrastive_only_steps=0,
                             decoder_only_after_contrastive=True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_model_field_added_later_keeps_the_keys_of_existing_caches() -> None:
+    """``embed_segments`` at 1 (what every cache before it was built with) gives the key of a config
+    that does not have the field, so published runs find their initialisation again; another value
+    gives a new key."""
+    import dataclasses
+
+    from stella_avalanche.training.pretrain import _MODEL_FIELDS_ADDED_LATER, InitSchedule, _init_keys
+
+    cfg = model_config_for("tiny", default_features("tiny"), embed_segments=1)
+    legacy_cls = dataclasses.make_dataclass(
+        "CAVConfig", [(f.name, f.type, dataclasses.field(default=getattr(cfg, f.name)))
+                      for f in dataclasses.fields(cfg) if f.name not in _MODEL_FIELDS_ADDED_LATER])
+    sched = InitSchedule()
+    assert _init_keys(cfg, "tiny", 0, sched) == _init_keys(legacy_cls(), "tiny", 0, sched)
+    other = dataclasses.replace(cfg, embed_segments=4)
+    assert _init_keys(other, "tiny", 0, sched)[0] != _init_keys(cfg, "tiny", 0, sched)[0]
+
+
+def test_init_schedule_from_the_config_reaches_the_initialisation(monkeypatch) -> None:
+    """``init.schedule`` replaces fields of the default recipe (e.g. to rebuild an older
+    initialisation); an unknown field is an error naming it."""
+    from stella_avalanche import experiment
+    from stella_avalanche.config import load_config
+    from stella_avalanche.training.pretrain import InitSchedule
+
+    seen = {}
+
+    def fake(model_cfg, **kw):
+        seen.update(kw)
+        return {"backbone": "b.pt", "avm": "a.pt"}
+
+    monkeypatch.setattr(P, "synthetic_initialisation", fake)
+    cfg = load_config(overrides=["init.schedule.backbone_steps=1200", "init.schedule.contrastive_only_steps=1000"])
+    experiment._resolve_init(cfg, object(), torch.device("cpu"), need_avm=True)
+    assert seen["schedule"] == InitSchedule(backbone_steps=1200, contrastive_only_steps=1000)
+    experiment._resolve_init(load_config(), object(), torch.device("cpu"), need_avm=True)
+    assert seen["schedule"] == InitSchedule()
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['backbone_step'\]"):
+        InitSchedule.from_config({"backbone_step": 10})

@@ -21,6 +21,7 @@ STELLA run after each task.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -457,17 +458,23 @@ def load_models(*, checkpoint: Optional[str] = None, backbone: Optional[str] = N
     from stella_avalanche.experiment import model_config_for
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.models.loading import load_backbone_weights
+    from stella_avalanche.models.loading import embed_segments_of, load_backbone_weights
     from stella_avalanche.training.pretrain import load_avm_checkpoint, synthetic_initialisation
 
     cfg = model_config_for(model_preset, default_features(preset))
-    model = CAVMAE(cfg)
-    net = build_avm(model)
+
+    def build(state: Optional[dict]) -> tuple[torch.nn.Module, torch.nn.Module]:
+        # a checkpoint made before the preset's segment pooling (or with another one) keeps its own
+        c = cfg if state is None else dataclasses.replace(cfg, embed_segments=embed_segments_of(state, cfg.embed_dim))
+        m = CAVMAE(c)
+        return m, build_avm(m)
+
     if checkpoint:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=False)
         strategy = obj.get("strategy", {}) if isinstance(obj, dict) else {}
         if "model" not in strategy:
             raise ValueError(f"{checkpoint}: not a run checkpoint (no strategy.model); pass --backbone/--avm")
+        model, net = build(strategy["model"])
         model.load_state_dict(strategy["model"])
         states = strategy.get("plugins", {})
         values = states.values() if isinstance(states, dict) else states
@@ -477,9 +484,13 @@ def load_models(*, checkpoint: Optional[str] = None, backbone: Optional[str] = N
         net.load_state_dict(avm_state)
         return model, net, f"checkpoint {checkpoint}"
     if backbone:
+        obj = torch.load(backbone, map_location="cpu", weights_only=False)
+        state = obj.get("model", obj) if isinstance(obj, dict) else None
+        model, net = build(state if isinstance(state, dict) else None)
         load_backbone_weights(model, backbone)
         load_avm_checkpoint(net, avm)
         return model, net, f"backbone {backbone}, avm {avm}"
+    model, net = build(None)
     paths = synthetic_initialisation(cfg, preset=preset, seed=data_seed)
     load_backbone_weights(model, paths["backbone"])
     load_avm_checkpoint(net, paths["avm"])

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from stella_avalanche.models.cav import init_linear_and_norm_
 
-__all__ = ["AVMatching", "matching_pairs", "build_avm", "avm_inputs", "avm_feature_source"]
+__all__ = ["AVMatching", "matching_pairs", "build_avm", "avm_inputs", "avm_feature_source",
+           "token_time_segments"]
 
 
 def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
@@ -126,6 +127,11 @@ class AVMatching(nn.Module):
     :param legacy_pooling: reproduce the official head/token merge bug (D1) for bit-for-bit parity
         with official AVM weights; the default merges heads correctly.
     :param norm_eps: LayerNorm eps (1e-5, D15).
+    :param time_bias: added to the cross-attention logits of audio-video token pairs in the same time
+        segment, in the matching forward only (``CAVConfig.avm_time_bias``; 0 = paper). Needs
+        ``token_segments``.
+    :param token_segments: (segment of each audio token (L_A,), segment of each video token (L_V,)),
+        int64; kept as non-persistent buffers, so the state dict is the paper's.
     :param pooling: how the attention outputs are pooled for the matching head. ``"mean"`` (the
         paper's): the token mean of each modality's cross-attended values. ``"product"``: the token
         mean of (the token's own value) x (its cross-attended value), so that "this frame shows the
@@ -135,7 +141,8 @@ class AVMatching(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, legacy_pooling: bool = False, norm_eps: float = 1e-5,
-                 pooling: str = "mean") -> None:
+                 pooling: str = "mean", time_bias: float = 0.0,
+                 token_segments: tuple[Tensor, Tensor] | None = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"AVMatching: dim={dim} is not divisible by num_heads={num_heads}")
@@ -146,6 +153,12 @@ class AVMatching(nn.Module):
         if pooling == "product" and legacy_pooling:
             raise ValueError("AVMatching: legacy_pooling reproduces the official mean pooling only")
         self.pooling = pooling
+        if time_bias and token_segments is None:
+            raise ValueError("AVMatching: time_bias needs token_segments (the time segment of every token)")
+        self.time_bias = float(time_bias)
+        if token_segments is not None:
+            self.register_buffer("segments_a", token_segments[0].long(), persistent=False)
+            self.register_buffer("segments_v", token_segments[1].long(), persistent=False)
         self.norm_a = nn.LayerNorm(dim, eps=norm_eps)
         self.norm_v = nn.LayerNorm(dim, eps=norm_eps)
         self.to_a_q = nn.Linear(dim, dim, bias=False)
@@ -163,7 +176,20 @@ class AVMatching(nn.Module):
         when the config has it)."""
         kwargs.setdefault("norm_eps", getattr(config, "norm_eps"))
         kwargs.setdefault("pooling", getattr(config, "avm_pooling", "mean"))
+        kwargs.setdefault("time_bias", getattr(config, "avm_time_bias", 0.0))
+        if kwargs["time_bias"]:
+            kwargs.setdefault("token_segments", token_time_segments(config))
         return cls(getattr(config, "embed_dim"), getattr(config, "num_heads"), **kwargs)  # type: ignore[arg-type]
+
+    def _time_mask(self, l_a: int, l_v: int, dtype: torch.dtype) -> Tensor | None:
+        """(L_A, L_V) additive logits: ``time_bias`` where the two tokens share a time segment."""
+        if not self.time_bias:
+            return None
+        if (l_a, l_v) != (self.segments_a.numel(), self.segments_v.numel()):
+            raise ValueError(f"AVMatching: time_bias needs full clips ({self.segments_a.numel()} audio, "
+                             f"{self.segments_v.numel()} video tokens), got {l_a} / {l_v}")
+        same = self.segments_a[:, None] == self.segments_v[None, :]
+        return same.to(dtype) * self.time_bias
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -206,8 +232,11 @@ class AVMatching(nn.Module):
         :returns: logit (B,).
         """
         p = self.project(E_a, E_v)
-        z_a = F.scaled_dot_product_attention(p["q_a"], p["k_v"], p["v_v"])  # audio queries over video
-        z_v = F.scaled_dot_product_attention(p["q_v"], p["k_a"], p["v_a"])  # video queries over audio
+        mask = self._time_mask(E_a.shape[1], E_v.shape[1], p["q_a"].dtype)
+        # audio queries over video, video queries over audio
+        z_a = F.scaled_dot_product_attention(p["q_a"], p["k_v"], p["v_v"], attn_mask=mask)
+        z_v = F.scaled_dot_product_attention(p["q_v"], p["k_a"], p["v_a"],
+                                             attn_mask=None if mask is None else mask.t())
         if self.pooling == "product":  # each token's own value gates what it read from the other modality
             z_a = z_a * p["v_a"]
             z_v = z_v * p["v_v"]
@@ -238,6 +267,19 @@ class AVMatching(nn.Module):
         # matching accuracy of this batch, kept as a tensor (no device sync) for per-epoch logging
         self.last_accuracy = ((logit.detach() > 0).float() == labels).float().mean()
         return weight * F.binary_cross_entropy_with_logits(logit.float(), labels)
+
+
+def token_time_segments(config: object) -> tuple[Tensor, Tensor]:
+    """Time segment of every audio and video token of a backbone config: one segment per video frame;
+    audio time token t of T_a falls in segment ``t * T // T_a`` (tokens are time-major / frame-major).
+
+    :returns: (L_A,) and (L_V,) int64.
+    """
+    frames, grid = getattr(config, "num_frames"), getattr(config, "grid")
+    t_a, f_a = getattr(config, "audio_time_tokens"), getattr(config, "audio_freq_tokens")
+    seg_a = (torch.arange(t_a * f_a) // f_a) * frames // t_a
+    seg_v = torch.arange(frames * grid * grid) // (grid * grid)
+    return seg_a, seg_v
 
 
 def build_avm(backbone: nn.Module, **kwargs: object) -> AVMatching:

@@ -128,6 +128,24 @@ class CAVConfig:
         the synthetic benchmark (docs/synthetic.md): the AVM matches a little better on unimodal
         features, but its video importance avoids the sounding object, and STELLA's retrieval was
         lower; every preset keeps ``"joint"``.
+    :param avm_time_bias: added to the AVM's cross-attention logits between an audio token and a
+        video token of the same time segment (one segment per video frame), in both directions; 0
+        (paper) adds nothing. It gives the matching head "the audio at my time" from its first step:
+        with uniform attention every token reads the clip's average, which carries no synchrony, so
+        the matching loss had no gradient towards time-aligned attention and stage 2 stayed at ln 2
+        (docs/synthetic.md, "Why stage 2 stayed at chance"). The bias enters the matching forward
+        only; the patch importance STELLA selects with uses the raw logits (§4). Not a parameter, so
+        AVM checkpoints load with any value.
+    :param embed_segments: how the retrieval / InfoNCE embedding pools a modality's tokens. 1 (paper):
+        the mean of all tokens. S > 1: the clip is cut into S equal time segments (video frames,
+        audio time tokens), each segment's tokens are averaged, and a learned linear map of the S
+        concatenated means gives the embedding; it starts as their plain average, i.e. the paper's
+        mean when every segment holds the same number of tokens. A global mean keeps *which* segment
+        shows the object only if the encoder writes each segment's content in its own direction,
+        which the tiny encoder did not learn: measured on the cached synthetic backbone, linear probes
+        read the on/off pattern from the segment means at 0.94-1.0 balanced accuracy and from the
+        global mean at 0.55-0.81 (docs/synthetic.md, "Where the on/off pattern is lost").
+        ``num_frames`` and the audio time tokens must be multiples of S.
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
@@ -157,6 +175,8 @@ class CAVConfig:
     video_time_code: str = "none"
     avm_pooling: str = "mean"
     avm_features: str = "joint"
+    avm_time_bias: float = 0.0
+    embed_segments: int = 1
     gather_negatives: bool = True
 
     def __post_init__(self) -> None:
@@ -183,6 +203,14 @@ class CAVConfig:
             problems.append(f"avm_pooling={self.avm_pooling!r} must be 'mean' or 'product'")
         if self.avm_features not in _AVM_FEATURES:
             problems.append(f"avm_features={self.avm_features!r} must be one of {_AVM_FEATURES}")
+        if not self.avm_time_bias >= 0:
+            problems.append(f"avm_time_bias={self.avm_time_bias} must be >= 0")
+        if self.embed_segments < 1:
+            problems.append(f"embed_segments={self.embed_segments} must be >= 1")
+        elif self.embed_segments > 1 and (self.num_frames % self.embed_segments
+                                          or self.audio_time_tokens % self.embed_segments):
+            problems.append(f"embed_segments={self.embed_segments} must divide num_frames={self.num_frames} "
+                            f"and the audio time tokens ({self.audio_time_tokens})")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0")
         for name in ("depth_modality", "depth_fusion", "decoder_depth", "num_frames"):
@@ -264,6 +292,13 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
         # with the paper's mean pooling the AVM stayed at chance on held-out pairs even on a backbone
         # that matches them; the product pooling learns synchrony (docs/synthetic.md)
         avm_pooling="product",
+        # a global token mean loses *which* segments show the object; pooling each segment (a learned
+        # map over the 4 segment means, starting as their average) keeps it. Stage 1 then reaches pair
+        # AUC 0.93 in 250 steps, where the mean pooling saturated near 0.75 (docs/synthetic.md)
+        embed_segments=4,
+        # without it the stage-2 AVM sat at ln 2: uniform attention reads no synchrony, so nothing pulls
+        # it towards time-aligned attention (docs/synthetic.md)
+        avm_time_bias=5.0,
         # avm_features stays "joint" (paper): on unimodal features the AVM matched a little better
         # but its video attention turned away from the sounding object (docs/synthetic.md)
     ),
@@ -526,6 +561,11 @@ class CAVMAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(dd, eps=eps)
         self.decoder_pred_a = nn.Linear(dd, cfg.audio_patch_dim)
         self.decoder_pred_v = nn.Linear(dd, cfg.video_patch_dim)
+        # --- segment pooling of the embeddings (embed_segments > 1 only, so the paper presets and
+        # their checkpoints have no such parameters) ---------------------------------------
+        if cfg.embed_segments > 1:
+            self.segment_proj_a = nn.Linear(cfg.embed_segments * d, d)
+            self.segment_proj_v = nn.Linear(cfg.embed_segments * d, d)
         self.reset_parameters()
 
     def transformer_blocks(self) -> list[nn.Module]:
@@ -574,6 +614,12 @@ class CAVMAE(nn.Module):
             _video_table(cfg.decoder_dim, cfg.grid, cfg.num_frames, cfg.video_time_code).to(dev))
         self.decoder_pos_embed_a.copy_(
             _audio_table(cfg.decoder_dim, cfg.audio_time_tokens, cfg.audio_freq_tokens).to(dev))
+        if cfg.embed_segments > 1:  # start as the average of the segment means
+            s_ = cfg.embed_segments
+            eye = torch.eye(cfg.embed_dim, device=dev) / s_
+            for proj in (self.segment_proj_a, self.segment_proj_v):
+                proj.weight.copy_(eye.repeat(1, s_))
+                nn.init.zeros_(proj.bias)
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay: 1-D params (LN, biases), positional/modality/mask tokens."""
@@ -695,22 +741,50 @@ class CAVMAE(nn.Module):
             x = (self.norm_a if m == "audio" else self.norm_v)(x)
         return x
 
-    def pool(self, tokens: Tensor, modality: str, *, normed: bool = True) -> Tensor:
+    def pool(self, tokens: Tensor, modality: str, *, normed: bool = True, ids: Tensor | None = None) -> Tensor:
         """Pool unimodal fusion tokens into one vector per clip, in the configured ``pool_order``.
 
         :param tokens: (B, K, D), either ``latent_c`` (``normed=True``, output of
             :meth:`fuse_unimodal`) or the pre-final-norm tokens (``normed=False``).
+        :param ids: (B, K) token positions of ``tokens`` (None: all L positions in order); with
+            ``embed_segments`` > 1 they say which time segment each token belongs to.
         :returns: z (B, D), not L2-normalised.
         :raises ValueError: ``pool_then_norm`` with already-normed tokens (the order cannot be undone).
         """
         m = _modality(modality)
         ln = self.norm_a if m == "audio" else self.norm_v
         if self.config.pool_order == "norm_then_pool":
-            return (tokens if normed else ln(tokens)).mean(dim=1)
+            return self._mean_tokens(tokens if normed else ln(tokens), m, ids)
         if normed:
             raise ValueError("pool_order='pool_then_norm' needs pre-norm tokens: call "
                              "fuse_unimodal(..., final_norm=False) and pool(..., normed=False)")
-        return ln(tokens.mean(dim=1))
+        return ln(self._mean_tokens(tokens, m, ids))
+
+    def segment_of(self, ids: Tensor, modality: str) -> Tensor:
+        """Time segment (0 .. ``embed_segments`` - 1) of token positions ``ids`` (any shape, int64)."""
+        cfg = self.config
+        s = cfg.embed_segments
+        if _modality(modality) == "audio":
+            return (ids // cfg.audio_freq_tokens) * s // cfg.audio_time_tokens
+        return (ids // cfg.grid**2) * s // cfg.num_frames
+
+    def _mean_tokens(self, x: Tensor, modality: str, ids: Tensor | None) -> Tensor:
+        """(B, K, D) -> (B, D): the token mean, or the segment pooling of ``embed_segments``."""
+        s = self.config.embed_segments
+        if s == 1:
+            return x.mean(dim=1)
+        b, k, d = x.shape
+        if ids is None:
+            if k != self.config.num_tokens(modality):
+                raise ValueError(f"{modality}: {k} tokens without ids; pass the token positions")
+            ids = torch.arange(k, device=x.device).expand(b, k)
+        seg = self.segment_of(ids, modality)                                  # (B, K)
+        sums = x.new_zeros(b, s, d).scatter_add_(1, seg[..., None].expand(-1, -1, d), x)
+        counts = torch.zeros(b, s, device=x.device, dtype=x.dtype).scatter_add_(
+            1, seg, torch.ones_like(seg, dtype=x.dtype))
+        means = sums / counts.clamp_min(1.0)[..., None]                       # empty segment -> 0
+        proj = self.segment_proj_a if modality == "audio" else self.segment_proj_v
+        return proj(means.reshape(b, s * d))
 
     def embed(self, video: Tensor | None, audio: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Retrieval embeddings of unmasked clips (§1.6).
@@ -725,7 +799,7 @@ class CAVMAE(nn.Module):
                 continue
             patches = self.patchify_audio(x) if m == "audio" else self.patchify_video(x)
             U = self.encode_modality(patches, None, m)
-            z = self.pool(self.fuse_unimodal(U, None, m, final_norm=False), m, normed=False)
+            z = self.pool(self.fuse_unimodal(U, None, m, final_norm=False), m, normed=False)  # all tokens
             # fp16 norms of 768-d vectors can overflow/underflow; normalise in fp32 outside autocast
             with torch.autocast(device_type=z.device.type, enabled=False):
                 outs.append(F.normalize(z.float(), dim=-1))
@@ -860,8 +934,8 @@ class CAVMAE(nn.Module):
         if self.config.contrastive_input == "kept":
             U_a, vida = self.encode_modality(pa, ida, "audio"), ida
             U_v, vidv = self.encode_modality(pv, idv, "video"), idv
-        z_a = self.pool(self.fuse_unimodal(U_a, vida, "audio", final_norm=False), "audio", normed=False)
-        z_v = self.pool(self.fuse_unimodal(U_v, vidv, "video", final_norm=False), "video", normed=False)
+        z_a = self.pool(self.fuse_unimodal(U_a, vida, "audio", final_norm=False), "audio", normed=False, ids=vida)
+        z_v = self.pool(self.fuse_unimodal(U_v, vidv, "video", final_norm=False), "video", normed=False, ids=vidv)
         nce, nce_ps = self._nce(z_a, z_v, gather_negatives)
         return {
             "loss": mae_a + mae_v + nce,

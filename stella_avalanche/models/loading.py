@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_backbone_weights"]
+__all__ = ["load_backbone_weights", "embed_segments_of"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,19 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> dict[str
     return {"format": fmt, "report": report}
 
 
+def embed_segments_of(state: dict, embed_dim: int) -> int:
+    """The ``CAVConfig.embed_segments`` a project state dict was trained with (1 = no segment map)."""
+    w = state.get("segment_proj_a.weight")
+    return 1 if w is None else int(w.shape[1]) // embed_dim
+
+
 def _load_strict(model: nn.Module, state: dict, path: Any) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
+        hint = ""
+        if any(k.startswith("segment_proj_") for k in [*missing, *unexpected]):
+            want = embed_segments_of(state, model.config.embed_dim)
+            hint = (f" (the checkpoint pools its embeddings with embed_segments={want}, the model with "
+                    f"{model.config.embed_segments}: set model.overrides.embed_segments={want})")
         raise RuntimeError(f"{path}: checkpoint does not match the model: missing {list(missing)[:5]}, "
-                           f"unexpected {list(unexpected)[:5]}")
+                           f"unexpected {list(unexpected)[:5]}{hint}")

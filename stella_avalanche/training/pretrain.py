@@ -65,8 +65,8 @@ class InitSchedule:
     :param avm_eval_every: stage-2 steps between held-out evaluations.
     """
 
-    backbone_steps: int = 1200
-    contrastive_only_steps: int = 1000
+    backbone_steps: int = 700
+    contrastive_only_steps: int = 500
     avm_steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
@@ -81,6 +81,19 @@ class InitSchedule:
         if not 0 <= self.contrastive_only_steps <= self.backbone_steps:
             raise ValueError(f"InitSchedule: contrastive_only_steps={self.contrastive_only_steps} must lie in "
                              f"[0, backbone_steps={self.backbone_steps}]")
+
+    @classmethod
+    def from_config(cls, overrides: Optional[dict]) -> "InitSchedule":
+        """The default recipe with the fields of a config's ``init.schedule`` mapping replaced.
+
+        :raises ValueError: naming unknown fields.
+        """
+        overrides = dict(overrides or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"init.schedule: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**overrides)
 
 
 def _batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
@@ -248,8 +261,12 @@ def load_avm_checkpoint(avm: nn.Module, path: str | Path) -> dict:
 
 
 #: fields that only stage 2 (the AVM) reads: changing them keeps the cached stage-1 backbone
-_STAGE2_MODEL_FIELDS = ("avm_pooling", "avm_features")
+_STAGE2_MODEL_FIELDS = ("avm_pooling", "avm_features", "avm_time_bias")
 _STAGE2_SCHEDULE_FIELDS = ("avm_steps", "avm_lr", "avm_target_accuracy", "avm_eval_every")
+#: model fields added after initialisations were cached, with the value those were built with: at that
+#: value a field is left out of the key, so existing caches (and the published runs that used them)
+#: are found again
+_MODEL_FIELDS_ADDED_LATER = {"embed_segments": 1, "avm_time_bias": 0.0}
 #: how many stream clips each split holds: neither stage reads the stream's splits
 _STREAM_COUNT_FIELDS = ("train_per_class", "test_per_class", "retrieval_per_class")
 
@@ -265,7 +282,9 @@ def _init_keys(model_cfg: object, preset: str, seed: int, schedule: InitSchedule
               if k not in _STREAM_COUNT_FIELDS}
     payload = {"generator": synthetic.SYNTHETIC_VERSION, "preset": preset, "preset_fields": fields,
                "features": dataclasses.asdict(synthetic.default_features(preset)),
-               "seed": seed, "model": dataclasses.asdict(model_cfg), "schedule": dataclasses.asdict(schedule)}
+               "seed": seed, "schedule": dataclasses.asdict(schedule),
+               "model": {k: v for k, v in dataclasses.asdict(model_cfg).items()
+                         if not (k in _MODEL_FIELDS_ADDED_LATER and v == _MODEL_FIELDS_ADDED_LATER[k])}}
     stage1 = {**payload, "model": {k: v for k, v in payload["model"].items() if k not in _STAGE2_MODEL_FIELDS},
               "schedule": {k: v for k, v in payload["schedule"].items() if k not in _STAGE2_SCHEDULE_FIELDS}}
 

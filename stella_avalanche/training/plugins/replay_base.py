@@ -232,7 +232,7 @@ def masked_embeddings(model: nn.Module, video: Tensor, audio: Tensor, *,
         vis = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))
         U = model.encode_modality(vis, ids, modality)
         zs.append(model.pool(model.fuse_unimodal(U, ids, modality, final_norm=False), modality,
-                             normed=False))
+                             normed=False, ids=ids))
     return zs[0], zs[1]
 
 
