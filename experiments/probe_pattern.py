@@ -26,6 +26,8 @@ import warnings
 import numpy as np
 import torch
 
+from stella_avalanche.config import field_override
+
 
 def pattern_probe(model: torch.nn.Module, clips: dict, *, folds: int = 5) -> dict:
     """Balanced accuracy of each on/off bit from the segment means, the global mean and the embedding.
@@ -74,14 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", help="synthetic preset")
     p.add_argument("--seed", type=int, default=0, help="data seed (and the init's)")
     p.add_argument("--per-class", type=int, default=10, help="stream retrieval clips per class")
-    p.add_argument("--model-override", nargs="*", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--model-override", nargs="*", default=[], metavar="FIELD=VALUE", type=field_override,
                    help="tiny-preset fields, e.g. embed_segments=1 (values parsed as YAML)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    import yaml
 
     from stella_avalanche.data import synthetic as S
     from stella_avalanche.experiment import model_config_for
@@ -89,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from stella_avalanche.models.loading import load_backbone_weights
     from stella_avalanche.training.pretrain import synthetic_initialisation
 
-    overrides = {}
-    for item in args.model_override:
-        field, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--model-override {item!r}: expected FIELD=VALUE")
-        overrides[field] = yaml.safe_load(value)
-    cfg = model_config_for("tiny", S.default_features(args.preset), **overrides)
+    cfg = model_config_for("tiny", S.default_features(args.preset), **dict(args.model_override))
     torch.manual_seed(args.seed)
     model = CAVMAE(cfg)
     if not args.random:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from stella_avalanche.config import field_override
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-at", type=int, nargs="*", default=[], help="steps at which to save the backbone")
     p.add_argument("--out-dir", default=None, help="folder for --save-at checkpoints and curve.json")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--model-override", nargs="*", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--model-override", nargs="*", default=[], metavar="FIELD=VALUE", type=field_override,
                    help="tiny-preset fields to change, e.g. embed_segments=4 (values parsed as YAML)")
     args = p.parse_args(argv)
     if args.threads:
@@ -57,15 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     sched = InitSchedule()
     lr = args.lr if args.lr is not None else sched.lr
     bs = args.batch_size or sched.batch_size
-    import yaml
-
-    overrides = {}
-    for item in args.model_override:
-        field, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--model-override {item!r}: expected FIELD=VALUE")
-        overrides[field] = yaml.safe_load(value)
-    cfg = model_config_for("tiny", S.default_features(args.preset), **overrides)
+    cfg = model_config_for("tiny", S.default_features(args.preset), **dict(args.model_override))
     torch.manual_seed(args.seed)
     model = CAVMAE(dataclasses.replace(cfg, contrastive_input=sched.contrastive_input))
     loader = DataLoader(S.SyntheticInitDataset(preset=args.preset, seed=args.seed), batch_size=bs)

@@ -15,7 +15,7 @@ import yaml
 
 from stella_avalanche import resources
 
-__all__ = ["DEFAULT_PRESETS", "default_preset", "load_config", "read_config_text"]
+__all__ = ["DEFAULT_PRESETS", "default_preset", "load_config", "read_config_text", "field_override"]
 
 #: benchmark name -> packaged preset used when no config is given
 DEFAULT_PRESETS = {"synthetic": "synthetic_tiny", "vggsound": "vggsound_paper", "audioset": "audioset_paper"}
@@ -66,3 +66,16 @@ def load_config(path: Optional[str | Path] = None, *, benchmark: str = "syntheti
         key, value = item.split("=", 1)
         OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True, force_add=True)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def field_override(item: str) -> tuple[str, Any]:
+    """``"embed_segments=4"`` -> ``("embed_segments", 4)``, the value parsed as YAML (a flat field, e.g.
+    of a model preset: the experiment scripts' ``--model-override``, as an argparse ``type``).
+
+    :raises ValueError: an item without ``=``, naming it.
+    """
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+        raise ValueError(f"override {item!r} is not of the form FIELD=VALUE")
+    return field, yaml.safe_load(value)
+

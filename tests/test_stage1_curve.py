@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,3 +56,15 @@ def test_curve_rows_and_checkpoint(tmp_path: Path, capsys) -> None:
 
     model = CAVMAE(model_config_for("tiny", S.default_features("tiny")))
     load_backbone_weights(model, tmp_path / "backbone_step4.pt")  # loads as a stage-1 checkpoint
+
+
+def test_model_override_items_are_parsed_and_bad_ones_refused(capsys) -> None:
+    from stella_avalanche.config import field_override
+
+    assert field_override("embed_segments=1") == ("embed_segments", 1)
+    assert field_override("temperature=0.2") == ("temperature", 0.2)
+    with pytest.raises(ValueError, match="'embed_segments' is not of the form FIELD=VALUE"):
+        field_override("embed_segments")
+    with pytest.raises(SystemExit):
+        _load_cli().main(["--steps", "1", "--model-override", "embed_segments"])
+    assert "invalid field_override value" in capsys.readouterr().err
