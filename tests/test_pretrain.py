@@ -41,12 +41,19 @@ def test_stage2_stops_on_heldout_accuracy_and_records_it() -> None:
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in rec["heldout"])
 
 
+#: a two-step stage 1 and stage 2 on the tiny preset
+_TINY_SCHEDULE = P.InitSchedule(backbone_steps=2, contrastive_only_steps=1, avm_steps=2, batch_size=4,
+                                warmup_steps=1, avm_eval_every=1)
+
+
+def _tiny_init(cache_dir) -> dict:
+    return P.synthetic_initialisation(model_config_for("tiny", default_features("tiny")), preset="tiny",
+                                      schedule=_TINY_SCHEDULE, cache_dir=cache_dir, num_workers=0, progress=False)
+
+
 def test_initialisation_checkpoint_records_stage2(tmp_path) -> None:
-    cfg = model_config_for("tiny", default_features("tiny"))
-    sched = P.InitSchedule(backbone_steps=2, contrastive_only_steps=1, avm_steps=2, batch_size=4, warmup_steps=1,
-                           avm_eval_every=1)
-    paths = P.synthetic_initialisation(cfg, preset="tiny", schedule=sched, cache_dir=tmp_path, num_workers=0,
-                                       progress=False)
+    sched = _TINY_SCHEDULE
+    paths = _tiny_init(tmp_path)
     meta = torch.load(paths["avm"], weights_only=False)["meta"]
     assert set(meta["stage2"]) >= {"heldout", "steps_run", "criterion_met", "target_accuracy"}
     assert meta["stage2"]["target_accuracy"] == sched.avm_target_accuracy
@@ -118,14 +125,14 @@ def test_decoder_only_phase_unfreezes_the_encoder_even_when_a_step_fails() -> No
 
 
 def test_a_model_field_added_later_keeps_the_keys_of_existing_caches() -> None:
-    """``embed_segments`` at 1 (what every cache before it was built with) gives the key of a config
-    that does not have the field, so published runs find their initialisation again; another value
-    gives a new key."""
+    """``embed_segments`` at 1 and ``avm_time_bias`` at 0 (what every cache before them was built
+    with) give the key of a config without those fields, so published runs find their initialisation
+    again; another segment count gives a new backbone, another bias only a new AVM."""
     import dataclasses
 
     from stella_avalanche.training.pretrain import _MODEL_FIELDS_ADDED_LATER, InitSchedule, _init_keys
 
-    cfg = model_config_for("tiny", default_features("tiny"), embed_segments=1)
+    cfg = model_config_for("tiny", default_features("tiny"), embed_segments=1, avm_time_bias=0.0)
     legacy_cls = dataclasses.make_dataclass(
         "CAVConfig", [(f.name, f.type, dataclasses.field(default=getattr(cfg, f.name)))
                       for f in dataclasses.fields(cfg) if f.name not in _MODEL_FIELDS_ADDED_LATER])
@@ -133,6 +140,8 @@ def test_a_model_field_added_later_keeps_the_keys_of_existing_caches() -> None:
     assert _init_keys(cfg, "tiny", 0, sched) == _init_keys(legacy_cls(), "tiny", 0, sched)
     other = dataclasses.replace(cfg, embed_segments=4)
     assert _init_keys(other, "tiny", 0, sched)[0] != _init_keys(cfg, "tiny", 0, sched)[0]
+    biased = _init_keys(dataclasses.replace(cfg, avm_time_bias=5.0), "tiny", 0, sched)
+    assert biased[0] == _init_keys(cfg, "tiny", 0, sched)[0] and biased[1] != _init_keys(cfg, "tiny", 0, sched)[1]
 
 
 def test_init_schedule_from_the_config_reaches_the_initialisation(monkeypatch) -> None:
@@ -156,3 +165,16 @@ def test_init_schedule_from_the_config_reaches_the_initialisation(monkeypatch) -
     assert seen["schedule"] == InitSchedule()
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['backbone_step'\]"):
         InitSchedule.from_config({"backbone_step": 10})
+
+
+def test_the_avm_is_the_same_whether_stage_1_ran_in_the_process_or_was_cached(tmp_path) -> None:
+    """Stage 2 after a fresh stage 1 (as in a first ``make demo``) and stage 2 alone beside a cached
+    backbone (after a stage-2-only change) build the same AVM: stage 1 must not move the global RNG
+    that initialises the AVM."""
+    first = _tiny_init(tmp_path)
+    built_with_stage1 = torch.load(first["avm"], weights_only=False)["avm"]
+    first["avm"].unlink()
+    again = _tiny_init(tmp_path)
+    assert again["avm"] == first["avm"]
+    alone = torch.load(again["avm"], weights_only=False)["avm"]
+    assert all(torch.equal(built_with_stage1[k], alone[k]) for k in alone)

@@ -119,13 +119,13 @@ def test_paper_split_reports_the_unmatched_blocks() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# function preservation on a tiny model
+# function preservation on a tiny model (the paper's token-mean pooling, as in published checkpoints)
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_loaded():
     cfg_kw = dict(num_frames=1, depth_modality=2, depth_fusion=1)
     torch.manual_seed(0)
-    model = build_model("tiny", **cfg_kw).eval()
+    model = build_model("tiny", embed_segments=1, **cfg_kw).eval()
     src = _random_state(cavmae_shapes(model.config), seed=1)
     report = load_cavmae_checkpoint(model, {f"module.{k}": v for k, v in src.items()})
     return model, src, report
@@ -198,7 +198,7 @@ def test_cavmae_load_preserves_the_function(tiny_loaded) -> None:
 
 def test_pos_tables_are_tiled_over_frames() -> None:
     torch.manual_seed(0)
-    model = build_model("tiny", num_frames=3)
+    model = build_model("tiny", embed_segments=1, num_frames=3)
     src = _random_state(cavmae_shapes(model.config), seed=4)
     load_cavmae_checkpoint(model, src)
     g2 = model.config.grid**2
@@ -211,7 +211,7 @@ def test_sincos_cavmae_table_lands_on_our_sincos_table() -> None:
     """CAV-MAE's freq-major sin-cos audio table, reordered, equals our time-major table (D3)."""
     from stella_avalanche.models.cav import sincos_2d
     torch.manual_seed(0)
-    model = build_model("tiny")
+    model = build_model("tiny", embed_segments=1)
     cfg = model.config
     ta, fa = cfg.audio_time_tokens, cfg.audio_freq_tokens
     ours = model.pos_embed_a.detach().clone()
@@ -225,8 +225,8 @@ def test_sincos_cavmae_table_lands_on_our_sincos_table() -> None:
 
 def test_files_strictness_and_errors(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_model("tiny", depth_modality=1)
-    src = _random_state(cavmae_shapes(build_model("tiny").config), seed=6)  # source has 2 modality blocks
+    model = build_model("tiny", embed_segments=1, depth_modality=1)
+    src = _random_state(cavmae_shapes(build_model("tiny", embed_segments=1).config), seed=6)  # source has 2 modality blocks
     pth = tmp_path / "ckpt.pth"
     torch.save({"model": {f"module.{k}": v for k, v in src.items()}, "epoch": 3}, pth)
     report = load_cavmae_checkpoint(model, pth, strict=True)
@@ -238,14 +238,14 @@ def test_files_strictness_and_errors(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in src.items()}, str(st))
     state, source = read_state_dict(st)
     assert source == str(st) and torch.equal(state["norm.weight"], src["norm.weight"])
-    assert load_cavmae_checkpoint(build_model("tiny"), st).missing == []
+    assert load_cavmae_checkpoint(build_model("tiny", embed_segments=1), st).missing == []
     # unknown keys: reported, and fatal only when strict
     extra = dict(src, foo=torch.zeros(1))
     assert load_cavmae_checkpoint(model, extra).unexpected == ["foo"]
     with pytest.raises(RuntimeError, match="foo"):
         load_cavmae_checkpoint(model, extra, strict=True)
     # a deeper target than the source leaves named blocks missing
-    assert "blocks_a.2.attn.qkv.weight" in load_cavmae_checkpoint(build_model("tiny", depth_modality=3), src).missing
+    assert "blocks_a.2.attn.qkv.weight" in load_cavmae_checkpoint(build_model("tiny", embed_segments=1, depth_modality=3), src).missing
     bad = dict(src, pos_embed_a=torch.zeros(1, 10, model.config.embed_dim))
     with pytest.raises(ValueError, match="pos_embed_a"):
         load_cavmae_checkpoint(model, bad)
@@ -275,7 +275,7 @@ def _mae_shapes(cfg: CAVConfig, depth: int, full: bool) -> dict[str, tuple[int, 
 
 def test_imagenet_mae_encoder_adaptation() -> None:
     torch.manual_seed(0)
-    model = build_model("tiny", num_frames=2)  # d_mod 2 + d_fus 1
+    model = build_model("tiny", embed_segments=1, num_frames=2)  # d_mod 2 + d_fus 1
     before = {k: v.clone() for k, v in model.state_dict().items()}
     src = _random_state(_mae_shapes(model.config, depth=4, full=False), seed=7)
     report = load_imagenet_mae(model, src)
@@ -308,7 +308,7 @@ def test_imagenet_mae_encoder_adaptation() -> None:
 
 def test_imagenet_mae_full_checkpoint_and_parity_flags() -> None:
     torch.manual_seed(0)
-    model = build_model("tiny")
+    model = build_model("tiny", embed_segments=1)
     src = _random_state(_mae_shapes(model.config, depth=3, full=True), seed=8)
     report = load_imagenet_mae(model, {"model": src}, legacy_audio_head=True, zero_unmapped=True)
     sd = model.state_dict()
@@ -321,3 +321,16 @@ def test_imagenet_mae_full_checkpoint_and_parity_flags() -> None:
     for key in ("pos_embed_a", "modality_v", "decoder_modality_a"):
         assert torch.all(sd[key] == 0) and key in report.filled
     assert report.missing == []
+
+
+def test_a_published_checkpoint_leaves_the_segment_map_at_the_token_mean() -> None:
+    """Published CAV-MAE weights have no segment map: loading them into a segment-pooled model reports
+    it as missing and leaves it at its start, the average of the segment means (= the token mean)."""
+    model = build_model("tiny")
+    assert model.config.embed_segments == 4
+    src = _random_state(cavmae_shapes(build_model("tiny", embed_segments=1).config), seed=7)
+    report = load_cavmae_checkpoint(model, src)
+    assert sorted(k for k in report.missing) == ["segment_proj_a.bias", "segment_proj_a.weight",
+                                                 "segment_proj_v.bias", "segment_proj_v.weight"]
+    d = model.config.embed_dim
+    torch.testing.assert_close(model.segment_proj_v.weight, torch.eye(d).repeat(1, 4) / 4)

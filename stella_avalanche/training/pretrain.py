@@ -333,10 +333,13 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
                         persistent_workers=num_workers > 0)
     meta = {"key": key, "preset": preset, "seed": seed, "schedule": dataclasses.asdict(schedule)}
     if force or not paths["backbone"].exists():
-        hist = pretrain_backbone(model, loader, steps=schedule.backbone_steps, lr=schedule.lr,
-                                 warmup_steps=schedule.warmup_steps, device=device, progress=progress,
-                                 contrastive_only_steps=schedule.contrastive_only_steps,
-                                 decoder_only_after_contrastive=schedule.decoder_only_after_contrastive)
+        # stage 1 leaves the global RNG as it found it, so the AVM below starts from the same weights
+        # (and stage 2 ends in the same AVM) whether stage 1 ran in this process or was loaded
+        with torch.random.fork_rng(devices=[]):
+            hist = pretrain_backbone(model, loader, steps=schedule.backbone_steps, lr=schedule.lr,
+                                     warmup_steps=schedule.warmup_steps, device=device, progress=progress,
+                                     contrastive_only_steps=schedule.contrastive_only_steps,
+                                     decoder_only_after_contrastive=schedule.decoder_only_after_contrastive)
         atomic_torch_save({"model": model.state_dict(), "meta": {**meta, "history": hist[-50:]}},
                           paths["backbone"])
     else:
