@@ -143,8 +143,8 @@ class CAVConfig:
         mean when every segment holds the same number of tokens. A global mean keeps *which* segment
         shows the object only if the encoder writes each segment's content in its own direction,
         which the tiny encoder did not learn: measured on the cached synthetic backbone, linear probes
-        read the on/off pattern from the segment means at 0.94-1.0 balanced accuracy and from the
-        global mean at 0.55-0.81 (docs/synthetic.md, "Where the on/off pattern is lost").
+        read the on/off pattern from the segment means at 0.95-1.0 balanced accuracy and from the
+        global mean at 0.55-0.81 (docs/synthetic.md, "Where the on/off pattern was lost").
         ``num_frames`` and the audio time tokens must be multiples of S.
     :param gather_negatives: under torch.distributed with world size > 1, gather the InfoNCE
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
