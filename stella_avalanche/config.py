@@ -61,21 +61,19 @@ def load_config(path: Optional[str | Path] = None, *, benchmark: str = "syntheti
         raise ValueError(f"{where}: a config must be a YAML mapping, got {type(data).__name__}")
     cfg = OmegaConf.create(data)
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True, force_add=True)
+        key, value = field_override(item)
+        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
     return OmegaConf.to_container(cfg, resolve=True)
 
 
 def field_override(item: str) -> tuple[str, Any]:
-    """``"embed_segments=4"`` -> ``("embed_segments", 4)``, the value parsed as YAML (a flat field, e.g.
-    of a model preset: the experiment scripts' ``--model-override``, as an argparse ``type``).
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``: one ``key=value`` override, the value parsed as
+    YAML. Used by :func:`load_config` and, as an argparse ``type``, by the experiment scripts'
+    ``--model-override`` (flat model-preset fields such as ``embed_segments=4``).
 
-    :raises ValueError: an item without ``=``, naming it.
+    :raises ValueError: an item without ``=`` or without a key, naming it.
     """
     field, sep, value = item.partition("=")
     if not sep or not field:
-        raise ValueError(f"override {item!r} is not of the form FIELD=VALUE")
+        raise ValueError(f"override {item!r} is not of the form key=value")
     return field, yaml.safe_load(value)
-

@@ -63,7 +63,7 @@ def test_model_override_items_are_parsed_and_bad_ones_refused(capsys) -> None:
 
     assert field_override("embed_segments=1") == ("embed_segments", 1)
     assert field_override("temperature=0.2") == ("temperature", 0.2)
-    with pytest.raises(ValueError, match="'embed_segments' is not of the form FIELD=VALUE"):
+    with pytest.raises(ValueError, match="'embed_segments' is not of the form key=value"):
         field_override("embed_segments")
     with pytest.raises(SystemExit):
         _load_cli().main(["--steps", "1", "--model-override", "embed_segments"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stella_avalanche.models.cav import init_linear_and_norm_
+from stella_avalanche.models.cav import init_linear_and_norm_, time_segment
 
 __all__ = ["AVMatching", "matching_pairs", "build_avm", "avm_inputs", "avm_feature_source",
            "token_time_segments"]
@@ -275,11 +275,9 @@ def token_time_segments(config: object) -> tuple[Tensor, Tensor]:
 
     :returns: (L_A,) and (L_V,) int64.
     """
-    frames, grid = getattr(config, "num_frames"), getattr(config, "grid")
-    t_a, f_a = getattr(config, "audio_time_tokens"), getattr(config, "audio_freq_tokens")
-    seg_a = (torch.arange(t_a * f_a) // f_a) * frames // t_a
-    seg_v = torch.arange(frames * grid * grid) // (grid * grid)
-    return seg_a, seg_v
+    frames = config.num_frames  # type: ignore[attr-defined]
+    return (time_segment(torch.arange(config.num_audio_tokens), "audio", config, frames),  # type: ignore[attr-defined]
+            time_segment(torch.arange(config.num_video_tokens), "video", config, frames))  # type: ignore[attr-defined]
 
 
 def build_avm(backbone: nn.Module, **kwargs: object) -> AVMatching:

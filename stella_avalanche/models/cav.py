@@ -39,6 +39,7 @@ __all__ = [
     "CAVMAE",
     "MODEL_PRESETS",
     "build_model",
+    "time_segment",
     "floor_fraction",
     "num_visible",
     "sincos_2d",
@@ -516,6 +517,17 @@ class _PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
 
 
+def time_segment(ids: Tensor, modality: str, config: CAVConfig, segments: int) -> Tensor:
+    """Which of ``segments`` equal time segments token positions ``ids`` (any shape, int64) fall in.
+
+    Video tokens are frame-major (frame ``ids // G²`` of T), audio tokens time-major (time token
+    ``ids // F_a`` of T_a); position t of n lies in segment ``t * segments // n``.
+    """
+    if _modality(modality) == "audio":
+        return (ids // config.audio_freq_tokens) * segments // config.audio_time_tokens
+    return (ids // config.grid**2) * segments // config.num_frames
+
+
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
@@ -762,11 +774,7 @@ class CAVMAE(nn.Module):
 
     def segment_of(self, ids: Tensor, modality: str) -> Tensor:
         """Time segment (0 .. ``embed_segments`` - 1) of token positions ``ids`` (any shape, int64)."""
-        cfg = self.config
-        s = cfg.embed_segments
-        if _modality(modality) == "audio":
-            return (ids // cfg.audio_freq_tokens) * s // cfg.audio_time_tokens
-        return (ids // cfg.grid**2) * s // cfg.num_frames
+        return time_segment(ids, modality, self.config, self.config.embed_segments)
 
     def _mean_tokens(self, x: Tensor, modality: str, ids: Tensor | None) -> Tensor:
         """(B, K, D) -> (B, D): the token mean, or the segment pooling of ``embed_segments``."""
