@@ -299,6 +299,8 @@ def _train_and_evaluate(run: _Run, *, start: int) -> dict:
     results = None
     if diag is not None and not diag.entries:  # the stage-1 backbone with the stage-2 AVM
         diag.measure(strategy.backbone, run.avm, "init")
+    if start == 0 and run.tracker.matrix.initial is None:
+        _evaluate_initialisation(run)
     for k in range(start, len(experiences)):
         strategy.train(experiences[k], eval_streams=[])
         strategy.eval(run.bm.retrieval_stream)
@@ -313,6 +315,18 @@ def _train_and_evaluate(run: _Run, *, start: int) -> dict:
         C.save_checkpoint(run.ckpt_dir, strategy, C.Position(experience=k + 1), extra=extra,
                           keep_last=run.keep_last)
     return results if results is not None else _write_results(run, done=True)
+
+
+def _evaluate_initialisation(run: _Run) -> None:
+    """The zero-shot row: retrieval of the initialisation before the first task (recorded by the tracker
+    as ``recall_initial``, never part of 𝒜 or ℱ), so a reader sees how much the stream adds.
+
+    It runs under ``fork_rng``: building the evaluation loader draws from the global RNG, and the
+    training that follows must see the same RNG state with or without this evaluation.
+    """
+    devices = [run.strategy.device] if torch.device(run.strategy.device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        run.strategy.eval(run.bm.retrieval_stream)
 
 
 # --------------------------------------------------------------------------------------------- write

@@ -1,6 +1,8 @@
 """Selection diagnostics: known answers on planted data, chance on random models, the geometry oracle."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -231,3 +233,79 @@ def test_load_models_keeps_the_pooling_a_checkpoint_was_trained_with(tmp_path) -
     assert current.config.embed_segments == 4
     with pytest.raises(RuntimeError, match="set model.overrides.embed_segments=1"):
         load_backbone_weights(current, tmp_path / "backbone.pt")
+
+
+def test_visual_group_and_twin_pairs_follow_the_generator_layout() -> None:
+    """Classes of the last ``twin_offset`` tasks reuse the look of the class ``twin_offset`` tasks
+    earlier, as build_vocabulary draws them, also when the offset is not half the stream."""
+    from stella_avalanche.data.synthetic import build_vocabulary, get_preset
+
+    for offset in (4, 2):
+        p = dataclasses.replace(get_preset("tiny"), twin_offset=offset)
+        vocab = build_vocabulary(p, 0)
+        labels = torch.arange(p.num_classes)
+        vis = D.visual_group(labels, classes_per_task=p.classes_per_task, twin_offset=offset, num_tasks=p.num_tasks)
+        same_look = torch.tensor([[a.visual == b.visual for b in vocab.classes] for a in vocab.classes])
+        assert torch.equal(vis[:, None] == vis[None, :], same_look)
+        rows, twins, unrel = D.twin_pairs(labels, torch.zeros_like(labels), classes_per_task=p.classes_per_task,
+                                          twin_offset=offset, num_tasks=p.num_tasks)
+        assert rows.numel() == offset * p.classes_per_task
+        assert bool(same_look[rows, twins].all()) and not bool(same_look[rows, unrel].any())
+
+
+def test_same_pattern_partners_share_the_pattern_and_split_by_class() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    patterns = torch.tensor([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], dtype=torch.bool)
+    rows, same, other = D.same_pattern_partners(labels, patterns, torch.Generator().manual_seed(0))
+    # rows 0 and 1 have both partners (row 0: same class 1, other class 2); row 3 only an other class
+    assert rows.tolist() == [0, 1]
+    assert same.tolist() == [1, 0] and other.tolist() == [2, 2]
+
+
+class _ClassAVM(_PlantedAVM):
+    """Logit +1 when the audio's and the video's clips share a class (read through the planted row id)."""
+
+    def __init__(self, labels: torch.Tensor, read_class: bool) -> None:
+        super().__init__()
+        self.labels, self.read_class = labels, read_class
+
+    def forward(self, E_a, E_v):
+        ra, rv = E_a[:, 0, 1].long(), E_v[:, 0, 1].long()
+        if self.read_class:
+            return torch.where(self.labels[ra] == self.labels[rv], 1.0, -1.0)
+        return torch.where(ra == rv, 1.0, -1.0)  # instance only: every mismatched pair alike
+
+
+def test_avm_class_auc_separates_an_avm_that_reads_the_class() -> None:
+    clips = render_split(dataclasses.replace(get_preset("tiny"), max_on_segments=1), 0, "retrieval", per_class=4)
+    cfg = build_model("tiny").config
+    n = clips["label"].numel()
+    rows = torch.arange(n, dtype=torch.float32)
+    video = rows[:, None, None, None, None].expand(n, *clips["video"].shape[1:]).contiguous()
+    audio = rows[:, None, None, None].expand(n, *clips["audio"].shape[1:]).contiguous()
+    gt = D.truth_masks(clips["truth"], image_size=cfg.img_size, patch_size=cfg.patch_size, frame_size=cfg.img_size,
+                       audio_time_tokens=cfg.audio_time_tokens, audio_freq_tokens=cfg.audio_freq_tokens)
+    model = _PlantedBackbone(cfg, gt["audio"], gt["video"])
+    reads = D.avm_class_auc(model, _ClassAVM(clips["label"], True), video, audio, clips["label"], gt["pattern"])
+    blind = D.avm_class_auc(model, _ClassAVM(clips["label"], False), video, audio, clips["label"], gt["pattern"])
+    assert reads["avm_class_pairs"] > 5
+    assert reads["avm_class_auc"] == pytest.approx(1.0)
+    assert blind["avm_class_auc"] == pytest.approx(0.5)
+
+
+def test_rca_twin_auc_is_one_when_only_twins_raise_c_and_half_when_c_ignores_them() -> None:
+    n, h, l, d, k = 9, 2, 5, 1, 3
+    proj = {"k_v": torch.ones(n, h, l, d), "k_a": torch.ones(n, h, l, d)}
+    cand = torch.arange(k).expand(n, k).contiguous()
+    rows, twins, unrel = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    # C = sigmoid(<k, qbar_replay - qbar_cur>): the replayed twins carry larger summary queries
+    level = torch.tensor([0, 0, 0, 3.0, 4.0, 5.0, 0.2, 0.1, 0.0])[:, None, None].expand(n, h, d)
+    out = D._rca_twins(proj, level, level.clone(), cand, cand, (rows, twins, unrel))
+    assert out["rca_twin_auc"] == pytest.approx(1.0)
+    assert out["rca_twin_c"] > out["rca_unrelated_c"]
+    # the same mean gap, but one twin below every unrelated pair: AUC 2/3
+    level2 = torch.tensor([0, 0, 0, 9.0, 4.0, -1.0, 0.2, 0.1, 0.0])[:, None, None].expand(n, h, d)
+    assert D._rca_twins(proj, level2, level2.clone(), cand, cand, (rows, twins, unrel))["rca_twin_auc"] == \
+        pytest.approx(2 / 3)
+    zero = torch.zeros(n, h, d)
+    assert D._rca_twins(proj, zero, zero, cand, cand, (rows, twins, unrel))["rca_twin_auc"] == pytest.approx(0.5)

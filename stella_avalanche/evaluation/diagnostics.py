@@ -40,9 +40,12 @@ __all__ = [
     "embed_clips",
     "avm_projections",
     "avm_matching",
+    "same_pattern_partners",
+    "avm_class_auc",
     "selection_diagnostics",
     "oracle_pattern_retrieval",
     "twin_pairs",
+    "visual_group",
     "public",
     "load_models",
     "geometry_oracle",
@@ -250,6 +253,47 @@ def avm_matching(model: torch.nn.Module, avm: torch.nn.Module, video: Tensor, au
             "avm_mismatch_same_class_fraction": float(same.mean())}
 
 
+def same_pattern_partners(labels: Tensor, patterns: Tensor, generator: torch.Generator
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """For each clip that has both, a random other clip with the same on/off pattern and the same class,
+    and one with the same pattern and another class (vectorised: random scores, masked argmax).
+
+    :param labels: (N,) class ids. :param patterns: (N, S) bool on/off pattern per segment.
+    :returns: (rows, same_class_partner, other_class_partner), int64.
+    """
+    n = labels.numel()
+    same_pat = (patterns[:, None, :] == patterns[None, :, :]).all(dim=-1)
+    same_pat &= ~torch.eye(n, dtype=torch.bool)
+    same_cls = labels[:, None] == labels[None, :]
+    noise = torch.rand(n, n, generator=generator)
+
+    def draw(mask: Tensor) -> tuple[Tensor, Tensor]:
+        return mask.any(dim=1), torch.where(mask, noise, -1.0).argmax(dim=1)
+
+    has_s, pick_s = draw(same_pat & same_cls)
+    has_o, pick_o = draw(same_pat & ~same_cls)
+    rows = torch.nonzero(has_s & has_o).flatten()
+    return rows, pick_s[rows], pick_o[rows]
+
+
+@torch.no_grad()
+def avm_class_auc(model: torch.nn.Module, avm: torch.nn.Module, video: Tensor, audio: Tensor, labels: Tensor,
+                  patterns: Tensor, *, seed: int = 0) -> dict[str, float]:
+    """Does the AVM read the class? AUC of its logit on mismatched pairs that share the on/off pattern,
+    same class (label 1) against another class (label 0): with the timing identical, only what the
+    clips' classes share can raise the logit of the same-class pair (0.5: the AVM carries no class).
+
+    :returns: ``avm_class_auc`` (NaN when no clip has both partners) and ``avm_class_pairs``.
+    """
+    rows, same, other = same_pattern_partners(labels, patterns, torch.Generator().manual_seed(seed + 7))
+    if not rows.numel():
+        return {"avm_class_auc": math.nan, "avm_class_pairs": 0}
+    a = audio[rows]
+    pos = avm_projections(model, avm, video[same], a)["logit"]
+    neg = avm_projections(model, avm, video[other], a)["logit"]
+    return {"avm_class_auc": roc_auc(pos, neg), "avm_class_pairs": int(rows.numel())}
+
+
 # ---------------------------------------------------------------------------------------------
 # localisation and RCA
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +314,7 @@ def twin_pairs(labels: Tensor, clip_index: Tensor, *, classes_per_task: int, twi
     n_unique = num_tasks - twin_offset
     for i, (c, k) in enumerate(zip(labels.tolist(), clip_index.tolist())):
         t, j = divmod(int(c), k_cls)
-        if twin_offset == 0 or t < twin_offset:
+        if twin_offset == 0 or t < num_tasks - twin_offset:  # only the last tasks reuse a look
             continue
         twin = lut.get((c - twin_offset * k_cls, k))
         u_task = (t - twin_offset + 1) % n_unique  # another visual group, never t's twin task
@@ -284,6 +328,15 @@ def twin_pairs(labels: Tensor, clip_index: Tensor, *, classes_per_task: int, twi
     return as_t(rows), as_t(twins), as_t(unrel)
 
 
+def visual_group(labels: Tensor, *, classes_per_task: int, twin_offset: int, num_tasks: int) -> Tensor:
+    """(N,) id of each class's visual identity: a class of task ``t >= num_tasks - twin_offset`` reuses
+    the look of class ``c - twin_offset * classes_per_task`` (its twin), every other class has its own."""
+    if twin_offset == 0:
+        return labels.clone()
+    task = labels // classes_per_task
+    return torch.where(task >= num_tasks - twin_offset, labels - twin_offset * classes_per_task, labels)
+
+
 def _rca_twins(proj: Mapping[str, Tensor], qbar_a: Tensor, qbar_v: Tensor, cand_v: Tensor, cand_a: Tensor,
                pairs: tuple[Tensor, Tensor, Tensor]) -> dict[str, Any]:
     """Mean C over the candidates for clips paired (as the replayed item) with their visual twin and
@@ -294,15 +347,20 @@ def _rca_twins(proj: Mapping[str, Tensor], qbar_a: Tensor, qbar_v: Tensor, cand_
     if not rows.numel():
         return {}
 
-    def mean_c(partners: Tensor) -> tuple[float, float]:
+    def pair_c(partners: Tensor) -> tuple[Tensor, Tensor]:
+        """(P,) mean C over each pair's video candidates and over its audio candidates."""
         C_v = rca_probability(proj["k_v"][rows], qbar_a[partners], qbar_a[rows], cand_v[rows])
         C_a = rca_probability(proj["k_a"][rows], qbar_v[partners], qbar_v[rows], cand_a[rows])
-        return float(C_v.sum() / cand_v[rows].numel()), float(C_a.sum() / cand_a[rows].numel())
+        return C_v.sum(dim=1) / cand_v.shape[1], C_a.sum(dim=1) / cand_a.shape[1]
 
-    tv, ta = mean_c(twins)
-    uv, ua = mean_c(unrel)
-    return {"rca_twin_c": 0.5 * (tv + ta), "rca_unrelated_c": 0.5 * (uv + ua), "rca_twin_c_video": tv,
-            "rca_twin_c_audio": ta, "rca_unrelated_c_video": uv, "rca_unrelated_c_audio": ua,
+    tv, ta = pair_c(twins)
+    uv, ua = pair_c(unrel)
+    return {"rca_twin_c": float(0.5 * (tv.mean() + ta.mean())), "rca_unrelated_c": float(0.5 * (uv.mean() + ua.mean())),
+            "rca_twin_c_video": float(tv.mean()), "rca_twin_c_audio": float(ta.mean()),
+            "rca_unrelated_c_video": float(uv.mean()), "rca_unrelated_c_audio": float(ua.mean()),
+            # can C tell a twin from an unrelated clip at all? (0.5: no, whatever its level)
+            "rca_twin_auc": roc_auc(0.5 * (tv + ta), 0.5 * (uv + ua)),
+            "rca_twin_auc_video": roc_auc(tv, uv), "rca_twin_auc_audio": roc_auc(ta, ua),
             "rca_pairs": int(rows.numel())}
 
 
@@ -358,6 +416,15 @@ def selection_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, clips: M
     sel = selector.select(proj={k: proj[k] for k in ("q_a", "k_a", "q_v", "k_v")},
                           replay={"qbar_a": qbar_a[partner], "qbar_v": qbar_v[partner]},
                           select_replay=False, generator=g)
+    # the same selection where RCA has nothing to exclude: the replayed clip is never a visual twin
+    vis = visual_group(labels, classes_per_task=classes_per_task, twin_offset=twin_offset, num_tasks=num_tasks)
+    other_look = (vis[:, None] != vis[None, :])
+    far = torch.where(other_look, torch.rand(other_look.shape, generator=g), -1.0).argmax(dim=1)
+    sel_far = selector.select(proj={k: proj[k] for k in ("q_a", "k_a", "q_v", "k_v")},
+                              replay={"qbar_a": qbar_a[far], "qbar_v": qbar_v[far]},
+                              select_replay=False, generator=g)
+    out["video_object_recall_selected_no_twin"] = recall_in(sel_far.video_ids, gt["video"])
+    out["audio_sounding_recall_kept_no_twin"] = recall_in(sel_far.audio_ids, gt["audio"])
     out["video_object_lift"] = importance_lift(I_v, gt["video"])
     out["video_object_recall_candidates"] = recall_in(cand_v, gt["video"])
     out["video_object_recall_selected"] = recall_in(sel.video_ids, gt["video"])
@@ -370,6 +437,7 @@ def selection_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, clips: M
     out["audio_sounding_share"] = float(gt["audio"].double().mean())
     out["video_object_share"] = float(gt["video"].double().mean())
 
+    out.update(avm_class_auc(model, avm, video, audio, labels, gt["pattern"], seed=seed))
     out.update(_rca_twins(proj, qbar_a, qbar_v, cand_v, cand_a,
                           twin_pairs(labels, clip_index, classes_per_task=classes_per_task,
                                      twin_offset=twin_offset, num_tasks=num_tasks)))
