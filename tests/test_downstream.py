@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stella_avalanche.data.synthetic import build_vocabulary, get_preset
-from stella_avalanche.data.synthetic_transfer import (SyntheticTransferDataset, sounds_clash, transfer_classes,
+from stella_avalanche.data.synthetic.transfer import (SyntheticTransferDataset, sounds_clash, transfer_classes,
                                                       transfer_identities)
 from stella_avalanche.evaluation.downstream import (DownstreamConfig, GeometryMismatchError, LocalisationSet,
                                                     check_geometry, check_state_geometry, fit_localisation_head,

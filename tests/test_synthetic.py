@@ -12,9 +12,10 @@ import torch
 from stella_avalanche.data.features import FeatureConfig, compute_fbank, load_waveform
 from stella_avalanche.data.media import read_frames
 from stella_avalanche.data.synthetic import (PRESETS, SyntheticInitDataset, SyntheticInitRetrievalDataset,
-                                             _hz_to_mel, _mel_step, _sample_from_clip, build_vocabulary, clip_rng,
-                                             default_features, frame_indices, generate_synthetic, get_preset,
-                                             load_ground_truth, render_clip, truth_patch_mask)
+                                             build_vocabulary, clip_rng, default_features, frame_indices,
+                                             generate_synthetic, get_preset, load_ground_truth, render_clip,
+                                             sample_from_clip, truth_patch_mask)
+from stella_avalanche.data.synthetic.vocabulary import hz_to_mel, mel_step
 
 TINY = PRESETS["tiny"]
 
@@ -134,13 +135,13 @@ def test_audio_events_follow_pattern_in_fbank(tiny_root: Path) -> None:
     cfg = default_features("tiny")
     truth = load_ground_truth(tiny_root, "retrieval")
     vocab = build_vocabulary(TINY, 0)
-    step, lo = _mel_step(TINY), float(_hz_to_mel(20.0))
+    step, lo = mel_step(TINY), float(hz_to_mel(20.0))
     frames_per_seg = int(TINY.segment_seconds * 100)
     margins = []
     for key, tr in list(truth.items())[:24]:
         fb = compute_fbank(load_waveform(tiny_root / "audio" / f"{key}.wav", cfg), cfg).numpy()
         snd = vocab.classes[tr["class_id"]].sound
-        bins = [int(round((_hz_to_mel(tr["f0"] * h) - lo) / step)) - 1 for h in snd.harmonics]
+        bins = [int(round((hz_to_mel(tr["f0"] * h) - lo) / step)) - 1 for h in snd.harmonics]
         level = np.array([fb[s * frames_per_seg + 8:(s + 1) * frames_per_seg - 8, bins].mean()
                           for s in range(TINY.num_segments)])
         on, off = level[np.array(tr["pattern"])], level[~np.array(tr["pattern"])]
@@ -243,7 +244,7 @@ def test_init_dataset_matches_stored_pipeline_and_is_deterministic(tiny_root: Pa
     visuals = list(dict.fromkeys(c.visual for c in vocab.classes if c.visual != spec.visual))
     sounds = [c.sound for c in vocab.classes if c.class_id != 4]
     clip = render_clip(spec, clip_rng(0, "retrieval", 4, 1), TINY, visuals, sounds)
-    video, audio = _sample_from_clip(clip, cfg, train=False, jpeg_quality=TINY.jpeg_quality, generator=None)
+    video, audio = sample_from_clip(clip, cfg, train=False, jpeg_quality=TINY.jpeg_quality, generator=None)
     key = "syn_retrieval_t1_c1_00001"
     times = [i / TINY.frames_fps for i in frame_indices(TINY)]
     from stella_avalanche.data.features import video_from_frames
@@ -291,12 +292,12 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
     vocab = build_vocabulary(PC, 0)
     ex_v, ex_s = init_exclusions(vocab, PC, 0)
     from stella_avalanche.data.synthetic import VisualIdentity
-    from stella_avalanche.data.synthetic_transfer import transfer_identities
+    from stella_avalanche.data.synthetic.transfer import transfer_identities
 
     transfer = {VisualIdentity(*v) for v in transfer_identities(TINY, 0).visuals}
     assert set(ex_v) == {c.visual for c in vocab.classes} | transfer and transfer
     seen_v, seen_s = [], []
-    import stella_avalanche.data.synthetic as syn
+    import stella_avalanche.data.synthetic.init_stream as syn
 
     real = syn.render_clip
     captured = []
@@ -337,7 +338,7 @@ def test_concurrent_generators_generate_once(tmp_path: Path, monkeypatch: pytest
     """Two runs started together on a fresh machine: one generates, the other waits and reuses it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import stella_avalanche.data.synthetic as syn
+    import stella_avalanche.data.synthetic.writer as syn
 
     calls = []
     real = syn._generate

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from stella_avalanche.benchmarks.common import scenario_from_split_csvs
-from stella_avalanche.data.synthetic import (LABEL_CSV, SyntheticPreset, _check_features, default_features,
+from stella_avalanche.data.synthetic import (LABEL_CSV, SyntheticPreset, check_features, default_features,
                                              generate_synthetic, get_preset)
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def synthetic_benchmark(root: str | os.PathLike | None = None, *, seed: int = 0,
     """
     p = get_preset(preset)
     features = features if features is not None else default_features(p)
-    _check_features(p, features)
+    check_features(p, features)
     data_root = generate_synthetic(root, seed=seed, preset=p, workers=workers)
     if cache is True:
         cache_arg: Any = _shared_cache(Path(data_root), p, features, on_error)

@@ -8,7 +8,7 @@ Four tasks, each usable on its own and bundled by :func:`run_downstream` (what `
   regression whose ``C`` is chosen on a held-out fifth of train, then refitted on all of train; top-1
   accuracy overall and per task (single-label) or one-vs-rest mAP (multi-label AudioSet).
 * **transfer** - zero-shot A→V / V→A R@1/5/10 on clips outside the stream: the synthetic ``transfer``
-  split (:mod:`stella_avalanche.data.synthetic_transfer`) or an MSR-VTT-style list
+  split (:mod:`stella_avalanche.data.synthetic.transfer`) or an MSR-VTT-style list
   (:mod:`stella_avalanche.benchmarks.msrvtt`).
 * **localise** - sounding-object localisation: a small head (:class:`LocalisationHead`) on the frozen
   video patch tokens, conditioned on the clip's pooled audio embedding, is fitted on the masks of one
@@ -842,7 +842,7 @@ class _TransferEvalSet:
     def get(self) -> Any:
         """The dataset (built once, with one thread)."""
         if self._ds is None:
-            from stella_avalanche.data.synthetic_transfer import SyntheticTransferDataset
+            from stella_avalanche.data.synthetic.transfer import SyntheticTransferDataset
 
             bm, cfg = self._bm, self._cfg
             with _threads(1):
@@ -875,7 +875,7 @@ def _localise_block(model: nn.Module, bm: Any, cfg: DownstreamConfig, progress: 
                     eval_set: _TransferEvalSet) -> dict[str, Any]:
     """Fit the localisation head on one set and score it on another (synthetic transfer or AVSBench-S4)."""
     if _is_synthetic(bm):
-        from stella_avalanche.data.synthetic_transfer import SyntheticTransferDataset
+        from stella_avalanche.data.synthetic.transfer import SyntheticTransferDataset
 
         with _threads(1):
             fit_ds = SyntheticTransferDataset(preset=bm.preset, seed=bm.seed, part="fit",

@@ -23,7 +23,6 @@ The ground truth of every clip is kept, so object masks can be rebuilt at patch 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -31,9 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stella_avalanche.data.synthetic import (PALETTE, SHAPES, TEXTURES, TIMBRES, ClassSpec, SoundIdentity,
-                                             SyntheticPreset, VisualIdentity, _sample_from_clip, build_vocabulary,
-                                             default_features, get_preset, render_clip, truth_patch_mask)
+from stella_avalanche.data.synthetic.preset import SyntheticPreset, get_preset
+from stella_avalanche.data.synthetic.rendering import render_clip
+from stella_avalanche.data.synthetic.samples import default_features, sample_from_clip
+from stella_avalanche.data.synthetic.vocabulary import (PALETTE, SHAPES, TEXTURES, TIMBRES, ClassSpec, SoundIdentity,
+                                                        VisualIdentity, build_vocabulary, hz_to_mel, mel_step,
+                                                        mel_to_hz)
+from stella_avalanche.data.synthetic.writer import truth_patch_mask
 
 if TYPE_CHECKING:
     from stella_avalanche.data.features import FeatureConfig
@@ -65,23 +68,14 @@ class TransferIdentities:
     sounds: tuple[SoundIdentity, ...]
 
 
-def _hz_to_mel(f: float) -> float:
-    return 1127.0 * math.log1p(f / 700.0)
-
-
-def _mel_to_hz(m: float) -> float:
-    return 700.0 * math.expm1(m / 1127.0)
-
-
 def _mel_grid(preset: SyntheticPreset) -> tuple[float, float]:
-    """(mel of 20 Hz, width of one mel bin): Kaldi layout, mel_bins + 2 edges from 20 Hz to Nyquist."""
-    lo, hi = _hz_to_mel(20.0), _hz_to_mel(preset.sample_rate / 2)
-    return lo, (hi - lo) / (preset.mel_bins + 1)
+    """(mel of 20 Hz, width of one mel bin): the generator's grid (:func:`~.vocabulary.mel_step`)."""
+    return float(hz_to_mel(20.0)), mel_step(preset)
 
 
 def _f0_bin(sound: SoundIdentity, preset: SyntheticPreset) -> float:
     lo, step = _mel_grid(preset)
-    return (_hz_to_mel(sound.f0) - lo) / step
+    return (float(hz_to_mel(sound.f0)) - lo) / step
 
 
 def sounds_clash(a: SoundIdentity, b: SoundIdentity, preset: SyntheticPreset) -> bool:
@@ -122,9 +116,9 @@ def transfer_classes(preset: str | SyntheticPreset, seed: int, *,
         n_bands = int(rng.integers(1, 4))
         harmonics = tuple(sorted(int(h) for h in rng.choice([1, 2, 3, 4], size=n_bands, replace=False)))
         f0_bin = float(rng.integers(_F0_BINS[0], _F0_BINS[1] + 1))
-        f0 = _mel_to_hz(lo + f0_bin * step)
+        f0 = float(mel_to_hz(lo + f0_bin * step))
         # the highest band, with the largest instance pitch shift, stays below 0.8 x Nyquist
-        if _mel_to_hz(lo + (f0_bin + p.max_pitch_shift) * step) * max(harmonics) > 0.8 * p.sample_rate / 2:
+        if float(mel_to_hz(lo + (f0_bin + p.max_pitch_shift) * step)) * max(harmonics) > 0.8 * p.sample_rate / 2:
             continue
         weights = tuple(float(w) for w in np.round(rng.uniform(0.5, 1.0, size=n_bands), 3))
         cand = SoundIdentity(f0=round(f0, 3), harmonics=harmonics, weights=weights,
@@ -189,7 +183,7 @@ class SyntheticTransferDataset(Dataset):
             d_pool = [v for v in visuals if v != spec.visual]
             s_pool = [o.sound for o in self.classes if o.class_id != c]
             clip = render_clip(spec, transfer_clip_rng(self.seed, part, c, k), self.preset, d_pool, s_pool)
-            v, a = _sample_from_clip(clip, self.features, train=False,
+            v, a = sample_from_clip(clip, self.features, train=False,
                                      jpeg_quality=self.preset.jpeg_quality if jpeg else None, generator=None)
             videos.append(v)
             audios.append(a)
