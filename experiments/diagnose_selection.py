@@ -40,7 +40,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from stella_avalanche.evaluation.diagnostics import run_diagnostics, load_models
+    from stella_avalanche.evaluation.diagnosed_models import load_models
+    from stella_avalanche.evaluation.diagnostics import run_diagnostics
 
     if args.threads:
         torch.set_num_threads(args.threads)

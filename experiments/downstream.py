@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from stella_avalanche.config import load_config
     from stella_avalanche.evaluation import downstream as D
     from stella_avalanche.evaluation.report import write_results_json
-    from stella_avalanche.experiment import _build_benchmark, model_config_for
+    from stella_avalanche.experiment import _build_benchmark
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.utils import atomic_write_json, resolve_device, set_progress
 
@@ -98,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.run}: no results.json")
         results = json.loads(res_path.read_text())
         from omegaconf import OmegaConf
-        import yaml
+
+        from stella_avalanche.config import field_override
 
         cfg = OmegaConf.create(results["config"])
         for item in overrides:
-            key, _, value = item.partition("=")
-            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True, force_add=True)
+            key, value = field_override(item)
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         cfg = OmegaConf.to_container(cfg, resolve=True)
         ckpt = str(_latest_run_checkpoint(args.run))
         out_dir = args.run

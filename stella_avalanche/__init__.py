@@ -17,7 +17,7 @@ _EXPORTS = {
     "AudioVideoDataset": "stella_avalanche.data.datasets",
     "FeatureConfig": "stella_avalanche.data.features",
     "CAVMAE": "stella_avalanche.models.cav",
-    "CAVConfig": "stella_avalanche.models.cav",
+    "CAVConfig": "stella_avalanche.models.config",
     "build_model": "stella_avalanche.models.cav",
     "AVMatching": "stella_avalanche.models.avm",
     "AudioVideoPretraining": "stella_avalanche.training.template",

@@ -17,9 +17,10 @@ from typing import Any, Optional
 import torch
 
 from stella_avalanche.config import default_preset, load_config
+from stella_avalanche.models.config import model_config_for
 from stella_avalanche.utils import atomic_write_json, progress_enabled, resolve_device, seed_everything
 
-__all__ = ["load_config", "run_experiment", "model_config_for", "default_preset"]
+__all__ = ["load_config", "run_experiment", "default_preset"]
 
 log = logging.getLogger("stella_avalanche")
 
@@ -44,21 +45,6 @@ def _build_benchmark(cfg: dict):
 
         return audioset_benchmark(b["root"], **(b.get("kwargs") or {}))
     raise ValueError(f"unknown benchmark {name!r}")
-
-
-def model_config_for(preset: str, features: Any = None, **overrides: Any):
-    """A model size preset with the input geometry of the benchmark's preprocessing."""
-    import dataclasses
-
-    from stella_avalanche.models.cav import MODEL_PRESETS
-
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    geometry = {}
-    if features is not None:
-        geometry = {"num_frames": features.num_frames, "img_size": features.frame_size,
-                    "audio_length": features.target_length, "mel_bins": features.mel_bins}
-    return dataclasses.replace(MODEL_PRESETS[preset], **{**geometry, **overrides})
 
 
 def _model_config(cfg: dict, features: Any):

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "seed_everything", "resolve_device",
+__all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "module_device", "seed_everything", "resolve_device",
            "default_cache_dir", "build_lock", "SEED_STRIDE", "SEED_PURPOSES", "derive_seed",
            "progress_enabled", "set_progress"]
 
@@ -47,6 +47,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> None:
     kwargs.setdefault("indent", 2)
     with atomic_write(path, "w") as fh:
         json.dump(obj, fh, **kwargs)
+
+
+def module_device(model: torch.nn.Module) -> torch.device:
+    """Where a module's weights live (the CPU for a module without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -1,8 +1,8 @@
-"""experiments/compare.py: pending-run detection, parallel jobs, aggregation and tables."""
+"""The comparison (stella_avalanche.cli.compare, evaluation.comparison): pending-run detection, parallel jobs,
+aggregation and tables."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -12,18 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stella_avalanche.cli import compare
+from stella_avalanche.evaluation import comparison
+
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "docs" / "results" / "synthetic" / "runs"
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare_cli", ROOT / "experiments" / "compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-compare = _load_compare()
 
 
 def _args(out: Path, **kw) -> argparse.Namespace:
@@ -98,7 +93,7 @@ def test_aggregate_only_tables_match_the_results(tmp_path, monkeypatch):
 
     md = (tmp_path / "comparison.md").read_text()
     best = max(("finetune", "multitask"), key=lambda s: float(rows[s][col]))
-    best_line = next(line for line in md.splitlines() if line.startswith(f"| {compare.PRETTY[best]} |"))
+    best_line = next(line for line in md.splitlines() if line.startswith(f"| {comparison.PRETTY[best]} |"))
     cells = best_line.split(" | ")
     assert cells[header.index("a2v/Avg/A/mean") // 2 + 1].startswith("**")   # best 𝒜 per column is bold
     for f in ("cost.md", "bars_a2v.png", "bars_v2a.png", "task_recall_a2v.png"):
@@ -157,7 +152,7 @@ def test_memory_sweep_plan_and_equal_byte_budget(tmp_path):
     assert not any(k.startswith("stella_plus-mem") and k != "stella_plus-mem100" for k, _ in keys)  # sizes unknown
     _put_res(tmp_path, "derpp", 0, _results_with_ranks("derpp", 0, 3, buffer_bytes=83480))
     _put_res(tmp_path, "stella_plus", 0, _results_with_ranks("stella_plus", 0, 3, buffer_bytes=35214))
-    assert compare.equal_bytes_items(100, compare.item_bytes(tmp_path)) == 100 * 83480 // 35214 == 237
+    assert comparison.equal_bytes_items(100, comparison.item_bytes(tmp_path)) == 100 * 83480 // 35214 == 237
     plan = compare.planned_runs(args)
     eq = [(k, extra) for k, s, seed, extra in plan if k in ("stella_plus-mem237", "stella_plus-mem474")]
     assert ("stella_plus-mem237", ["strategy.params.mem_size=237"]) in eq and len(eq) == 4
@@ -174,7 +169,7 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
         for seed in (0, 1):
             by = {"derpp": 83480, "stella_plus": 35214}.get(s, 0)
             _put_res(tmp_path, s, seed, _results_with_ranks(s, seed, shift, buffer_bytes=by))
-            if s in compare.SWEEP_STRATEGIES:
+            if s in comparison.SWEEP_STRATEGIES:
                 res = _results_with_ranks(s, seed, shift - 2, 100, by)
                 if s == "derpp":   # DER++ at M = 100 trained on a GPU: its sweep cell is marked
                     res["environment"] = {"device": "cuda:0"}
@@ -195,14 +190,36 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert csv[0].startswith("key,direction,metric") and any(line.startswith("stella,a2v,A,2,") for line in csv)
     assert "target width" in (tmp_path / "power.md").read_text()
     ab = (tmp_path / "ablation.md").read_text()
-    assert all(compare.PRETTY[k] in ab for k in compare.ABLATION_TABLE)
+    assert all(comparison.PRETTY[k] in ab for k in comparison.ABLATION_TABLE)
     vs_random = ab.split("## Against random patches")[1].splitlines()
-    lpis = next(line for line in vs_random if line.startswith(f"| {compare.PRETTY['stella_lpis']} |"))
+    lpis = next(line for line in vs_random if line.startswith(f"| {comparison.PRETTY['stella_lpis']} |"))
     assert len(lpis.split(" | ")) == 5 and "| STELLA |" in "\n".join(vs_random)
-    assert not any(line.startswith(f"| {compare.PRETTY['stella_random']} |") for line in vs_random)
+    assert not any(line.startswith(f"| {comparison.PRETTY['stella_random']} |") for line in vs_random)
     sw = (tmp_path / "mem_sweep.md").read_text()
     assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
     marked = [line for line in sw.splitlines() if line.startswith("| ") and "†" in line]
     assert marked and all(line.startswith("| DER++ |") for line in marked) and "† trained on a GPU" in sw
     assert all(line.count("†") == 1 for line in marked)   # M = 100 only, not the CPU runs at 200
     assert (tmp_path / "mem_sweep.png").is_file()
+
+
+def test_one_missing_value_rule_for_the_comparison_and_the_report():
+    """A seed without a value is left out of that statistic (comparison and per-run report alike); none
+    left: missing; one left: the mean without a std."""
+    from stella_avalanche.evaluation.report import mean_std_over_seeds
+
+    assert mean_std_over_seeds([1.0, None, 3.0]) == (2.0, 1.0)
+    assert mean_std_over_seeds([None, None]) == (None, None)
+    assert mean_std_over_seeds([4.0, None]) == (4.0, None)
+    m = {d: {f"R@{k}": [[10.0, 20.0], [15.0, 25.0]] for k in (1, 5, 10)} for d in ("a2v", "v2a")}
+    from stella_avalanche.evaluation.report import build_results
+
+    runs = {"finetune": [build_results(strategy="finetune", benchmark="synthetic", seed=s, tasks=["t0", "t1"],
+                                       recall_matrix=m) for s in (0, 1)]}
+    runs["finetune"][0]["cost"] = {"samples_per_second": 10.0}
+    runs["finetune"][1]["cost"] = {"samples_per_second": 30.0, "buffer_bytes": 100}
+    row = comparison.aggregate(runs, keys=["finetune"])[0]
+    assert row["cost/samples_per_second"] == (20.0, 10.0)
+    assert row["cost/buffer_bytes"][0] == 100.0 and np.isnan(row["cost/buffer_bytes"][1])
+    assert all(np.isnan(v) for v in row["cost/train_seconds"])
+    assert comparison._fmt(row["cost/buffer_bytes"]) == "100.00" and comparison._fmt(row["cost/train_seconds"]) == "–"

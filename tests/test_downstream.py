@@ -205,7 +205,7 @@ def test_run_downstream_end_to_end(tmp_path, monkeypatch):
     from stella_avalanche.benchmarks.synthetic import synthetic_benchmark
     from stella_avalanche.data.synthetic import SyntheticPreset
     from stella_avalanche.evaluation.downstream import FIRST_TASK_EMBEDDINGS, run_downstream, snapshot_embeddings
-    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
 
     monkeypatch.setenv("STELLA_CACHE", str(tmp_path / "cache"))
@@ -239,17 +239,10 @@ def test_run_downstream_end_to_end(tmp_path, monkeypatch):
     json.dumps(block)  # JSON-ready
 
 
-# ------------------------------------------------------------------------------------------ compare.py columns
+# ------------------------------------------------------------------------------------------ comparison columns
 def test_compare_downstream_columns(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
+    from stella_avalanche.evaluation import comparison as compare
     from stella_avalanche.evaluation.report import build_results
-
-    spec = importlib.util.spec_from_file_location(
-        "compare_under_test", Path(__file__).resolve().parent.parent / "experiments" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
 
     def res(strategy, seed, probe, gap, with_block=True):
         m = {d: {f"R@{k}": [[10.0, 20.0], [15.0, 25.0]] for k in (1, 5, 10)} for d in ("a2v", "v2a")}

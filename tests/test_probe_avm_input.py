@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stella_avalanche.data.synthetic import default_features
-from stella_avalanche.experiment import model_config_for
+from stella_avalanche.models.config import model_config_for
 from stella_avalanche.models.cav import CAVMAE
 
 _SPEC = importlib.util.spec_from_file_location(

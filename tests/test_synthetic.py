@@ -355,7 +355,7 @@ def test_concurrent_initialisation_builders_build_once(tmp_path: Path, monkeypat
     from concurrent.futures import ThreadPoolExecutor
 
     from stella_avalanche.data.synthetic import default_features
-    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.training import pretrain as P
 
     calls = []

@@ -34,7 +34,7 @@ def main() -> int:
 
     from stella_avalanche.benchmarks.synthetic import synthetic_benchmark
     from stella_avalanche.evaluation.downstream import run_downstream, summary_lines
-    from stella_avalanche.experiment import model_config_for
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
 
     t0 = time.perf_counter()

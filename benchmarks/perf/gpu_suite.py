@@ -28,14 +28,9 @@ avalanche and dill into ``.gpu_site/``), carry ``.gpu_site`` and pass ``--site .
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import math
-import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -43,109 +38,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-#: packages avalanche-lib imports at start-up that a training step never uses
-STUB_CANDIDATES = ("wandb", "qpsolvers", "quadprog", "gdown", "pytorchcv", "GPUtil")
+# torch-free: the stand-ins must be installed before anything imports avalanche
+from stella_avalanche.perf.import_stubs import install_stubs  # noqa: E402
+
 STRATEGIES = ("finetune", "derpp", "stella", "stella_plus")
 #: H200 SXM dense bf16 peak (vendor figure); a large bf16 matmul reaches ~790 on the lent machines
 H200_BF16_PEAK_TFLOPS = 989.4
-
-
-# ------------------------------------------------------------------------------------ stand-ins
-class _InertMeta(type):
-    def __getattr__(cls, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Inert
-
-
-class _Inert(metaclass=_InertMeta):
-    """Any attribute, call or subclassing of a stand-in module gives another inert object."""
-
-    def __init__(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def __call__(self, *a: Any, **k: Any) -> "_Inert":
-        return _Inert()
-
-    def __getattr__(self, name: str) -> "_Inert":
-        return _Inert()
-
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Inert
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, names: set[str]) -> None:
-        self.names = names
-
-    def find_spec(self, fullname, path=None, target=None):  # noqa: D102
-        if fullname.split(".")[0] in self.names:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):  # noqa: D102
-        mod = _StubModule(spec.name)
-        mod.__path__ = []  # a package: submodules resolve through this finder too
-        return mod
-
-    def exec_module(self, module):  # noqa: D102
-        pass
-
-
-def install_stubs(names: list[str] | None, *, only_missing: bool) -> list[str]:
-    """Put inert stand-ins for ``names`` (default: :data:`STUB_CANDIDATES`) on ``sys.meta_path``.
-
-    :param only_missing: stub only the names that cannot be imported here.
-    :returns: the stubbed names.
-    """
-    names = list(names or STUB_CANDIDATES)
-    if only_missing:
-        names = [n for n in names if importlib.util.find_spec(n) is None]
-    if names:
-        sys.meta_path.insert(0, _StubFinder(set(names)))
-    return names
-
-
-# ------------------------------------------------------------------------------------ one run
-def _clips(cfg, batch: int, experiences: int, steps: int, warmup: int):
-    import torch
-    from avalanche.benchmarks import benchmark_from_datasets
-    from avalanche.benchmarks.utils import AvalancheDataset
-    from torch.utils.data import Dataset, default_collate
-
-    pool = 2 * batch  # a small pool of distinct random clips, indexed cyclically (timing only)
-    g = torch.Generator().manual_seed(0)
-    video = torch.randn(pool, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g)
-    audio = torch.randn(pool, 1, cfg.audio_length, cfg.mel_bins, generator=g)
-
-    class Clips(Dataset):
-        def __init__(self, n: int, cat: int) -> None:
-            self.n, self.cat = n, cat
-
-        def __len__(self) -> int:
-            return self.n
-
-        def __getitem__(self, i: int) -> dict:
-            j = (i + self.cat) % pool
-            return {"video": video[j], "audio": audio[j], "category": self.cat, "label": 0, "index": i}
-
-    sizes = [batch * warmup] + [batch * steps] * experiences
-    return benchmark_from_datasets(
-        train=[AvalancheDataset([Clips(n, c)], collate_fn=default_collate) for c, n in enumerate(sizes)])
-
-
-def split_variant(name: str) -> tuple[str, dict]:
-    """``"stella:head_chunk=12"`` -> ``("stella", {"head_chunk": 12})`` (integer plugin arguments)."""
-    base, _, rest = name.partition(":")
-    extra = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        extra[key] = int(value)
-    return base, extra
 
 
 #: training-loader workers (set by main): collating and pinning base-size clips of a large batch on
@@ -153,33 +51,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 WORKERS = 0
 
 
-def _build(name: str, cfg, *, batch: int, mem_size: int, buffer: str, device, amp: str, plugins: list):
-    import torch
-
-    from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.training.strategies import make_strategy
-
-    name, extra = split_variant(name)
-    torch.manual_seed(0)
-    model = CAVMAE(cfg)
-    if extra.pop("compile", 0):  # the runner's train.compile
-        model.compile_blocks()
-    avm = build_avm(model) if name.startswith("stella") else None
-    pk: dict = {}
-    if name != "finetune":
-        pk = {"mem_size": mem_size, "buffer_device": str(device) if buffer == "device" else "cpu", **extra}
-    return make_strategy(name, model=model, avm=avm, plugins=plugins, plugin_kwargs=pk, train_mb_size=batch,
-                         train_epochs=1, device=device, amp=amp, num_workers=WORKERS)
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
+# ------------------------------------------------------------------------------------ one run
 def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats: int, warmup: int,
                 mem_size: int, device, amp: str, peak_tflops: float) -> dict:
     """Throughput, peak memory, TFLOP/s and MFU of one strategy at one setting."""
@@ -188,6 +60,9 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
     import torch
 
     from stella_avalanche.perf.cost_model import step_cost
+    from stella_avalanche.perf.step_checks import timing_clips
+    from stella_avalanche.perf.strategy_builder import build_strategy, split_variant
+    from stella_avalanche.perf.timing import StepTimer, spread, synchronize
 
     gc.collect()
     if device.type == "cuda":
@@ -196,10 +71,11 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
     row: dict[str, Any] = {"strategy": name, "batch": batch, "replay": 0 if name == "finetune" else batch,
                            "buffer": "none" if name == "finetune" else buffer, "mem_size": mem_size}
     try:
-        timer = StepTimer(device)
-        strategy = _build(name, cfg, batch=batch, mem_size=mem_size, buffer=buffer, device=device, amp=amp,
-                          plugins=[timer.plugin])
-        bm = _clips(cfg, batch, repeats, steps, warmup)
+        timer = StepTimer(device=device)
+        strategy = build_strategy(name, cfg, batch=batch, mem_size=mem_size, device=device, amp=amp,
+                                  buffer_device=str(device) if buffer == "device" else "cpu",
+                                  plugins=[timer.plugin], num_workers=WORKERS)
+        bm = timing_clips(cfg, batch, experiences=repeats, steps=steps, warmup=warmup)
         exps = list(bm.train_stream)
         strategy.train(exps[0], eval_streams=[])  # fills the buffer (>= batch items), lazy init
         # same seed and clips for every variant of a strategy: compiled vs eager agree here or not
@@ -209,10 +85,10 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
         secs = []
         timer.reset(active=True)
         for exp in exps[1:]:
-            _sync(device)
+            synchronize(device)
             t = time.perf_counter()
             strategy.train(exp, eval_streams=[])
-            _sync(device)
+            synchronize(device)
             secs.append(time.perf_counter() - t)
         in_step = timer.seconds()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -225,232 +101,14 @@ def measure_run(name: str, cfg, *, batch: int, buffer: str, steps: int, repeats:
     sps = [batch * steps / s for s in secs]
     tflops = [cost.total * steps / s / 1e12 for s in secs]
     row.update({
-        "samples_per_second": _spread(sps), "step_seconds": _spread([s / steps for s in secs]),
-        "tflops": _spread(tflops), "mfu": _spread([t / peak_tflops for t in tflops]),
-        "in_step_seconds": _spread(in_step),
-        "mfu_in_step": _spread([cost.total / s / 1e12 / peak_tflops for s in in_step]),
+        "samples_per_second": spread(sps), "step_seconds": spread([s / steps for s in secs]),
+        "tflops": spread(tflops), "mfu": spread([t / peak_tflops for t in tflops]),
+        "in_step_seconds": spread(in_step),
+        "mfu_in_step": spread([cost.total / s / 1e12 / peak_tflops for s in in_step]),
         "peak_memory_bytes": int(peak), "baseline_allocated_bytes": int(base_alloc),
         "flops_per_step": cost.total, "saved_activation_bytes_model": cost.saved_bytes,
         "steps": steps, "repeats": len(secs)})
     return row
-
-
-class StepTimer:
-    """Time of each training iteration without the wait for the loader's next batch.
-
-    On CUDA two events are recorded per iteration (``before_training_iteration`` and
-    ``after_training_iteration``) and read once at the end, so timing adds no synchronisation: the
-    first event runs when the host reaches the step or the previous step's work ends, whichever is
-    later, the second when the step's work ends. On the CPU the host clock is read instead.
-    """
-
-    def __init__(self, device) -> None:
-        from avalanche.training.plugins import SupervisedPlugin
-
-        self.device, self.active, self.marks, self.losses = device, False, [], []
-        timer = self
-
-        class _Plugin(SupervisedPlugin):
-            def before_training_iteration(self, strategy, **kw):
-                timer._mark()
-
-            def after_backward(self, strategy, **kw):
-                timer.losses.append(strategy.loss.detach().float().sum())  # read once, at the end
-
-            def after_training_iteration(self, strategy, **kw):
-                timer._mark()
-
-        self.plugin = _Plugin()
-
-    def reset(self, active: bool) -> None:
-        self.active, self.marks = active, []
-
-    def _mark(self) -> None:
-        import torch
-
-        if not self.active:
-            return
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def seconds(self) -> list[float]:
-        """Seconds per timed iteration (pairs of marks)."""
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks[::2], self.marks[1::2])]
-        return [b - a for a, b in zip(self.marks[::2], self.marks[1::2])]
-
-
-def _spread(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs),
-            "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0, "values": xs}
-
-
-# ------------------------------------------------------------------------------------ checks
-def flop_check(name: str, cfg, *, batch: int, device, amp: str) -> dict:
-    """FLOPs of one training step counted by torch beside the analytic count."""
-    from avalanche.training.plugins import SupervisedPlugin
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from stella_avalanche.perf.cost_model import step_cost
-
-    class Count(SupervisedPlugin):
-        def before_training_iteration(self, strategy, **kw):
-            if strategy.clock.train_exp_counter == 1 and not hasattr(self, "total"):
-                self.mode = FlopCounterMode(display=False)
-                self.mode.__enter__()
-
-        def after_training_iteration(self, strategy, **kw):
-            if getattr(self, "mode", None) is not None:
-                self.mode.__exit__(None, None, None)
-                self.total, self.mode = self.mode.get_total_flops(), None
-
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    c = Count()
-    strategy = _build(name, cfg, batch=batch, mem_size=4 * batch, buffer="device", device=device, amp=amp,
-                      plugins=[c])
-    # the counter has no formula for the CPU's fused attention kernel: count the math backend there
-    backend = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
-    with backend:
-        for exp in _clips(cfg, batch, 1, 1, 1).train_stream:
-            strategy.train(exp, eval_streams=[])
-    analytic = step_cost(cfg, name, batch=batch).total
-    return {"strategy": name, "batch": batch, "counted": int(c.total), "analytic": analytic,
-            "counted_over_analytic": c.total / analytic}
-
-
-def sync_pass(name: str, cfg, *, batch: int, buffer: str, device, amp: str) -> dict:
-    """One training step (buffer already holding items) under the sync-debug mode and the audit."""
-    import traceback
-    import warnings
-
-    import torch
-    from avalanche.training.plugins import SupervisedPlugin
-
-    from stella_avalanche.perf.sync_audit import HostSyncAudit
-
-    events: list[dict] = []
-    repo = str(ROOT)
-
-    class Watch(SupervisedPlugin):
-        def before_training_iteration(self, strategy, **kw):
-            if strategy.clock.train_exp_counter == 1 and not hasattr(self, "audit"):
-                self.audit = HostSyncAudit(keep=("stella_avalanche", "avalanche"))
-                self.active = True
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("warn")
-                self.audit.__enter__()
-
-        def after_training_iteration(self, strategy, **kw):
-            if getattr(self, "active", False):
-                self.audit.__exit__(None, None, None)
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("default")
-                self.active = False
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        stack = [f"{Path(f.filename).relative_to(repo) if f.filename.startswith(repo) else f.filename}:{f.lineno}"
-                 for f in traceback.extract_stack()[:-1] if "site-packages/torch" not in f.filename
-                 and "importlib" not in f.filename and f.filename.startswith(repo)]
-        events.append({"message": str(message)[:200], "where": f"{filename}:{lineno}", "stack": stack[-4:]})
-
-    w = Watch()
-    strategy = _build(name, cfg, batch=batch, mem_size=4 * batch, buffer=buffer, device=device, amp=amp,
-                      plugins=[w])
-    old = warnings.showwarning
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        try:
-            for exp in _clips(cfg, batch, 1, 1, 1).train_stream:
-                strategy.train(exp, eval_streams=[])
-        finally:
-            warnings.showwarning = old
-    # torch's one-time notice that the debug mode is a prototype is not a synchronisation
-    syncs = [e for e in events if "synchroniz" in e["message"].lower() and "prototype" not in e["message"]]
-    return {"strategy": name, "batch": batch, "buffer": buffer, "cuda_sync_events": syncs,
-            "cuda_sync_count": len(syncs),
-            "audit": [list(r) for r in w.audit.summary()], "audit_counts": w.audit.counts()}
-
-
-#: stored fields copied from the input clip (equal whatever the device's arithmetic)
-COPIED_FIELDS = ("video", "audio", "audio_lo", "audio_scale", "category", "index", "label")
-#: STELLA+'s stored fields that depend on the patch selection, i.e. on the model's importance maps
-SELECTED_FIELDS = ("video_patches", "audio_patches", "audio_patches_lo", "audio_patches_scale", "video_ids",
-                   "audio_ids")
-
-
-def buffer_check(name: str, cfg, *, batch: int, device, amp: str) -> dict:
-    """The same seeded steps with the replay buffer on the device, in host memory, and on the device
-    again: the stored items of the first two must agree as closely as the two device runs agree.
-
-    Fields copied from the input clips must be equal. Fields computed by the model (z, importance)
-    and, for STELLA+, the selected patches and their ids follow the model's arithmetic: on a GPU its
-    reductions are not deterministic, so a host-vs-device difference in those fields is a placement
-    bug only if the repeated device run does not show it too.
-    """
-    data = {}
-    for run in ("device", "cpu", "device_repeat"):
-        buf = "device" if run == "device_repeat" else run
-        strategy = _build(name, cfg, batch=batch, mem_size=4 * batch, buffer=buf, device=device, amp=amp,
-                          plugins=[])
-        for exp in _clips(cfg, batch, 1, 2, 1).train_stream:
-            strategy.train(exp, eval_streams=[])
-        plugin = next(p for p in strategy.plugins if getattr(p, "buffer", None) is not None)
-        data[run] = {k: v[: len(plugin.buffer)].cpu() for k, v in plugin.buffer.data.items()}
-
-    def diff(a: str, b: str) -> dict[str, float]:
-        return {k: float((data[a][k].double() - data[b][k].double()).abs().max()) for k in data[a]}
-
-    placement, repeat = diff("device", "cpu"), diff("device", "device_repeat")
-
-    def equal(d: dict, fields: tuple) -> bool:
-        return all(d[k] == 0.0 for k in d if k in fields)
-
-    return {"strategy": name, "items": len(next(iter(data["cpu"].values()))), "max_abs_diff": placement,
-            "max_abs_diff_repeat": repeat, "input_fields_equal": equal(placement, COPIED_FIELDS),
-            "selected_fields_equal": equal(placement, SELECTED_FIELDS),
-            "selected_fields_equal_repeat": equal(repeat, SELECTED_FIELDS)}
-
-
-def profile_step(name: str, cfg, *, batch: int, device, amp: str, steps: int = 3, top: int = 25) -> dict:
-    """``torch.profiler`` over ``steps`` training steps (buffer on the device, after a warm-up
-    experience): the kernels that take the device's time, grouped, to explain the utilisation."""
-    from torch.profiler import ProfilerActivity, profile
-
-    strategy = _build(name, cfg, batch=batch, mem_size=4 * batch, buffer="device", device=device, amp=amp,
-                      plugins=[])
-    exps = list(_clips(cfg, batch, 1, steps, 1).train_stream)
-    strategy.train(exps[0], eval_streams=[])
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
-    t = time.perf_counter()
-    with profile(activities=acts) as prof:
-        strategy.train(exps[1], eval_streams=[])
-        _sync(device)
-    wall = time.perf_counter() - t
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = []
-    busy_us = 0.0
-    for e in prof.key_averages():
-        dev_us = getattr(e, "self_device_time_total", 0.0)
-        # operator rows repeat their kernels' device time: count the kernel rows alone for "busy"
-        if str(getattr(e, "device_type", "")).endswith(("CUDA", "PrivateUse1")):
-            busy_us += dev_us
-        rows.append({"name": e.key[:120], "calls": e.count, "self_device_us": dev_us,
-                     "self_cpu_us": e.self_cpu_time_total})
-    rows.sort(key=lambda r: -r["self_device_us" if device.type == "cuda" else "self_cpu_us"])
-    return {"strategy": name, "batch": batch, "steps": steps, "wall_seconds": wall,
-            "device_busy_seconds": busy_us / 1e6, "top": rows[:top], "sort_key": key}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -477,7 +135,8 @@ def _table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The suite's argument parser."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 steps, batch 3 and 4")
@@ -506,7 +165,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", default=None, help="a folder of carried packages to put first on sys.path")
     p.add_argument("--stub-missing", action="store_true", help="inert stand-ins for missing STUB_CANDIDATES")
     p.add_argument("--stub", nargs="*", default=None, help="stub exactly these packages (even if installed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _run_checks(result: dict, args: argparse.Namespace, cfg: Any, device: Any, save: Any) -> None:
+    """The synchronisation pass, FLOP check, buffer check and profiles (short: run whatever the budget)."""
+    from stella_avalanche.perf.step_checks import buffer_check, flop_check, profile_step, sync_pass
+
+    for s in ("derpp", "stella", "stella_plus"):
+        if s in args.strategies and "sync" not in args.skip:
+            for buf in (("device",) if args.smoke else ("device", "cpu")):
+                result["sync"].append(sync_pass(s, cfg, batch=args.paper_batch, buffer=buf, device=device,
+                                                amp=args.amp, num_workers=WORKERS))
+                save()
+    for s in args.strategies if "flop" not in args.skip else ():
+        result["flop_check"].append(flop_check(s, cfg, batch=args.paper_batch, device=device, amp=args.amp,
+                                               num_workers=WORKERS))
+        save()
+    for s in ("derpp", "stella", "stella_plus"):
+        if s in args.strategies and "buffer" not in args.skip:
+            result["buffer_check"].append(buffer_check(s, cfg, batch=args.paper_batch, device=device,
+                                                       amp=args.amp, num_workers=WORKERS))
+            save()
+    for item in args.profile:
+        pname, _, pb = item.partition(":")
+        result.setdefault("profile", []).append(profile_step(pname, cfg, batch=int(pb or args.paper_batch),
+                                                             device=device, amp=args.amp, num_workers=WORKERS))
+        pr = result["profile"][-1]
+        print(f"profile {item}: wall {pr['wall_seconds']:.3f} s, device busy {pr['device_busy_seconds']:.3f} s "
+              f"over {pr['steps']} steps; top: " + "; ".join(f"{r['name'][:40]} {r['self_device_us'] / 1e3:.1f} ms"
+                                                            for r in pr["top"][:8]), flush=True)
+        save()
+
+
+def _print_summary(result: dict, args: argparse.Namespace) -> None:
+    """The timings table and one line per check."""
+    print(f"\n{result['meta']['device_name']}, model={args.model}, memory {args.mem_size}, "
+          f"{args.steps} steps x {args.repeats} repeats per run, MFU against {args.peak_tflops} TFLOP/s")
+    print(_table(result["runs"]))
+    for sp in result["sync"]:
+        print(f"sync {sp['strategy']} buffer={sp['buffer']}: cuda sync events {sp['cuda_sync_count']}, "
+              f"audit {sp['audit_counts']}")
+    for bc in result["buffer_check"]:
+        print(f"buffer device vs host {bc['strategy']}: input fields equal {bc['input_fields_equal']}, "
+              f"selected fields equal {bc['selected_fields_equal']} (device vs device again: "
+              f"{bc['selected_fields_equal_repeat']}), largest difference "
+              f"{max(bc['max_abs_diff'].values()):.3g} (again: {max(bc['max_abs_diff_repeat'].values()):.3g})")
+    for fc in result["flop_check"]:
+        print(f"flops {fc['strategy']}: counted / analytic = {fc['counted_over_analytic']:.3f}")
+    if result["skipped"]:
+        print(f"skipped (budget): {result['skipped']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     if args.site:
         sys.path.insert(0, str(Path(args.site).resolve()))
@@ -555,29 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     vb = args.variant_batch or args.paper_batch
     variant_setting = (f"b{vb}_buffer_gpu_variants", vb, "device")
     # 1. the synchronisation pass and the FLOP check first: short and needed whatever the budget
-    for s in ("derpp", "stella", "stella_plus"):
-        if s in args.strategies and "sync" not in args.skip:
-            for buf in (("device",) if args.smoke else ("device", "cpu")):
-                result["sync"].append(sync_pass(s, cfg, batch=args.paper_batch, buffer=buf, device=device,
-                                                amp=args.amp))
-                save()
-    for s in args.strategies if "flop" not in args.skip else ():
-        result["flop_check"].append(flop_check(s, cfg, batch=args.paper_batch, device=device, amp=args.amp))
-        save()
-    for s in ("derpp", "stella", "stella_plus"):
-        if s in args.strategies and "buffer" not in args.skip:
-            result["buffer_check"].append(buffer_check(s, cfg, batch=args.paper_batch, device=device,
-                                                       amp=args.amp))
-            save()
-    for item in args.profile:
-        pname, _, pb = item.partition(":")
-        result.setdefault("profile", []).append(profile_step(pname, cfg, batch=int(pb or args.paper_batch),
-                                                             device=device, amp=args.amp))
-        pr = result["profile"][-1]
-        print(f"profile {item}: wall {pr['wall_seconds']:.3f} s, device busy {pr['device_busy_seconds']:.3f} s "
-              f"over {pr['steps']} steps; top: " + "; ".join(f"{r['name'][:40]} {r['self_device_us'] / 1e3:.1f} ms"
-                                                            for r in pr["top"][:8]), flush=True)
-        save()
+    _run_checks(result, args, cfg, device, save)
     # 2. the timed runs, strategy order rotated per setting
     for i, (setting, batch, buffer) in enumerate(settings):
         order = args.strategies[i % len(args.strategies):] + args.strategies[:i % len(args.strategies)]
@@ -608,21 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
     result["meta"]["wall_seconds"] = time.perf_counter() - t0
     save()
-    print(f"\n{result['meta']['device_name']}, model={args.model}, memory {args.mem_size}, "
-          f"{args.steps} steps x {args.repeats} repeats per run, MFU against {args.peak_tflops} TFLOP/s")
-    print(_table(result["runs"]))
-    for sp in result["sync"]:
-        print(f"sync {sp['strategy']} buffer={sp['buffer']}: cuda sync events {sp['cuda_sync_count']}, "
-              f"audit {sp['audit_counts']}")
-    for bc in result["buffer_check"]:
-        print(f"buffer device vs host {bc['strategy']}: input fields equal {bc['input_fields_equal']}, "
-              f"selected fields equal {bc['selected_fields_equal']} (device vs device again: "
-              f"{bc['selected_fields_equal_repeat']}), largest difference "
-              f"{max(bc['max_abs_diff'].values()):.3g} (again: {max(bc['max_abs_diff_repeat'].values()):.3g})")
-    for fc in result["flop_check"]:
-        print(f"flops {fc['strategy']}: counted / analytic = {fc['counted_over_analytic']:.3f}")
-    if result["skipped"]:
-        print(f"skipped (budget): {result['skipped']}")
+    _print_summary(result, args)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stella_avalanche.models.cav import MODEL_PRESETS, CAVConfig
+from stella_avalanche.models.config import MODEL_PRESETS, CAVConfig, model_config_for
 
 __all__ = ["model_config", "SMALL"]
 
@@ -19,6 +19,6 @@ def model_config(name: str) -> CAVConfig:
     if name == "small":
         return SMALL
     try:
-        return MODEL_PRESETS[name]
-    except KeyError:
+        return model_config_for(name)
+    except ValueError:
         raise SystemExit(f"unknown model {name!r}: choose tiny, small or base") from None

@@ -23,81 +23,49 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 ALL = ("finetune", "er", "derpp", "lump", "mir", "gmed", "clser", "esmer", "stella", "stella_plus")
 
 
 def _one(args: argparse.Namespace) -> dict:
-    import dataclasses
-
     import torch
-    from avalanche.benchmarks import benchmark_from_datasets
-    from avalanche.benchmarks.utils import AvalancheDataset
-    from avalanche.training.plugins import SupervisedPlugin
-    from torch.utils.data import default_collate
 
-    from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import MODEL_PRESETS, CAVMAE
-    from stella_avalanche.training.strategies import make_strategy
+    from stella_avalanche.models.config import model_config_for
+    from stella_avalanche.perf.random_clips import random_clip_stream
+    from stella_avalanche.perf.strategy_builder import build_strategy
+    from stella_avalanche.perf.timing import StepTimer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = MODEL_PRESETS[args.model]
-    model = CAVMAE(cfg)
-
-    from stella_avalanche.perf.random_clips import RandomClips
-
-    def Clips(n: int, cat: int) -> RandomClips:  # noqa: N802 - reads like the class it builds
-        return RandomClips(cfg, n, category=cat)
-
-    n_warm = args.batch_size * args.warmup
-    n_meas = args.batch_size * args.steps
-    wrap = lambda ds: AvalancheDataset([ds], collate_fn=default_collate)  # noqa: E731
-    bm = benchmark_from_datasets(train=[wrap(Clips(n_warm, 0)), wrap(Clips(n_meas, 1))])
-
-    class Timer(SupervisedPlugin):
-        def __init__(self) -> None:
-            super().__init__()
-            self.times: list[float] = []
-            self.samples = 0
-
-        def before_training_iteration(self, strategy, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def after_training_iteration(self, strategy, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if strategy.clock.train_exp_counter == 1:  # measure only once the buffer holds items
-                self.times.append(time.perf_counter() - self.t)
-                self.samples += strategy._current_batch_size
-
-    timer = Timer()
-    avm = build_avm(model) if args.strategy.startswith("stella") else None
-    pk = {} if args.strategy == "finetune" else {"mem_size": args.mem_size}
+    cfg = model_config_for(args.model)
+    bm = random_clip_stream(cfg, [args.batch_size * args.warmup, args.batch_size * args.steps])
+    timer = StepTimer(device=device)
+    buffer_device = None
     if args.strategy != "finetune" and args.buffer_device != "default":
         # one place for every strategy's buffer, so peak memory compares like with like
-        pk["buffer_device"] = str(device) if args.buffer_device == "device" else args.buffer_device
-    strategy = make_strategy(args.strategy, model=model, avm=avm, plugins=[timer], plugin_kwargs=pk,
-                             train_mb_size=args.batch_size, train_epochs=1, device=device, amp=args.amp)
+        buffer_device = str(device) if args.buffer_device == "device" else args.buffer_device
+    strategy = build_strategy(args.strategy, cfg, batch=args.batch_size, device=device, mem_size=args.mem_size,
+                              buffer_device=buffer_device, amp=args.amp, plugins=[timer.plugin])
+    model = strategy.backbone
+    avm = next((p.avm for p in strategy.plugins if getattr(p, "avm", None) is not None), None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for exp in bm.train_stream:
-        strategy.train(exp, eval_streams=[])
+    warm, measured = bm.train_stream
+    strategy.train(warm, eval_streams=[])
+    timer.reset(active=True)  # measure only once the buffer holds items
+    strategy.train(measured, eval_streams=[])
+    times = timer.seconds()
     plugin = next((p for p in strategy.plugins if hasattr(p, "buffer_bytes_per_item")), None)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    steady = timer.times[1:] or timer.times  # the first measured step may include lazy init
+    steady = times[1:] or times  # the first measured step may include lazy init
     # weights, gradients and Adam's two moments (fp32): 16 B per trainable parameter (+ the AVM's)
     state_bytes = 16 * sum(p.numel() for m in (model, avm) if m is not None for p in m.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"strategy": args.strategy, "device": str(device), "device_name": name, "model": args.model,
             "batch_size": args.batch_size, "mem_size": args.mem_size, "amp": str(strategy.amp_dtype),
-            "buffer_device": pk.get("buffer_device", "default"),
+            "buffer_device": buffer_device or "default",
             "samples_per_second": args.batch_size * len(steady) / sum(steady),
             "step_seconds": sum(steady) / len(steady), "peak_memory_bytes": int(peak),
             "buffer_bytes_per_item": int(getattr(plugin, "buffer_bytes_per_item", 0) or 0),

@@ -127,36 +127,18 @@ def _make_plugin(clock: _Phases):
     return PhaseTimer()
 
 
-def _data(cfg, batch: int, warmup: int, steps: int):
-    import torch
-    from avalanche.benchmarks import benchmark_from_datasets
-    from avalanche.benchmarks.utils import AvalancheDataset
-    from torch.utils.data import default_collate
-
-    from stella_avalanche.perf.random_clips import RandomClips
-
-    def Clips(n: int, cat: int) -> RandomClips:  # noqa: N802 - reads like the class it builds
-        return RandomClips(cfg, n, category=cat)
-
-    wrap = lambda ds: AvalancheDataset([ds], collate_fn=default_collate)  # noqa: E731
-    return benchmark_from_datasets(train=[wrap(Clips(batch * warmup, 0)), wrap(Clips(batch * steps, 1))])
-
-
 def measure(model_name: str, strategy_name: str, *, batch: int, steps: int, warmup: int, device: str,
             mem_size: int, audit: bool = False, amp: str = "auto") -> dict:
     """Phase times (median over the timed steps) and, with ``audit``, the host-sync audit of one step."""
     import torch
 
     from perf_models import model_config
-    from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import CAVMAE
     from stella_avalanche.perf.cost_model import step_cost
-    from stella_avalanche.training.strategies import make_strategy
+    from stella_avalanche.perf.random_clips import random_clip_stream
+    from stella_avalanche.perf.strategy_builder import build_strategy
 
-    torch.manual_seed(0)
     dev = torch.device(device)
     cfg = model_config(model_name)
-    model = CAVMAE(cfg)
     clock = _Phases(dev)
     plugins = [_make_plugin(clock)]
     auditor = None
@@ -185,10 +167,8 @@ def measure(model_name: str, strategy_name: str, *, batch: int, steps: int, warm
 
         auditor = Audit()
         plugins.insert(0, auditor)  # audit the whole iteration, including the other plugins' hooks
-    avm = build_avm(model) if strategy_name.startswith("stella") else None
-    pk = {} if strategy_name == "finetune" else {"mem_size": mem_size, "buffer_device": str(dev)}
-    strategy = make_strategy(strategy_name, model=model, avm=avm, plugins=plugins, plugin_kwargs=pk,
-                             train_mb_size=batch, train_epochs=1, device=dev, amp=amp)
+    strategy = build_strategy(strategy_name, cfg, batch=batch, device=dev, mem_size=mem_size,
+                              buffer_device=str(dev), amp=amp, plugins=plugins)
     for p in strategy.plugins:  # sub-phase clocks on the objects the plugin calls
         if type(p).__name__ == "STELLAPlugin":
             p._build(strategy)
@@ -217,7 +197,7 @@ def measure(model_name: str, strategy_name: str, *, batch: int, steps: int, warm
 
     orig_plugin.before_forward = before_forward
     orig_plugin.after_training_iteration = after_training_iteration
-    bm = _data(cfg, batch, warmup, steps)
+    bm = random_clip_stream(cfg, [batch * warmup, batch * steps])
     for exp in bm.train_stream:
         strategy.train(exp, eval_streams=[])
     rows = clock.steps[1:] or clock.steps  # the first timed step may include lazy initialisation

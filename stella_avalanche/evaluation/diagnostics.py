@@ -21,7 +21,6 @@ STELLA run after each task.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from stella_avalanche.models.avm import avm_inputs
+from stella_avalanche.utils import module_device
 
 __all__ = [
     "pair_auc",
@@ -47,7 +47,6 @@ __all__ = [
     "twin_pairs",
     "visual_group",
     "public",
-    "load_models",
     "geometry_oracle",
     "diagnose",
     "run_diagnostics",
@@ -162,12 +161,6 @@ def _entropy_ratio(I: Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # model passes
 # ---------------------------------------------------------------------------------------------
-def _device_of(model: torch.nn.Module) -> torch.device:
-    """Where the model's weights live (the diagnostics keep clips and results on the host)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def embed_clips(model: torch.nn.Module, video: Tensor, audio: Tensor, *, batch_size: int = 120
                 ) -> tuple[Tensor, Tensor]:
@@ -176,7 +169,7 @@ def embed_clips(model: torch.nn.Module, video: Tensor, audio: Tensor, *, batch_s
     the host."""
     was = model.training
     model.eval()
-    dev = _device_of(model)
+    dev = module_device(model)
     za, zv = [], []
     for i in range(0, video.shape[0], batch_size):
         a, v = model.embed(video[i:i + batch_size].to(dev), audio[i:i + batch_size].to(dev))
@@ -205,7 +198,7 @@ def avm_projections(model: torch.nn.Module, avm: torch.nn.Module, video: Tensor,
     was_m, was_a = model.training, avm.training
     model.eval()
     avm.eval()
-    dev, dev_avm = _device_of(model), _device_of(avm)
+    dev, dev_avm = module_device(model), module_device(avm)
     n = video.shape[0]
     partner = torch.arange(n) if video_partner is None else video_partner
     out: dict[str, list[Tensor]] = {k: [] for k in ("q_a", "k_a", "q_v", "k_v", "logit")}
@@ -512,57 +505,6 @@ def oracle_pattern_retrieval(truths: Sequence[Mapping[str, Any]], *, audio_time_
 def public(result: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-able part of a diagnostics dict (drops the maps kept for pictures)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-def load_models(*, checkpoint: Optional[str] = None, backbone: Optional[str] = None, avm: Optional[str] = None,
-                preset: str = "default", data_seed: int = 0, model_preset: str = "tiny"
-                ) -> tuple[torch.nn.Module, torch.nn.Module, str]:
-    """Backbone and AVM to diagnose: a run checkpoint, explicit stage-1 / stage-2 files, or (default)
-    the cached synthetic initialisation of ``preset`` (built on first use, as ``run_stella.py`` does).
-
-    :returns: (backbone, avm, a description of the source).
-    """
-    from stella_avalanche.data.synthetic import default_features
-    from stella_avalanche.experiment import model_config_for
-    from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.models.loading import embed_segments_of, load_backbone_weights
-    from stella_avalanche.training.pretrain import load_avm_checkpoint, synthetic_initialisation
-
-    cfg = model_config_for(model_preset, default_features(preset))
-
-    def build(state: Optional[dict]) -> tuple[torch.nn.Module, torch.nn.Module]:
-        # a checkpoint made before the preset's segment pooling (or with another one) keeps its own
-        c = cfg if state is None else dataclasses.replace(cfg, embed_segments=embed_segments_of(state, cfg.embed_dim))
-        m = CAVMAE(c)
-        return m, build_avm(m)
-
-    if checkpoint:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        strategy = obj.get("strategy", {}) if isinstance(obj, dict) else {}
-        if "model" not in strategy:
-            raise ValueError(f"{checkpoint}: not a run checkpoint (no strategy.model); pass --backbone/--avm")
-        model, net = build(strategy["model"])
-        model.load_state_dict(strategy["model"])
-        states = strategy.get("plugins", {})
-        values = states.values() if isinstance(states, dict) else states
-        avm_state = next((s["avm"] for s in values if isinstance(s, dict) and "avm" in s), None)
-        if avm_state is None:
-            raise ValueError(f"{checkpoint}: the run has no AVM (not a STELLA / STELLA+ run)")
-        net.load_state_dict(avm_state)
-        return model, net, f"checkpoint {checkpoint}"
-    if backbone:
-        obj = torch.load(backbone, map_location="cpu", weights_only=False)
-        state = obj.get("model", obj) if isinstance(obj, dict) else None
-        model, net = build(state if isinstance(state, dict) else None)
-        load_backbone_weights(model, backbone)
-        load_avm_checkpoint(net, avm)
-        return model, net, f"backbone {backbone}, avm {avm}"
-    model, net = build(None)
-    paths = synthetic_initialisation(cfg, preset=preset, seed=data_seed)
-    load_backbone_weights(model, paths["backbone"])
-    load_avm_checkpoint(net, paths["avm"])
-    return model, net, f"cached synthetic initialisation {paths['backbone'].parent}"
 
 
 def geometry_oracle(truths: Sequence[Mapping[str, Any]], config: Any, *, chunk: int = 4,

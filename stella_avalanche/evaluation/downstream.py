@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stella_avalanche.evaluation.plotting import new_figure, save_png
+from stella_avalanche.utils import module_device
+
 __all__ = ["DOWNSTREAM_TASKS", "DownstreamConfig", "GeometryMismatchError", "check_geometry",
            "check_state_geometry", "extract_embeddings", "extract_patch_tokens", "linear_probe",
            "transfer_retrieval", "LocalisationHead", "LocalisationSet", "fit_localisation_head",
@@ -221,11 +224,6 @@ def _collate(batch: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return collate_av(batch)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def extract_embeddings(model: nn.Module, dataset: Any, *, batch_size: int = 64, desc: str = "embedding",
                        progress: bool = True, collate_fn: Any = None) -> dict[str, Tensor]:
@@ -238,7 +236,7 @@ def extract_embeddings(model: nn.Module, dataset: Any, *, batch_size: int = 64, 
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    device = _device_of(model)
+    device = module_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or _collate)
     za, zv, lab, cat = [], [], [], []
     with _eval_mode(model):
@@ -524,7 +522,7 @@ def localisation_set(model: nn.Module, dataset: Any, *, masks: Tensor | None = N
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    device = _device_of(model)
+    device = module_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_any)
     toks, auds, ms, vs = [], [], [], []
     with _eval_mode(model), torch.no_grad():
@@ -728,21 +726,6 @@ def gap_summary(gap: Sequence[Sequence[float | None]]) -> dict[str, Any]:
     return out
 
 
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    from stella_avalanche.utils import atomic_write
-
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png")
-    return path
 
 
 def plot_gap(gap: Sequence[Sequence[float | None]], tasks: Sequence[str], path: str | os.PathLike, *,
@@ -750,7 +733,7 @@ def plot_gap(gap: Sequence[Sequence[float | None]], tasks: Sequence[str], path: 
     """Two panels: ``g[l, k]`` of every task over training progress, and the per-task gap difference."""
     g = np.array([[np.nan if v is None else float(v) for v in row] for row in gap], dtype=np.float64)
     summ = gap_summary(gap)
-    fig = _new_figure(10, 3.8)
+    fig = new_figure(10, 3.8)
     ax = fig.add_subplot(1, 2, 1)
     x = np.arange(1, g.shape[0] + 1)
     for k in range(g.shape[1]):
@@ -771,7 +754,7 @@ def plot_gap(gap: Sequence[Sequence[float | None]], tasks: Sequence[str], path: 
         ax2.text(0.5, 0.5, "one evaluation row: no gap difference", ha="center", va="center")
     ax2.set_title("gap difference max_{l<T}(g[l,k] − g[T,k])", fontsize=9)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def plot_pca(last: Mapping[str, Tensor], path: str | os.PathLike, *, first: Mapping[str, Tensor] | None = None,
@@ -789,7 +772,7 @@ def plot_pca(last: Mapping[str, Tensor], path: str | os.PathLike, *, first: Mapp
     proj = pca.transform(pts)
     pad = 0.05 * (proj.max(0) - proj.min(0) + 1e-9)
     lims = (proj.min(0) - pad, proj.max(0) + pad)  # the same axes in every panel
-    fig = _new_figure(4.4 * len(panels), 4.0)
+    fig = new_figure(4.4 * len(panels), 4.0)
     for i, (name, p) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ax.set_xlim(lims[0][0], lims[1][0])
@@ -805,7 +788,7 @@ def plot_pca(last: Mapping[str, Tensor], path: str | os.PathLike, *, first: Mapp
         ax.set_ylabel("PC 2")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 @torch.no_grad()

@@ -30,12 +30,13 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from stella_avalanche.evaluation.metrics import RecallMatrix, average_accuracy, forgetting
+from stella_avalanche.evaluation.plotting import new_figure, save_png
 from stella_avalanche.evaluation.retrieval import DIRECTIONS
 from stella_avalanche.utils import atomic_write
 
 __all__ = ["build_results", "validate_results", "write_results_json", "load_results", "summary_table_markdown",
            "plot_recall_matrix", "plot_task_curves", "write_report", "COST_KEYS", "recall_from_ranks",
-           "dumps_compact", "diagnostics_markdown"]
+           "dumps_compact", "diagnostics_markdown", "mean_std_over_seeds"]
 
 COST_KEYS: tuple[str, ...] = ("train_seconds", "samples_per_second", "peak_memory_bytes", "buffer_bytes")
 _TOP_KEYS = ("strategy", "benchmark", "seed", "tasks", "recall", "summary", "forgetting_definition", "config",
@@ -254,11 +255,18 @@ def _fmt(mean: float | None, std: float | None, decimals: int) -> str:
     return f"{mean:.{decimals}f}" + (f"±{std:.{decimals}f}" if std is not None else "")
 
 
-def _agg(values: list[float | None]) -> tuple[float | None, float | None]:
-    if not values or any(v is None for v in values):
+def mean_std_over_seeds(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(mean, population std) of one number over seeds - the package's one rule for missing values.
+
+    A seed without the value (``None``) is left out; both numbers are ``None`` when no seed has it, and
+    the std is ``None`` for a single value (one seed has no spread). Population std, as the official
+    aggregation.
+    """
+    present = [v for v in values if v is not None]
+    if not present:
         return None, None
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), (float(arr.std()) if len(arr) > 1 else None)  # population std (official)
+    arr = np.asarray(present, dtype=np.float64)
+    return float(arr.mean()), (float(arr.std()) if len(arr) > 1 else None)
 
 
 def summary_table_markdown(results: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, decimals: int = 2) -> str:
@@ -285,8 +293,8 @@ def summary_table_markdown(results: Mapping[str, Any] | Sequence[Mapping[str, An
         cells = [name if len(group) == 1 else f"{name} (n={len(group)})"]
         for d in DIRECTIONS:
             for lab in labels:
-                a = _agg([g["summary"][d][lab]["A"] for g in group])
-                f = _agg([g["summary"][d][lab]["F"] for g in group])
+                a = mean_std_over_seeds([g["summary"][d][lab]["A"] for g in group])
+                f = mean_std_over_seeds([g["summary"][d][lab]["F"] for g in group])
                 cells.append(f"{_fmt(*a, decimals)} / {_fmt(*f, decimals)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -304,15 +312,6 @@ def _metric_matrix(results: Mapping[str, Any], direction: str, metric: str) -> t
     return np.asarray(block[metric], dtype=np.float64), metric
 
 
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *, metric: str = "Avg") -> list[Path]:
     """One annotated heatmap PNG per direction: rows = after training experience l, columns = task k.
 
@@ -328,7 +327,7 @@ def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *
     for d in DIRECTIONS:
         m, label = _metric_matrix(results, d, metric)
         rows, cols = m.shape
-        fig = _new_figure(max(4.8, 2.0 + 0.75 * cols), max(3.2, 1.6 + 0.6 * rows))
+        fig = new_figure(max(4.8, 2.0 + 0.75 * cols), max(3.2, 1.6 + 0.6 * rows))
         ax = fig.add_subplot(1, 1, 1)
         im = ax.imshow(m, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(m.max()), 1e-6))
         mid = 0.5 * float(m.max())
@@ -345,8 +344,7 @@ def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = out / f"recall_matrix_{d}.png"
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png")
+        save_png(fig, path)
         paths.append(path)
     return paths
 
@@ -366,7 +364,7 @@ def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, 
     for d in DIRECTIONS:
         m, label = _metric_matrix(results, d, metric)
         rows, cols = m.shape
-        fig = _new_figure(6.0, 3.8)
+        fig = new_figure(6.0, 3.8)
         ax = fig.add_subplot(1, 1, 1)
         x = np.arange(1, rows + 1)
         for k in range(cols):
@@ -380,8 +378,7 @@ def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, 
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         path = out / f"task_curves_{d}.png"
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png")
+        save_png(fig, path)
         paths.append(path)
     return paths
 

@@ -1,9 +1,10 @@
-"""Backbone (:mod:`.cav`), audio-video matching module (:mod:`.avm`) and pretrained-weight loading
-(:mod:`.weights`)."""
+"""Backbone (:mod:`.cav`; its config, size presets and the preset resolver: :mod:`.config`), audio-video
+matching module (:mod:`.avm`) and pretrained-weight loading (:mod:`.weights`)."""
 from __future__ import annotations
 
 from .avm import AVMatching, matching_pairs
-from .cav import CAVMAE, MODEL_PRESETS, CAVConfig, build_model, floor_fraction, num_visible
+from .cav import CAVMAE, build_model
+from .config import MODEL_PRESETS, CAVConfig, floor_fraction, model_config_for, num_visible
 from .weights import LoadReport, load_cavmae_checkpoint, load_imagenet_mae, read_state_dict
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "load_cavmae_checkpoint",
     "load_imagenet_mae",
     "matching_pairs",
+    "model_config_for",
     "num_visible",
     "read_state_dict",
 ]

@@ -1,0 +1,575 @@
+"""Comparison of strategies x seeds: aggregation, bootstrap intervals, power, ablation and memory-sweep
+tables, and their plots (the library behind ``experiments/compare.py``; the CLI and the run scheduler are
+in :mod:`stella_avalanche.cli.compare`).
+
+Inputs are the ``results.json`` files of complete runs under ``<out>/runs/<key>/seed<seed>/``; a run key
+is a strategy name or ``<strategy>-mem<M>`` for a memory-sweep run. Outputs (written atomically into
+``<out>``): ``comparison.md`` / ``.csv``, ``cost.md``, ``bars_<dir>.png``, ``task_recall_<dir>.png``,
+``intervals.md`` / ``.csv``, ``power.md`` and, when their runs exist, ``ablation.md``, ``mem_sweep.md`` and
+``mem_sweep.png`` (``docs/comparison-statistics.md``).
+
+Missing values - one rule, :func:`~stella_avalanche.evaluation.report.mean_std_over_seeds`, shared with
+the per-run report: a seed whose results lack a value (``None``, a cost field not recorded, a downstream
+block without that entry) is left out of that statistic; mean and population std are taken over the
+seeds that have the value; with no such seed both are missing, and one seed has no std. Here a missing
+number is NaN: a table prints ``–`` for a missing mean and the mean alone for a missing std, the CSV
+prints ``nan``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from stella_avalanche.evaluation import bootstrap as BS
+from stella_avalanche.evaluation.report import mean_std_over_seeds
+from stella_avalanche.training.strategies import ABLATION_STRATEGIES, MAIN_STRATEGIES, REGISTRY, STRATEGY_NAMES
+from stella_avalanche.utils import atomic_write
+
+__all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATION_TABLE", "DOWNSTREAM_COLUMNS",
+           "mem_key", "item_bytes", "equal_bytes_items", "load_runs", "main_table_keys", "aggregate",
+           "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
+           "task_gallery_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
+           "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "write_statistics"]
+
+DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
+COLS = ("R@1", "R@5", "R@10", "Avg")
+#: table order and names come from the strategy registry (stella_avalanche/training/strategies.py)
+PAPER_ORDER = STRATEGY_NAMES
+PRETTY = {n: s.display for n, s in REGISTRY.items()}
+#: strategies of the memory sweep and of the component ablation (with its two end points)
+SWEEP_STRATEGIES = ("derpp", "stella", "stella_plus")
+ABLATION_TABLE = ("derpp", *ABLATION_STRATEGIES, "stella")
+
+
+def mem_key(strategy: str, mem: int, default_mem: int) -> str:
+    """Run key of ``strategy`` at memory ``mem``: the plain name at the preset's memory (shared run)."""
+    return strategy if mem == default_mem else f"{strategy}-mem{mem}"
+
+def item_bytes(out: Path) -> dict[str, int]:
+    """Buffer bytes per item of each strategy, read from any complete run under ``out`` (the size of
+    an item does not depend on the memory size)."""
+    found: dict[str, int] = {}
+    for res in sorted(out.glob("runs/*/seed*/results.json")):
+        try:
+            r = json.loads(res.read_text())
+        except (OSError, ValueError):
+            continue
+        b = int((r.get("cost") or {}).get("buffer_bytes") or 0)
+        if r.get("complete") and b > 0:
+            found.setdefault(r["strategy"], b)
+    return found
+
+def equal_bytes_items(mem: int, bytes_per_item: dict[str, int], strategy: str = "stella_plus",
+                      reference: str = "derpp") -> int | None:
+    """How many ``strategy`` items fit the byte budget of ``mem`` ``reference`` items (None if unknown)."""
+    if strategy not in bytes_per_item or reference not in bytes_per_item:
+        return None
+    return int(mem * bytes_per_item[reference] // bytes_per_item[strategy])
+
+def load_runs(out: Path) -> dict[str, list[dict]]:
+    """Complete results of every run under ``out/runs``, grouped by run key (the directory name)."""
+    runs: dict[str, list[dict]] = {}
+    for res in sorted(out.glob("runs/*/seed*/results.json")):
+        r = json.loads(res.read_text())
+        if r.get("complete"):
+            runs.setdefault(res.parent.parent.name, []).append(r)
+    return runs
+
+def main_table_keys(runs: dict[str, list[dict]]) -> list[str]:
+    """Keys of the main comparison: registered main strategies (paper order), then unregistered keys
+    that are neither ablation variants nor memory-sweep runs."""
+    keys = [s for s in MAIN_STRATEGIES if s in runs]
+    return keys + sorted(k for k in runs if k not in REGISTRY and "-mem" not in k)
+
+
+def _stat(values: list) -> tuple[float, float]:
+    """(mean, std) over seeds by the module's missing-value rule, NaN for a missing number."""
+    mean, std = mean_std_over_seeds(values)
+    return (math.nan if mean is None else mean), (math.nan if std is None else std)
+
+
+def aggregate(runs: dict[str, list[dict]], keys: list[str] | None = None) -> list[dict]:
+    rows = []
+    for s in (keys if keys is not None else main_table_keys(runs)):
+        row = {"strategy": s, "seeds": len(runs[s])}
+        for d, _ in DIRS:
+            for c in COLS:
+                for m in ("A", "F"):
+                    row[f"{d}/{c}/{m}"] = _stat([r["summary"][d][c][m] for r in runs[s]])
+        for key in ("samples_per_second", "peak_memory_bytes", "buffer_bytes", "train_seconds"):
+            row[f"cost/{key}"] = _stat([r.get("cost", {}).get(key) for r in runs[s]])
+        for key, (_, path) in DOWNSTREAM_COLUMNS.items():  # downstream suite (issue 12); NaN without a block
+            row[f"downstream/{key}"] = _stat([_downstream_value(r, path) for r in runs[s]])
+        row["downstream_seeds"] = sum(1 for r in runs[s] if isinstance(r.get("downstream"), dict))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ tables and plots
+#: column key -> (header, path inside results["downstream"])
+DOWNSTREAM_COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "probe_concat": ("probe A+V", ("probe", "concat", "score")),
+    "probe_audio": ("probe A", ("probe", "audio", "score")),
+    "probe_video": ("probe V", ("probe", "video", "score")),
+    "transfer_a2v_R@5": ("transfer R@5 A→V", ("transfer", "a2v", "R@5")),
+    "transfer_v2a_R@5": ("transfer R@5 V→A", ("transfer", "v2a", "R@5")),
+    "miou_pixel": ("mIoU pixel", ("localise", "miou_pixel")),
+    "miou_patch": ("mIoU patch", ("localise", "miou_patch")),
+    "final_gap": ("final gap", ("gap", "final")),
+}
+
+
+def _downstream_value(res: dict, path: tuple[str, ...]) -> float | None:
+    x = res.get("downstream")
+    for key in path:
+        if not isinstance(x, dict) or key not in x:
+            return None
+        x = x[key]
+    return None if x is None else float(x)
+
+def downstream_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of the downstream table (empty when no run has a downstream block)."""
+    keys = list(DOWNSTREAM_COLUMNS)
+    if not any(not np.isnan(r[f"downstream/{k}"][0]) for r in rows for k in keys):
+        return []
+    gap_fmt = lambda ms: "–" if np.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
+    lines = ["", "## Downstream (frozen final backbone)", "",
+             "Mean ± std over the seeds with a downstream block (docs/downstream.md): linear probe on the "
+             "audio (A), video (V) and concatenated (A+V) embeddings, test-clip top-1 accuracy (%; mAP for "
+             "multi-label AudioSet); zero-shot R@5 on data outside the stream (%); sounding-object "
+             "localisation mIoU (%); final modality gap (mean over tasks after the last task).", "",
+             "| method | seeds | " + " | ".join(h for h, _ in DOWNSTREAM_COLUMNS.values()) + " |",
+             "|" + "---|" * (2 + len(keys))]
+    for r in rows:
+        cells = [PRETTY.get(r["strategy"], r["strategy"]), str(r.get("downstream_seeds", 0))]
+        cells += [gap_fmt(r[f"downstream/{k}"]) if k == "final_gap" else _fmt(r[f"downstream/{k}"]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(ms: tuple[float, float], bold: bool = False) -> str:
+    m, s = ms
+    if np.isnan(m):
+        return "–"
+    txt = f"{m:.2f}" if np.isnan(s) else f"{m:.2f} ± {s:.2f}"
+    return f"**{txt}**" if bold else txt
+
+
+def write_tables(rows: list[dict], out: Path, benchmark: str) -> str:
+    # best per column: highest A (continual methods and multitask alike), lowest F
+    best = {}
+    for d, _ in DIRS:
+        for c in COLS:
+            a = [(r[f"{d}/{c}/A"][0], r["strategy"]) for r in rows if not np.isnan(r[f"{d}/{c}/A"][0])]
+            f = [(r[f"{d}/{c}/F"][0], r["strategy"]) for r in rows if not np.isnan(r[f"{d}/{c}/F"][0])]
+            best[(d, c, "A")] = max(a)[1] if a else None
+            best[(d, c, "F")] = min(f)[1] if f else None
+    head = "| method | seeds | " + " | ".join(f"{n} {c} 𝒜 | {n} {c} ℱ" for d, n in DIRS for c in COLS) + " |"
+    lines = [f"# Comparison on the {benchmark} benchmark", "",
+             "Mean ± std over seeds (population std). 𝒜 = average final recall over tasks (%), "
+             "ℱ = forgetting (standard definition, %). Avg = mean over R@1/5/10. Best per column in bold "
+             "(highest 𝒜, lowest ℱ).", "", head, "|" + "---|" * (2 + 2 * len(DIRS) * len(COLS))]
+    for r in rows:
+        cells = [PRETTY.get(r["strategy"], r["strategy"]), str(r["seeds"])]
+        for d, _ in DIRS:
+            for c in COLS:
+                cells.append(_fmt(r[f"{d}/{c}/A"], best[(d, c, "A")] == r["strategy"]))
+                cells.append(_fmt(r[f"{d}/{c}/F"], best[(d, c, "F")] == r["strategy"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += downstream_table(rows)  # downstream suite (issue 12)
+    md = "\n".join(lines) + "\n"
+    with atomic_write(out / "comparison.md") as fh:
+        fh.write(md)
+    with atomic_write(out / "comparison.csv") as fh:
+        keys = [k for k in rows[0] if "/" in k] if rows else []
+        fh.write("strategy,seeds," + ",".join(f"{k}/mean,{k}/std" for k in keys) + "\n")
+        for r in rows:
+            fh.write(f"{r['strategy']},{r['seeds']}," + ",".join(f"{r[k][0]:.4f},{r[k][1]:.4f}" for k in keys) + "\n")
+    cost = ["# Training cost", "", "| method | samples/s | peak memory (MB) | buffer bytes / item | train time (s) |",
+            "|---|---|---|---|---|"]
+    for r in rows:
+        sps, mem, buf, sec = (r[f"cost/{k}"] for k in ("samples_per_second", "peak_memory_bytes", "buffer_bytes",
+                                                       "train_seconds"))
+        cost.append(f"| {PRETTY.get(r['strategy'], r['strategy'])} | {sps[0]:.1f} | {mem[0] / 2**20:.0f} | "
+                    f"{buf[0]:,.0f} | {sec[0]:.0f} |")
+    with atomic_write(out / "cost.md") as fh:
+        fh.write("\n".join(cost) + "\n")
+    return md
+
+def _has_avm(key: str) -> bool:
+    """Whether a run key (``stella``, ``stella_plus-mem500``, ...) names a STELLA variant (the registry's
+    ``needs_avm``): those bars are drawn in another colour."""
+    spec = REGISTRY.get(key.split("-mem", 1)[0])
+    return spec is not None and spec.needs_avm
+
+def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [PRETTY.get(r["strategy"], r["strategy"]) for r in rows]
+    for d, dn in DIRS:
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.1), 3.8))
+        for ax, m, title in ((axes[0], "A", "A: avg final recall (Avg of R@1/5/10, %)"), (axes[1], "F", "F: forgetting (Avg, %)")):
+            mean = [r[f"{d}/Avg/{m}"][0] for r in rows]
+            std = [r[f"{d}/Avg/{m}"][1] for r in rows]
+            ok = [i for i, v in enumerate(mean) if not np.isnan(v)]
+            ax.bar(ok, [mean[i] for i in ok], yerr=[std[i] for i in ok], capsize=3,
+                   color=["C3" if _has_avm(rows[i]["strategy"]) else "C0" for i in ok])
+            for i in sorted(set(range(len(rows))) - set(ok)):  # e.g. multitask has no forgetting
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.4")
+            ax.set_xlim(-0.6, len(rows) - 0.4)
+            ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
+            ax.set_title(f"{dn} {title}")
+        fig.tight_layout()
+        fig.savefig(out / f"bars_{d}.png", dpi=120)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in rows:
+            mats = [np.mean([np.array(x["recall"][d][k]) for k in ("R@1", "R@5", "R@10")], axis=0) for x in runs[r["strategy"]]]
+            final = np.mean([m[-1] for m in mats], axis=0)
+            ax.plot(range(1, len(final) + 1), final, marker="o", label=PRETTY.get(r["strategy"], r["strategy"]))
+        ax.set_xlabel("task (training order)")
+        ax.set_ylabel("final recall, Avg of R@1/5/10 (%)")
+        ax.set_title(f"{dn}: per-task recall after the last task")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"task_recall_{d}.png", dpi=120)
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------ bootstrap intervals and power
+def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0) -> dict[str, BS.BootstrapResult]:
+    """One joint bootstrap per direction over every run key (queries shared, so differences are paired)."""
+    return {d: BS.bootstrap({k: [BS.run_from_results(r, d) for r in group] for k, group in runs.items()},
+                            n_boot=n_boot, seed=seed) for d, _ in DIRS}
+
+def _ci_text(ci: tuple[float, float]) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+def _diff(boot: BS.BootstrapResult, a: str, b: str, m: str) -> tuple[float, tuple[float, float]] | None:
+    """Point difference a − b of statistic ``m`` and its paired 95 % bootstrap interval."""
+    pa, pb = boot.point.get(a, {}).get(m), boot.point.get(b, {}).get(m)
+    if a == b or pa is None or pb is None:
+        return None
+    return pa - pb, BS.interval(boot.samples[a][m] - boot.samples[b][m])
+
+def _diff_text(d: tuple[float, tuple[float, float]] | None) -> str:
+    if d is None:
+        return "–"
+    txt = f"{d[0]:+.2f} {_ci_text(d[1])}"
+    return f"{txt} ≈0" if BS.contains_zero(d[1]) else txt
+
+def interval_rows(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> list[dict]:
+    """Per key and direction: mean, std, 95 % interval of Avg 𝒜 / ℱ and the paired differences."""
+    rows = []
+    for k in keys:
+        row: dict = {"key": k}
+        for d, _ in DIRS:
+            b = boot[d]
+            if k not in b.point:
+                continue
+            row[f"{d}/seeds"] = b.seeds[k]
+            for m in ("A", "F"):
+                p = b.point[k][m]
+                row[f"{d}/{m}"] = None if p is None else (p, b.std[k][m], BS.interval(b.samples[k][m]))
+                for ref in ("derpp", "finetune"):
+                    row[f"{d}/{m}-{ref}"] = _diff(b, k, ref, m)
+        rows.append(row)
+    return rows
+
+def _cell(v: tuple[float, float, tuple[float, float]] | None) -> str:
+    return "–" if v is None else f"{v[0]:.2f} ± {v[1]:.2f} {_ci_text(v[2])}"
+
+def interval_markdown(rows: list[dict], boot: dict[str, BS.BootstrapResult], title: str) -> str:
+    """Tables (one per direction) of Avg 𝒜 / ℱ with intervals and the paired differences."""
+    lines = [f"## {title}", "",
+             "Avg of R@1/5/10 in %. Cells: mean ± std over seeds (population std) [95 % bootstrap interval, "
+             "resampling queries (stratified by task) and seeds]. Δ: paired difference to DER++ / Finetune "
+             "[95 % interval]; ≈0 marks a difference whose interval contains zero (not distinguishable "
+             "from zero)."]
+    missing = sorted({k for d, _ in DIRS for k in boot[d].without_ranks} & {r["key"] for r in rows})
+    if missing:
+        lines += ["", "Runs of " + ", ".join(PRETTY.get(k, k) for k in missing) + " have no per-query ranks in "
+                  "their results.json: only their seeds are resampled (the query part of their interval is missing)."]
+    for d, dn in DIRS:
+        lines += ["", f"### {dn}", "", "| method | seeds | 𝒜 | ℱ | Δ𝒜 vs DER++ | Δℱ vs DER++ | Δ𝒜 vs Finetune | "
+                  "Δℱ vs Finetune |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if f"{d}/seeds" not in r:
+                continue
+            cells = [PRETTY.get(r["key"], r["key"]), str(r[f"{d}/seeds"]), _cell(r[f"{d}/A"]), _cell(r[f"{d}/F"])]
+            cells += [_diff_text(r[f"{d}/{m}-{ref}"]) for ref in ("derpp", "finetune") for m in ("A", "F")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
+
+def task_gallery_markdown(runs: dict[str, list[dict]], keys: list[str]) -> str:
+    """Avg 𝒜 / ℱ with the per-task gallery (each query ranked among its own task's clips), from the runs
+    whose results.json carry it (derived from their ranks); empty when none does."""
+    lines = []
+    for k in keys:
+        group = [r["summary_task_gallery"] for r in runs.get(k, []) if "summary_task_gallery" in r]
+        if not group:
+            continue
+        cells = [PRETTY.get(k, k), str(len(group))]
+        for d, _ in DIRS:
+            for m in ("A", "F"):
+                cells.append(_fmt(_stat([g[d]["Avg"][m] for g in group])))
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["## Per-task gallery", "", "Beside the pooled gallery (the paper's protocol): each query ranked among its "
+            "own task's retrieval clips only; higher numbers, not comparable with the paper. Mean ± std over seeds.",
+            "", "| method | seeds | " + " | ".join(f"{n} {m}" for _, n in DIRS for m in ("𝒜", "ℱ")) + " |",
+            "|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+def write_intervals(rows: list[dict], boot: dict[str, BS.BootstrapResult], out: Path,
+                    runs: dict[str, list[dict]] | None = None) -> str:
+    md = "# Bootstrap intervals\n\n" + interval_markdown(rows, boot, "Main comparison")
+    extra = task_gallery_markdown(runs or {}, [r["key"] for r in rows])
+    if extra:
+        md += "\n" + extra
+    with atomic_write(out / "intervals.md") as fh:
+        fh.write(md)
+    with atomic_write(out / "intervals.csv") as fh:
+        fh.write("key,direction,metric,seeds,mean,std,ci_lo,ci_hi,"
+                 "diff_derpp,diff_derpp_lo,diff_derpp_hi,diff_finetune,diff_finetune_lo,diff_finetune_hi\n")
+        for r in rows:
+            for d, _ in DIRS:
+                for m in ("A", "F"):
+                    v = r.get(f"{d}/{m}")
+                    if v is None:
+                        continue
+                    diffs = []
+                    for ref in ("derpp", "finetune"):
+                        x = r[f"{d}/{m}-{ref}"]
+                        diffs += ["", "", ""] if x is None else [f"{x[0]:.4f}", f"{x[1][0]:.4f}", f"{x[1][1]:.4f}"]
+                    fh.write(f"{r['key']},{d},{m},{r[f'{d}/seeds']},{v[0]:.4f},{v[1]:.4f},{v[2][0]:.4f},"
+                             f"{v[2][1]:.4f}," + ",".join(diffs) + "\n")
+    return md
+
+def queries_per_task(results: dict) -> int | None:
+    """Retrieval queries per task of a run: from its ranks, else (synthetic benchmark) from the
+    generator preset named in its config (the current generator's sizes)."""
+    rk = results.get("ranks")
+    if rk and rk.get("task"):
+        return int(np.bincount(rk["task"]).max())
+    b = (results.get("config") or {}).get("benchmark") or {}
+    if b.get("name") != "synthetic":
+        return None
+    try:
+        from stella_avalanche.data.synthetic import get_preset
+
+        p = get_preset(b.get("preset", "default"))
+        return int(p.retrieval_per_class * p.classes_per_task)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
+                 runs: dict[str, list[dict]] | None = None, n_queries: int | None = None) -> str:
+    """Widths of the paired Δ𝒜 intervals against the target: a quarter of the multitask − finetune gap.
+
+    Uses the per-query ranks where the runs have them; says which strategies lacked them (then only
+    their seeds are resampled and the width is an underestimate of the full one) and, for those, gives
+    the binomial estimate of the query part (:func:`~stella_avalanche.evaluation.bootstrap.query_sd_from_recall`).
+    """
+    lines = ["# Statistical power of the comparison", "",
+             "Target: the 95 % interval of a difference of two strategies' Avg 𝒜 is at most a quarter of the "
+             "multitask − finetune gap. Width = upper − lower bound of the paired bootstrap interval."]
+    for d, dn in DIRS:
+        b = boot[d]
+        lines += ["", f"## {dn}", ""]
+        if "multitask" not in b.point or "finetune" not in b.point:
+            lines.append("needs complete multitask and finetune runs")
+            continue
+        gap = b.point["multitask"]["A"] - b.point["finetune"]["A"]
+        target = gap / 4
+        widths = []
+        for k in keys:
+            for ref in ("derpp", "finetune"):
+                x = _diff(b, k, ref, "A")
+                if x is not None and k != "multitask":
+                    widths.append((x[1][1] - x[1][0], k, ref))
+        lines.append(f"multitask − finetune gap {gap:.2f}, target width ≤ {target:.2f}")
+        if gap <= 0:
+            lines[-1] = f"multitask − finetune gap {gap:.2f}: multitask does not exceed finetune, no target"
+            continue
+        if not widths:
+            continue
+        w = np.array([x[0] for x in widths])
+        seeds = [b.seeds[k] for k in keys if k in b.seeds]
+        lines += [f"Δ𝒜 interval widths over {len(w)} differences (to DER++ and to Finetune): median {np.median(w):.2f}, "
+                  f"max {w.max():.2f} ({PRETTY.get(max(widths)[1], max(widths)[1])} vs "
+                  f"{PRETTY.get(max(widths)[2], max(widths)[2])}); {int((w <= target).sum())} of {len(w)} within target.",
+                  f"Seeds per strategy: {min(seeds)}-{max(seeds)}. If the width shrinks as 1/sqrt(seeds), the median "
+                  f"width reaches the target with about {int(np.ceil(np.median(seeds) * (np.median(w) / target) ** 2))} "
+                  "seeds per strategy (a rough guide: more clips per task shrink the query part too)."]
+        if b.without_ranks:
+            lines.append("Without per-query ranks (seeds resampled only, widths underestimated): "
+                         + ", ".join(PRETTY.get(k, k) for k in b.without_ranks) + ".")
+            sds = []
+            for k in b.without_ranks:
+                for r in (runs or {}).get(k, []):
+                    n = n_queries or queries_per_task(r)
+                    if n:
+                        last = {lab: m[-1] for lab, m in r["recall"][d].items()}
+                        sds.append((BS.query_sd_from_recall(last, n), n))
+            if sds:
+                q = float(np.mean([x[0] for x in sds]))
+                lines.append(f"Missing query part, estimated from their per-task recalls ({sds[0][1]} queries per task): "
+                             f"one run's Avg 𝒜 has a query-sampling SD of {q:.2f}; it does not average out over seeds "
+                             f"(all seeds share the queries) and adds 2·{q:.2f}²·(1 − ρ) to the variance of a "
+                             "difference, ρ = the two strategies' per-query correlation, which only ranks can measure.")
+        else:
+            lines.append("All runs have per-query ranks: queries and seeds are resampled.")
+    md = "\n".join(lines) + "\n"
+    return md
+
+
+# ------------------------------------------------------------------ ablation and memory sweep
+def ablation_markdown(boot: dict[str, BS.BootstrapResult]) -> str | None:
+    keys = [k for k in ABLATION_TABLE if k in boot[DIRS[0][0]].point]
+    if not any(k in ABLATION_STRATEGIES for k in keys):
+        return None
+    head = ("# STELLA component ablation\n\nDER++ = neither component (full clips); STELLA: random patches = "
+            "uniform importance, no RCA; LPIS only = importance, no RCA; RCA only = RCA over uniform importance; "
+            "STELLA = both (``STELLAPlugin(importance=..., rca=...)``).\n\n")
+    return head + interval_markdown(interval_rows(boot, keys), boot, "Ablation") + _against_random(boot, keys)
+
+def _against_random(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str:
+    """The ablation's own reference: each variant that uses a component against random patches (the
+    same budget of kept tokens, chosen uniformly), paired over queries; empty without those runs."""
+    ref = "stella_random"
+    others = [k for k in keys if k not in (ref, "derpp")]
+    if ref not in keys or not others:
+        return ""
+    lines = ["", "## Against random patches", "",
+             f"Paired difference to {PRETTY.get(ref, ref)} [95 % interval]: what the importance map and RCA "
+             "add over keeping the same number of tokens chosen at random.", "",
+             "| method | Δ𝒜 A→V | Δℱ A→V | Δ𝒜 V→A | Δℱ V→A |", "|---|---|---|---|---|"]
+    for k in others:
+        cells = [_diff_text(_diff(boot[d], k, ref, m)) for d, _ in DIRS for m in ("A", "F")]
+        lines.append(f"| {PRETTY.get(k, k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
+
+def _trained_on_gpu(result: dict) -> bool:
+    """Whether a run's ``environment`` block (results.json) names a CUDA device."""
+    return str((result.get("environment") or {}).get("device", "cpu")).startswith("cuda")
+
+def sweep_sizes(runs: dict[str, list[dict]], default_mem: int) -> list[int]:
+    """Memory sizes of the sweep runs present under ``runs`` (DER++ / STELLA keys ``<name>-mem<M>``, plus
+    the preset's memory, whose runs are the main ones)."""
+    sizes = {int(k.rsplit("-mem", 1)[1]) for k in runs for n in ("derpp", "stella") if k.startswith(f"{n}-mem")}
+    return sorted(sizes | {default_mem}) if sizes else []
+
+def sweep_rows(runs: dict[str, list[dict]], boot: dict[str, BS.BootstrapResult], mems: list[int],
+               default_mem: int, sizes: dict[str, int]) -> list[dict]:
+    """One row per (curve, memory): DER++, STELLA, STELLA+ at M items and STELLA+ at DER++'s bytes of M."""
+    rows = []
+    for label, strategy in (("DER++", "derpp"), ("STELLA", "stella"), ("STELLA+", "stella_plus"),
+                            ("STELLA+ at DER++ bytes", "stella_plus")):
+        for mem in mems:
+            items = mem if not label.endswith("bytes") else equal_bytes_items(mem, sizes)
+            key = None if items is None else mem_key(strategy, items, default_mem)
+            row = {"curve": label, "mem": mem, "items": items, "key": key,
+                   "gpu_runs": sum(1 for r in runs.get(key or "", []) if _trained_on_gpu(r))}
+            for d, _ in DIRS:
+                b = boot[d]
+                if key is not None and key in b.point and b.point[key]["A"] is not None:
+                    row[d] = (b.point[key]["A"], b.std[key]["A"], BS.interval(b.samples[key]["A"]), b.seeds[key])
+            rows.append(row)
+    return rows
+
+def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: Path) -> str:
+    lines = ["# Memory-size sweep", "",
+             "Avg 𝒜 (mean of R@1/5/10, %) against the replay memory M (items per rank): mean ± std over seeds "
+             "[95 % bootstrap interval]. The last row gives STELLA+ as many items as fit the bytes of M DER++ "
+             "items (items in parentheses)."]
+    if sizes:
+        lines.append("Buffer bytes per item: " + ", ".join(f"{PRETTY.get(k, k)} {v:,}" for k, v in sorted(sizes.items())
+                                                          if k in SWEEP_STRATEGIES) + ".")
+    for d, dn in DIRS:
+        lines += ["", f"## {dn}", "", "| curve | " + " | ".join(f"M = {m}" for m in mems) + " |",
+                  "|---|" + "---|" * len(mems)]
+        for label in dict.fromkeys(r["curve"] for r in rows):
+            cells = []
+            for r in (x for x in rows if x["curve"] == label):
+                v = r.get(d)
+                txt = "–" if v is None else f"{v[0]:.2f} ± {v[1]:.2f} {_ci_text(v[2])}"
+                if label.endswith("bytes") and r["items"] is not None:
+                    txt += f" ({r['items']} items)"
+                if v is not None and r.get("gpu_runs"):
+                    txt += " †"
+                cells.append(txt)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(r.get("gpu_runs") for r in rows):
+        lines += ["", "† trained on a GPU (results.json `environment`); the other cells' runs on the CPU. "
+                  "The same seed does not reproduce across platforms, so a † cell is another draw of its seeds."]
+    md = "\n".join(lines) + "\n"
+    with atomic_write(out / "mem_sweep.md") as fh:
+        fh.write(md)
+    return md
+
+def plot_sweep(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (d, dn) in zip(axes, DIRS):
+        for i, label in enumerate(dict.fromkeys(r["curve"] for r in rows)):
+            pts = [(r["mem"], r[d]) for r in rows if r["curve"] == label and d in r]
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts], dtype=float) * (1 + 0.03 * (i - 1.5))  # curves side by side
+            y = np.array([p[1][0] for p in pts])
+            err = np.array([[y_ - p[1][2][0], p[1][2][1] - y_] for y_, p in zip(y, pts)]).T
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label,
+                        linestyle="--" if label.endswith("bytes") else "-", color=f"C{i}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["mem"] for r in rows}), [str(m) for m in sorted({r["mem"] for r in rows})])
+        ax.set_xlabel("memory M (items; dashed: bytes of M DER++ items)")
+        ax.set_ylabel("Avg A: final recall (%)")
+        ax.set_title(f"{dn}: A against memory (95 % intervals)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "mem_sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *, n_boot: int, default_mem: int,
+                     mem_sizes: list[int] | None = None, queries_per_task: int | None = None) -> None:
+    """intervals.md/.csv, power.md and, when their runs exist, ablation.md and the memory sweep.
+
+    :param out: the comparison directory.
+    :param runs: complete results per run key (:func:`load_runs`).
+    :param keys: run keys of the main comparison (:func:`main_table_keys`).
+    :param n_boot: bootstrap replicates.
+    :param default_mem: the preset's replay memory (its runs are the sweep's runs at that size).
+    :param mem_sizes: memory sizes of the sweep (default: those found under ``runs``).
+    :param queries_per_task: queries per task of runs without ranks (power estimate; default from their config).
+    """
+    boot = bootstrap_all(runs, n_boot=n_boot)
+    print(write_intervals(interval_rows(boot, keys), boot, out, runs))
+    power = power_report(boot, keys, runs, queries_per_task)
+    with atomic_write(out / "power.md") as fh:
+        fh.write(power)
+    print(power)
+    ablation = ablation_markdown(boot)
+    if ablation is not None:
+        with atomic_write(out / "ablation.md") as fh:
+            fh.write(ablation)
+        print(ablation)
+    mems = list(mem_sizes or []) or sweep_sizes(runs, default_mem)   # re-aggregation finds the sweep itself
+    if mems:
+        sizes = item_bytes(out)
+        srows = sweep_rows(runs, boot, mems, default_mem, sizes)
+        print(write_sweep(srows, mems, sizes, out))
+        plot_sweep(srows, out)
