@@ -223,3 +223,34 @@ def test_one_missing_value_rule_for_the_comparison_and_the_report():
     assert row["cost/buffer_bytes"][0] == 100.0 and np.isnan(row["cost/buffer_bytes"][1])
     assert all(np.isnan(v) for v in row["cost/train_seconds"])
     assert comparison._fmt(row["cost/buffer_bytes"]) == "100.00" and comparison._fmt(row["cost/train_seconds"]) == "–"
+
+
+def test_the_initialisation_row_comes_first_from_the_runs_zero_shot_recall(tmp_path, monkeypatch):
+    """Runs that recorded ``recall_initial`` give an "Initialisation (no training)" row: mean over tasks
+    and K of the zero-shot recall, no forgetting, never the bold best."""
+    init = {"a2v": {"R@1": [2.0, 4.0, 6.0], "R@5": [10.0, 10.0, 10.0], "R@10": [20.0, 20.0, 20.0]},
+            "v2a": {"R@1": [1.0, 1.0, 1.0], "R@5": [5.0, 5.0, 5.0], "R@10": [9.0, 9.0, 9.0]}}
+    for s, shift in (("finetune", 0), ("multitask", 5)):
+        for k in (0, 1):
+            res = _results_with_ranks(s, k, shift)
+            res["recall_initial"] = init
+            _put_res(tmp_path, s, k, res)
+    runs = comparison.load_runs(tmp_path)
+    rows = comparison.aggregate(runs, comparison.main_table_keys(runs))
+    assert [r["strategy"] for r in rows] == [comparison.INITIAL, "finetune", "multitask"]
+    first = rows[0]
+    assert first["seeds"] == 4
+    assert first["a2v/R@1/A"][0] == pytest.approx(4.0)
+    assert first["a2v/Avg/A"][0] == pytest.approx((4.0 + 10.0 + 20.0) / 3)
+    assert first["v2a/Avg/A"][0] == pytest.approx(5.0) and np.isnan(first["v2a/Avg/F"][0])
+    md = comparison.write_tables(rows, tmp_path, "synthetic")
+    line = next(x for x in md.splitlines() if x.startswith("| Initialisation (no training) |"))
+    assert "**" not in line and "11.33" in line
+    comparison.plot(rows, runs, tmp_path)
+    assert (tmp_path / "task_recall_a2v.png").is_file()
+    # runs without the zero-shot block: no such row (published comparisons re-aggregate unchanged)
+    for s in ("finetune", "multitask"):
+        for k in (0, 1):
+            _put_res(tmp_path, s, k, _results_with_ranks(s, k, 0))
+    runs = comparison.load_runs(tmp_path)
+    assert comparison.INITIAL not in [r["strategy"] for r in comparison.aggregate(runs)]

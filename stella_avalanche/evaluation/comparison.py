@@ -29,7 +29,7 @@ from stella_avalanche.training.strategies import ABLATION_STRATEGIES, MAIN_STRAT
 from stella_avalanche.utils import atomic_write
 
 __all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATION_TABLE", "DOWNSTREAM_COLUMNS",
-           "mem_key", "item_bytes", "equal_bytes_items", "load_runs", "main_table_keys", "aggregate",
+           "INITIAL", "initial_row", "mem_key", "item_bytes", "equal_bytes_items", "load_runs", "main_table_keys", "aggregate",
            "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
            "task_gallery_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
            "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "write_statistics"]
@@ -91,8 +91,50 @@ def _stat(values: list) -> tuple[float, float]:
     return (math.nan if mean is None else mean), (math.nan if std is None else std)
 
 
+#: row key of the initialisation's zero-shot recall (each run's ``recall_initial``)
+INITIAL = "initial"
+PRETTY[INITIAL] = "Initialisation (no training)"
+
+
+def _initial_avg(res: dict, d: str, c: str) -> float | None:
+    """Mean over tasks of a run's zero-shot R@K (``c`` = ``R@K``, or ``Avg`` over the K's); None without it."""
+    init = (res.get("recall_initial") or {}).get(d)
+    if not init:
+        return None
+    ks = [k for k in init if k.startswith("R@")]
+    per_k = {k: float(np.mean([v for v in init[k] if v is not None])) for k in ks}
+    return float(np.mean(list(per_k.values()))) if c == "Avg" else per_k.get(c)
+
+
+def initial_row(runs: dict[str, list[dict]], keys: list[str] | None = None) -> dict | None:
+    """The zero-shot row: the initialisation's recall before the first task, over every run of ``keys``
+    that recorded it (the runs of one comparison start from one initialisation, so its spread is that of
+    the evaluation alone); None when no run has it. It has no forgetting, cost or downstream values."""
+    results = [r for k in (keys if keys is not None else list(runs)) for r in runs.get(k, [])
+               if r.get("recall_initial")]
+    if not results:
+        return None
+    row: dict = {"strategy": INITIAL, "seeds": len(results)}
+    for d, _ in DIRS:
+        for c in COLS:
+            row[f"{d}/{c}/A"] = _stat([_initial_avg(r, d, c) for r in results])
+            row[f"{d}/{c}/F"] = (math.nan, math.nan)
+    for key in ("samples_per_second", "peak_memory_bytes", "buffer_bytes", "train_seconds"):
+        row[f"cost/{key}"] = (math.nan, math.nan)
+    for key in DOWNSTREAM_COLUMNS:
+        row[f"downstream/{key}"] = (math.nan, math.nan)
+    row["downstream_seeds"] = 0
+    row["initial_by_task"] = {d: np.mean([[float(np.mean([r["recall_initial"][d][k][t] for k in COLS[:-1]]))
+                                           for t in range(len(r["tasks"]))] for r in results], axis=0).tolist()
+                              for d, _ in DIRS}
+    return row
+
+
 def aggregate(runs: dict[str, list[dict]], keys: list[str] | None = None) -> list[dict]:
-    rows = []
+    """One row per run key (mean, std over its seeds), preceded by the zero-shot initialisation row
+    (:func:`initial_row`) when the runs recorded it."""
+    first = initial_row(runs, keys)
+    rows = [] if first is None else [first]
     for s in (keys if keys is not None else main_table_keys(runs)):
         row = {"strategy": s, "seeds": len(runs[s])}
         for d, _ in DIRS:
@@ -143,7 +185,7 @@ def downstream_table(rows: list[dict]) -> list[str]:
              "localisation mIoU (%); final modality gap (mean over tasks after the last task).", "",
              "| method | seeds | " + " | ".join(h for h, _ in DOWNSTREAM_COLUMNS.values()) + " |",
              "|" + "---|" * (2 + len(keys))]
-    for r in rows:
+    for r in (r for r in rows if r["strategy"] != INITIAL):
         cells = [PRETTY.get(r["strategy"], r["strategy"]), str(r.get("downstream_seeds", 0))]
         cells += [gap_fmt(r[f"downstream/{k}"]) if k == "final_gap" else _fmt(r[f"downstream/{k}"]) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -163,7 +205,8 @@ def write_tables(rows: list[dict], out: Path, benchmark: str) -> str:
     best = {}
     for d, _ in DIRS:
         for c in COLS:
-            a = [(r[f"{d}/{c}/A"][0], r["strategy"]) for r in rows if not np.isnan(r[f"{d}/{c}/A"][0])]
+            a = [(r[f"{d}/{c}/A"][0], r["strategy"]) for r in rows
+                 if not np.isnan(r[f"{d}/{c}/A"][0]) and r["strategy"] != INITIAL]
             f = [(r[f"{d}/{c}/F"][0], r["strategy"]) for r in rows if not np.isnan(r[f"{d}/{c}/F"][0])]
             best[(d, c, "A")] = max(a)[1] if a else None
             best[(d, c, "F")] = min(f)[1] if f else None
@@ -184,13 +227,13 @@ def write_tables(rows: list[dict], out: Path, benchmark: str) -> str:
     with atomic_write(out / "comparison.md") as fh:
         fh.write(md)
     with atomic_write(out / "comparison.csv") as fh:
-        keys = [k for k in rows[0] if "/" in k] if rows else []
+        keys = [k for k in rows[-1] if "/" in k] if rows else []
         fh.write("strategy,seeds," + ",".join(f"{k}/mean,{k}/std" for k in keys) + "\n")
         for r in rows:
             fh.write(f"{r['strategy']},{r['seeds']}," + ",".join(f"{r[k][0]:.4f},{r[k][1]:.4f}" for k in keys) + "\n")
     cost = ["# Training cost", "", "| method | samples/s | peak memory (MB) | buffer bytes / item | train time (s) |",
             "|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if r["strategy"] != INITIAL):
         sps, mem, buf, sec = (r[f"cost/{k}"] for k in ("samples_per_second", "peak_memory_bytes", "buffer_bytes",
                                                        "train_seconds"))
         cost.append(f"| {PRETTY.get(r['strategy'], r['strategy'])} | {sps[0]:.1f} | {mem[0] / 2**20:.0f} | "
@@ -219,7 +262,8 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
             std = [r[f"{d}/Avg/{m}"][1] for r in rows]
             ok = [i for i, v in enumerate(mean) if not np.isnan(v)]
             ax.bar(ok, [mean[i] for i in ok], yerr=[std[i] for i in ok], capsize=3,
-                   color=["C3" if _has_avm(rows[i]["strategy"]) else "C0" for i in ok])
+                   color=["0.6" if rows[i]["strategy"] == INITIAL else "C3" if _has_avm(rows[i]["strategy"])
+                          else "C0" for i in ok])
             for i in sorted(set(range(len(rows))) - set(ok)):  # e.g. multitask has no forgetting
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.4")
             ax.set_xlim(-0.6, len(rows) - 0.4)
@@ -231,6 +275,10 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in rows:
+            if r["strategy"] == INITIAL:
+                ax.plot(range(1, len(r["initial_by_task"][d]) + 1), r["initial_by_task"][d], ls="--", color="0.5",
+                        label=PRETTY[INITIAL])
+                continue
             mats = [np.mean([np.array(x["recall"][d][k]) for k in ("R@1", "R@5", "R@10")], axis=0) for x in runs[r["strategy"]]]
             final = np.mean([m[-1] for m in mats], axis=0)
             ax.plot(range(1, len(final) + 1), final, marker="o", label=PRETTY.get(r["strategy"], r["strategy"]))

@@ -35,6 +35,9 @@ class SyntheticPreset:
         the segments sounding, so a selector that keeps half of the audio chunks (κ = 0.5, one chunk per
         segment) can keep every sounding chunk and with it the clip's whole on/off pattern
         (docs/synthetic.md, "geometry").
+    :param min_on_segments: the fewest segments in which the object sounds (default 1). With
+        ``min_on_segments == max_on_segments`` every clip sounds in the same number of segments, so
+        the on/off pattern says *when* the object sounds but not *how long*.
     :param init_tint: ``tint`` of the init stream (``None``: the benchmark's). Stage 1 plays the part
         of large-scale pre-training, so its instance cues may be made stronger than the stream's (the
         per-clip recipe of docs/synthetic.md used 0.25).
@@ -78,6 +81,7 @@ class SyntheticPreset:
     init_retrieval_per_class: int = 10
     init_identity: str = "per_clip"
     max_on_segments: int | None = None
+    min_on_segments: int = 1
     init_tint: float | None = None
     init_p_distractor: float | None = None
     init_p_offscreen: float | None = None
@@ -116,11 +120,14 @@ class SyntheticPreset:
         if self.max_on_segments is not None and not 1 <= self.max_on_segments <= self.num_segments - 1:
             raise ValueError(f"max_on_segments={self.max_on_segments} must be in [1, num_segments-1="
                              f"{self.num_segments - 1}]")
+        if not 1 <= self.min_on_segments <= self.on_segments[1]:
+            raise ValueError(f"min_on_segments={self.min_on_segments} must be in [1, max_on_segments="
+                             f"{self.on_segments[1]}]")
 
     @property
     def on_segments(self) -> tuple[int, int]:
         """(min, max) number of sounding segments per clip."""
-        return 1, (self.num_segments - 1 if self.max_on_segments is None else self.max_on_segments)
+        return self.min_on_segments, (self.num_segments - 1 if self.max_on_segments is None else self.max_on_segments)
 
     @property
     def clip_seconds(self) -> float:
@@ -161,6 +168,10 @@ PRESETS: dict[str, SyntheticPreset] = {
     # sounding chunk (on the default, with one audio chunk per segment, it must drop a sounding chunk of
     # every 3-segment clip). Not the default: from it, multitask learned far less (docs/synthetic.md).
     "half_sounding": SyntheticPreset(name="half_sounding", max_on_segments=2),
+    # probe of a class-led benchmark (issue 23)
+    "classes": SyntheticPreset(name="classes", classes_per_task=6, train_per_class=100, test_per_class=5,
+                               retrieval_per_class=20, min_on_segments=2, max_on_segments=2, tint=0.0,
+                               max_pitch_shift=0.0, object_size=(24, 36)),
 }
 
 
