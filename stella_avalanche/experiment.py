@@ -307,8 +307,9 @@ def _evaluate_initialisation(run: _Run) -> None:
     """The zero-shot row: retrieval of the initialisation before the first task (recorded by the tracker
     as ``recall_initial``, never part of 𝒜 or ℱ), so a reader sees how much the stream adds.
 
-    It runs under ``fork_rng``: building the evaluation loader draws from the global RNG, and the
-    training that follows must see the same RNG state with or without this evaluation.
+    The training that follows must not depend on whether this evaluation ran: the loaders carry their
+    own generators, and ``fork_rng`` also restores the global RNG for any plugin whose evaluation hooks
+    draw from it (``tests/test_zero_shot.py`` compares a run with and without it).
     """
     devices = [run.strategy.device] if torch.device(run.strategy.device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
