@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from stella_avalanche.config import default_preset, load_config
+from stella_avalanche.paths import portable_path
 from stella_avalanche.utils import atomic_write_json, progress_enabled, resolve_device, seed_everything
 
 __all__ = ["load_config", "run_experiment", "model_config_for", "default_preset"]
@@ -327,7 +328,8 @@ def _write_results(run: _Run, *, done: bool) -> dict:
     res = R.build_results(strategy=run.name, benchmark=run.cfg["benchmark"]["name"], seed=run.seed,
                           tasks=list(run.bm.task_names), recall_matrix=run.tracker.matrix, config=run.cfg, cost=cost)
     res["complete"] = done
-    res["init"] = run.init
+    # named by cache key / relative path: results.json is published and read on other machines
+    res["init"] = {k: portable_path(v) for k, v in run.init.items()}
     if run.diag is not None:
         res["diagnostics"] = run.diag.entries
     res["world_size"] = run.ctx.world_size
