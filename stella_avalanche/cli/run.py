@@ -43,8 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--avm-checkpoint", default=None, help="stage-2 AVM checkpoint (pretrain_avm.py)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress bars (feature caches, synthetic initialisation, training) and no "
-                        "interactive logging; warnings and the final table still print")
+                   help="no progress bars (feature caches, synthetic initialisation, training) and no per-task "
+                        "lines; warnings and the final table still print")
+    p.add_argument("--verbose", action="store_true",
+                   help="print every metric value of every evaluation (Avalanche's InteractiveLogger) instead of "
+                        "one recall line per task; the files in --out hold everything either way")
     # downstream suite (issue 12): config key downstream.enabled; unset = on for the synthetic benchmark
     p.add_argument("--downstream", action=argparse.BooleanOptionalAction, default=None,
                    help="run the frozen-backbone downstream suite (probe, transfer, localisation, gap) at the end "
@@ -76,8 +79,10 @@ def main(argv=None) -> int:
         overrides.append(f"downstream.enabled={'true' if args.downstream else 'false'}")
     cfg = load_config(args.config, benchmark=args.benchmark, overrides=overrides)
     out = Path(args.out or f"runs/{cfg['benchmark']['name']}-{cfg['strategy']['name']}-seed{args.seed}")
+    if get_rank() == 0:
+        print(f"output folder: {out}  (results.json, summary.md, plots, metrics.jsonl, tb/, log.txt)", flush=True)
     results = run_experiment(cfg, out_dir=out, seed=args.seed, device=args.device, progress=not args.quiet,
-                             resume=args.resume)
+                             resume=args.resume, verbose=args.verbose)
     if get_rank() == 0:  # under torchrun every rank returns the same results: one voice
         print()
         print(summary_table_markdown(results))
