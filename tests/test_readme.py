@@ -57,6 +57,15 @@ def test_result_block_is_generated_from_its_source():
     assert blocks[0].group("body").count("\n") == 2 + 4  # header, rule and the four methods
 
 
+def test_every_generated_block_is_current():
+    from stella_avalanche.cli.docs import DOCUMENTS
+
+    for name in DOCUMENTS:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert BLOCK_RE.search(text), name
+        assert update_blocks(text, root=ROOT) == text, f"{name}: python -m stella_avalanche.cli.docs"
+
+
 def test_the_docs_command_finds_a_stale_block(tmp_path):
     from stella_avalanche.cli.docs import main
 

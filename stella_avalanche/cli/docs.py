@@ -1,7 +1,7 @@
 """``python -m stella_avalanche.cli.docs``: rewrite the generated figure blocks of the README (and any
 other document given) from the published result files they name; ``--check`` only reports stale ones.
 
-    python -m stella_avalanche.cli.docs            # rewrite README.md's blocks
+    python -m stella_avalanche.cli.docs            # rewrite the blocks of README.md and docs/results/README.md
     python -m stella_avalanche.cli.docs --check    # exit 1 when a block differs from its source
 
 The blocks and their sources: :mod:`stella_avalanche.evaluation.published`.
@@ -15,12 +15,16 @@ from typing import Optional, Sequence
 
 from stella_avalanche.evaluation.published import update_blocks
 
+#: the documents with generated blocks (paths relative to the repository root)
+DOCUMENTS = ("README.md", "docs/results/README.md")
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns 0, or 1 under ``--check`` when a document is stale."""
     p = argparse.ArgumentParser(prog="stella-docs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*", default=["README.md"], help="documents to update (default README.md)")
+    p.add_argument("files", nargs="*", default=list(DOCUMENTS),
+                   help=f"documents to update (default: {', '.join(DOCUMENTS)})")
     p.add_argument("--root", default=".", help="the folder the blocks' source paths are relative to")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is stale")
     args = p.parse_args(argv)
