@@ -148,6 +148,9 @@ def test_your_own_vggsound_data(env, tmp_path):
     assert (tmp_path / "stage1.pt").is_file() and (tmp_path / "avm.pt").is_file()
     run = outputs[-1]
     assert len(re.findall(r"^task \d/8 \(\w+\): A→V R@1/5/10", run, flags=re.M)) == 8, run
+    # quiet by default: the output folder, one line per task, the table and where the results are
+    assert run.startswith("output folder: runs/vggsound-stella-seed0") and "results: runs/vggsound-stella-seed0" in run
+    assert len(run.splitlines()) <= 40, run
     out_dir = tmp_path / "runs" / "vggsound-stella-seed0"
     import json
 
