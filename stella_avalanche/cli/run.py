@@ -9,8 +9,12 @@ Examples::
     stella-run --benchmark vggsound --data-root /data --model base \
         --init-checkpoint stage1.pt --avm-checkpoint avm.pt
 
-Outputs in --out: results.json (rewritten atomically after every task), summary.md, PNG plots,
-metrics.jsonl, TensorBoard events.
+Also ``python -m stella_avalanche.cli.run`` or ``experiments/run_stella.py``.
+
+Outputs in --out (default runs/<benchmark>-<strategy>-seed<seed>): results.json (rewritten atomically
+after every task), summary.md, recall-matrix, task-curve and loss-curve PNGs, metrics.jsonl (every
+metric value and the training losses), TensorBoard events (tb/), log.txt. The terminal shows progress
+bars and one recall line per task; --verbose prints every metric value, --quiet only the final table.
 """
 from __future__ import annotations
 
