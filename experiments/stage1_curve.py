@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from stella_avalanche.config import field_override
+from stella_avalanche.paths import portable_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             curve.append(row)
             print(json.dumps(row), flush=True)
             if out_dir:
-                atomic_write_json(out_dir / "curve.json", {"args": vars(args), "lr": lr, "batch_size": bs,
+                atomic_write_json(out_dir / "curve.json", {"args": {**vars(args), "out_dir": portable_path(out_dir)}, "lr": lr, "batch_size": bs,
                                                            "curve": curve})
         if step in args.save_at:
             atomic_torch_save({"model": model.state_dict(),

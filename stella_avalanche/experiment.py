@@ -18,6 +18,7 @@ import torch
 
 from stella_avalanche.config import default_preset, load_config
 from stella_avalanche.models.config import model_config_for
+from stella_avalanche.paths import portable_path
 from stella_avalanche.utils import atomic_write_json, progress_enabled, resolve_device, seed_everything
 
 __all__ = ["load_config", "run_experiment", "default_preset"]
@@ -120,7 +121,7 @@ class _Run:
 
 
 def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str = "auto",
-                   progress: bool = True, resume: bool = False) -> dict:
+                   progress: bool = True, resume: bool = False, verbose: bool = False) -> dict:
     """Train one strategy over a benchmark's stream, evaluate retrieval after every task, and write
     ``results.json`` (after every task, atomically), ``summary.md`` and the plots into ``out_dir``.
 
@@ -132,15 +133,19 @@ def run_experiment(cfg: dict, *, out_dir: str | Path, seed: int = 0, device: str
     :func:`_train_and_evaluate` (one task at a time, results and a checkpoint after each), then
     :func:`_write_outputs` (downstream suite, report).
 
+    ``progress`` shows progress bars and one recall line per task on stdout; ``verbose`` prints every
+    metric value instead (Avalanche's ``InteractiveLogger``). Files get everything either way.
+
     :returns: the results dict (layout: ``docs/contracts.md``, "results.json").
     """
-    run = _build(copy.deepcopy(cfg), out_dir=Path(out_dir), seed=seed, device=device, progress=progress)
+    run = _build(copy.deepcopy(cfg), out_dir=Path(out_dir), seed=seed, device=device, progress=progress,
+                 verbose=verbose)
     results = _train_and_evaluate(run, start=_resume_position(run) if resume else 0)
     return _write_outputs(run, results, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------- build
-def _build(cfg: dict, *, out_dir: Path, seed: int, device: str, progress: bool) -> _Run:
+def _build(cfg: dict, *, out_dir: Path, seed: int, device: str, progress: bool, verbose: bool = False) -> _Run:
     """Process group and output folder, benchmark, model with its initialisation, evaluation and the
     strategy, in this order (the order fixes what the global RNG has drawn when the model is built)."""
     from stella_avalanche.distributed import init_from_env
@@ -163,7 +168,7 @@ def _build(cfg: dict, *, out_dir: Path, seed: int, device: str, progress: bool) 
     if cfg["train"].get("compile"):
         # after the weights are loaded: compiling wraps each block's forward, not its parameters
         log.info("train.compile: compiled %d transformer blocks", model.compile_blocks())
-    evaluator, tracker = _build_evaluation(cfg, bm, ctx, out_dir, progress)
+    evaluator, tracker = _build_evaluation(cfg, bm, ctx, out_dir, progress, verbose=verbose)
     ckpt_dir = out_dir / "checkpoints" / (f"rank{ctx.rank}" if ctx.enabled else "")
     plugin_kwargs = _plugin_kwargs(cfg, spec)
     diag = _selection_diagnostics(cfg, plugin_kwargs) if spec.needs_avm and ctx.is_main else None
@@ -195,8 +200,11 @@ def _build_model(model_cfg: Any, init: dict, *, need_avm: bool) -> tuple[Any, An
     return model, avm
 
 
-def _build_evaluation(cfg: dict, bm: Any, ctx: Any, out_dir: Path, progress: bool) -> tuple[Any, Any]:
-    """The evaluation plugin (retrieval metrics, loggers on rank 0) and its recall-matrix tracker."""
+def _build_evaluation(cfg: dict, bm: Any, ctx: Any, out_dir: Path, progress: bool, *,
+                      verbose: bool = False) -> tuple[Any, Any]:
+    """The evaluation plugin (retrieval metrics, loggers on rank 0) and its recall-matrix tracker.
+
+    On the terminal: progress bars and one recall line per task, or with ``verbose`` every metric value."""
     from avalanche.training.plugins import EvaluationPlugin
 
     from stella_avalanche.distributed import all_gather_cat
@@ -207,7 +215,8 @@ def _build_evaluation(cfg: dict, bm: Any, ctx: Any, out_dir: Path, progress: boo
     metrics = M.retrieval_metrics(ks=tuple(ev.get("ks", (1, 5, 10))), gallery=ev.get("gallery", "pooled"),
                                   num_tasks=len(bm.task_names), gather_fn=all_gather_cat if ctx.enabled else None,
                                   gallery_pools=int(ev.get("gallery_pools", 1)))
-    loggers = make_loggers(out_dir, interactive=progress and ctx.is_main) if ctx.is_main else None
+    loggers = make_loggers(out_dir, interactive=progress and verbose, progress=progress and not verbose,
+                           task_names=list(bm.task_names)) if ctx.is_main else None
     return EvaluationPlugin(*metrics, loggers=loggers), M.find_recall_matrix_plugin(metrics)
 
 
@@ -244,7 +253,7 @@ def _build_strategy(cfg: dict, spec: Any, *, model: Any, avm: Any, plugin_kwargs
         plugins=[ckpt_plugin], optimizer=optimizer, train_mb_size=int(tr["batch_size"]),
         train_epochs=int(tr["epochs"]), eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev,
         evaluator=evaluator, amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
-        num_workers=int(tr.get("num_workers", 0)))
+        num_workers=int(tr.get("num_workers", 0)), loss_log_every=int(tr.get("loss_log_every", 25)))
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -328,7 +337,8 @@ def _write_results(run: _Run, *, done: bool) -> dict:
     res = R.build_results(strategy=run.name, benchmark=run.cfg["benchmark"]["name"], seed=run.seed,
                           tasks=list(run.bm.task_names), recall_matrix=run.tracker.matrix, config=run.cfg, cost=cost)
     res["complete"] = done
-    res["init"] = run.init
+    # named by cache key / relative path: results.json is published and read on other machines
+    res["init"] = {k: portable_path(v) for k, v in run.init.items()}
     if run.diag is not None:
         res["diagnostics"] = run.diag.entries
     res["world_size"] = run.ctx.world_size

@@ -1,6 +1,6 @@
 """Data files shipped inside the package, read through :mod:`importlib.resources`.
 
-Two kinds of files travel with ``stella_avalanche`` (declared as package data in ``setup.cfg``), so
+Two kinds of files travel with ``stella_avalanche`` (declared as package data in ``pyproject.toml``), so
 an ordinary, non-editable install works from any working directory:
 
 - ``stella_avalanche/configs/*.yaml``: the experiment presets (``synthetic_tiny``,

@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "module_device", "seed_everything", "resolve_device",
            "default_cache_dir", "build_lock", "SEED_STRIDE", "SEED_PURPOSES", "derive_seed",
-           "progress_enabled", "set_progress"]
+           "progress_enabled", "set_progress", "tqdm_options"]
 
 
 @contextmanager
@@ -150,6 +150,29 @@ def progress_enabled() -> bool:
     from stella_avalanche.distributed import get_rank
 
     return get_rank() == 0
+
+
+#: seconds between two refreshes of a progress bar written to a log file instead of a terminal
+LOG_REFRESH_SECONDS = 30.0
+
+
+def tqdm_options(stream: Any = None) -> dict[str, Any]:
+    """Keyword arguments for ``tqdm`` that suit where its output goes: on a terminal a bar that
+    redraws in place; in a log file (stdout/stderr not a TTY, e.g. ``make demo > log``) a refresh
+    every :data:`LOG_REFRESH_SECONDS` at most, because each refresh there becomes a line of its own.
+
+    :param stream: the bar's output stream (default ``sys.stderr``, tqdm's own default).
+    """
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    try:
+        interactive = bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or file-like without isatty
+        interactive = False
+    return {"file": stream, "dynamic_ncols": interactive,
+            "mininterval": 0.1 if interactive else LOG_REFRESH_SECONDS,
+            "maxinterval": 10.0 if interactive else 10 * LOG_REFRESH_SECONDS}
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

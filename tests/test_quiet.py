@@ -41,8 +41,9 @@ def _run_stella_main(monkeypatch, tmp_path, rank: int, argv: list[str]) -> None:
 
     seen: dict = {}
 
-    def fake_run(cfg, *, out_dir, progress, **kw):
+    def fake_run(cfg, *, out_dir, progress, verbose=False, **kw):
         seen["progress_arg"], seen["bars"] = progress, utils.progress_enabled()
+        seen["verbose"] = verbose
         return {"fake": True}
 
     monkeypatch.setattr(experiment, "run_experiment", fake_run)
@@ -64,7 +65,73 @@ def test_only_rank0_prints_the_results_line(monkeypatch, tmp_path, capsys, progr
 
 def test_quiet_switches_all_bars_off(monkeypatch, tmp_path, progress_switch):
     seen = _run_stella_main(monkeypatch, tmp_path, 0, ["--quiet"])
-    assert seen == {"progress_arg": False, "bars": False}
+    assert seen == {"progress_arg": False, "bars": False, "verbose": False}
     utils.set_progress(True)
     seen = _run_stella_main(monkeypatch, tmp_path, 0, [])
-    assert seen == {"progress_arg": True, "bars": True}
+    assert seen == {"progress_arg": True, "bars": True, "verbose": False}
+    seen = _run_stella_main(monkeypatch, tmp_path, 0, ["--verbose"])
+    assert seen == {"progress_arg": True, "bars": True, "verbose": True}
+
+
+def test_the_cli_names_the_output_folder_first(monkeypatch, tmp_path, capsys, progress_switch):
+    _run_stella_main(monkeypatch, tmp_path, 0, [])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"output folder: {tmp_path / 'o'}")
+    assert lines[-1].startswith(f"results: {tmp_path / 'o' / 'results.json'}")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_default_terminal_output_is_one_line_per_task(tmp_path, verbose):
+    """The default loggers print progress and one recall line per evaluation; every metric value
+    (Avalanche's InteractiveLogger) only with ``verbose``; the files get everything either way."""
+    from avalanche.logging import InteractiveLogger
+
+    from stella_avalanche.evaluation.loggers import JSONLLogger, ProgressLogger, make_loggers
+
+    loggers = make_loggers(tmp_path, interactive=verbose, progress=not verbose, task_names=["a", "b"])
+    kinds = {type(lg) for lg in loggers}
+    assert (InteractiveLogger in kinds) == verbose and (ProgressLogger in kinds) != verbose
+    assert JSONLLogger in kinds
+
+
+class _Clock:
+    train_exp_counter = 2
+    train_exp_epochs = 0
+
+
+class _Strategy:
+    clock = _Clock()
+    train_epochs = 1
+    dataloader = range(3)
+
+
+def test_progress_logger_prints_one_recall_line(progress_switch):
+    import io
+
+    from stella_avalanche.evaluation.loggers import ProgressLogger
+
+    buf = io.StringIO()
+    lg = ProgressLogger(task_names=["music", "animals", "vehicles"], file=buf)
+    lg.before_eval(_Strategy(), [])
+    for d, k, v in (("A2V", 1, 10.0), ("A2V", 5, 30.25), ("V2A", 1, 12.0), ("V2A", 5, 33.0)):
+        lg.log_single_metric(f"{d}_R@{k}_Pooled/eval_phase/retrieval_stream", v, 10)
+        lg.log_single_metric(f"{d}_R@{k}_Pooled/eval_phase/retrieval_stream/Task000", 99.0, 10)  # per task: not shown
+    lg.after_eval(_Strategy(), [])
+    assert buf.getvalue() == "task 2/3 (animals): A→V R@1/5 10.0/30.2, V→A R@1/5 12.0/33.0\n"
+    # a training epoch's bar in a log file (not a TTY) writes no line per update
+    progress_switch(True)
+    buf = io.StringIO()
+    lg = ProgressLogger(file=buf)
+    lg.before_training_epoch(_Strategy(), [])
+    for _ in range(3):
+        lg.after_training_iteration(_Strategy(), [])
+    lg.after_training_epoch(_Strategy(), [])
+    assert buf.getvalue().count("it/s") + buf.getvalue().count("s/it") <= 2, buf.getvalue()
+
+
+def test_bars_in_a_log_file_refresh_rarely():
+    import io
+
+    interactive = type("Tty", (io.StringIO,), {"isatty": lambda self: True})()
+    assert utils.tqdm_options(io.StringIO())["mininterval"] >= 30
+    assert utils.tqdm_options(interactive)["mininterval"] < 1

@@ -29,7 +29,8 @@ def test_records_value_reads_shapes_and_blocking_copies() -> None:
     assert ("value_shape", "nonzero") in kinds and ("value_shape", "__getitem__[bool mask]") in kinds
     assert audit.counts()["device_copy"] == 1
     sites = [s for _, _, s, _ in audit.summary()]
-    assert all(s.startswith(__file__) for s in sites), sites
+    # the site is named relative to the repository (published GPU files carry no machine paths)
+    assert all(s.startswith("tests/test_sync_audit.py:") for s in sites), sites
     assert any("via torch/optim/" in s for s in sites)  # attributed to this file, made by torch
 
 

@@ -14,11 +14,8 @@ from stella_avalanche.models.weights import (
 
 torch.set_num_threads(1)
 
-_TSV_CANDIDATES = [
-    Path(__file__).resolve().parents[1] / "docs" / "reference" / "cavmae_pretrain_state_dict.tsv",
-    Path("/work/shared/reference/cavmae_pretrain_state_dict.tsv"),
-]
-TSV = next((p for p in _TSV_CANDIDATES if p.is_file()), _TSV_CANDIDATES[-1])
+# the published CAV-MAE parameter layout, committed with the repository (no fallback outside it)
+TSV = Path(__file__).resolve().parents[1] / "docs" / "reference" / "cavmae_pretrain_state_dict.tsv"
 
 _BLOCK_LEAVES = ["norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v"]
 
@@ -69,8 +66,7 @@ def _random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str
 
 
 def _read_tsv() -> dict[str, tuple[int, ...]]:
-    if not TSV.is_file():
-        pytest.skip(f"reference layout not found in {[str(p) for p in _TSV_CANDIDATES]}")
+    assert TSV.is_file(), f"the committed reference layout is missing: {TSV}"
     rows = TSV.read_text().strip().splitlines()
     assert rows[0].split("\t") == ["name", "shape"]
     return {n: tuple(int(x) for x in s.split("x")) for n, s in (r.split("\t") for r in rows[1:])}

@@ -264,6 +264,8 @@ class FeatureCache:
     def _build(self, records: list[ClipRecord], on_error: OnError, progress: bool) -> None:
         from tqdm.auto import tqdm
 
+        from stella_avalanche.utils import tqdm_options
+
         cfg = self.features
         s = cfg.source_size
         self.root.mkdir(parents=True, exist_ok=True)
@@ -277,7 +279,7 @@ class FeatureCache:
                                               shape=(len(records), cfg.target_length, cfg.mel_bins))
             times = self.times.tolist()
             for i, rec in enumerate(tqdm(records, desc=f"caching features ({len(records)} clips)",
-                                         disable=not progress, leave=False)):
+                                         disable=not progress, leave=False, **tqdm_options())):
                 try:
                     frames, fbank = _decode_clip(rec, times, cfg)
                 except media.MediaError as e:

@@ -236,11 +236,13 @@ def extract_embeddings(model: nn.Module, dataset: Any, *, batch_size: int = 64, 
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from stella_avalanche.utils import tqdm_options
+
     device = module_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or _collate)
     za, zv, lab, cat = [], [], [], []
     with _eval_mode(model):
-        for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        for batch in tqdm(loader, desc=desc, disable=not progress, **tqdm_options(), leave=False):
             with _autocast(device):
                 a, v = model.embed(batch["video"].to(device), batch["audio"].to(device))
             za.append(a.float().cpu())
@@ -522,11 +524,13 @@ def localisation_set(model: nn.Module, dataset: Any, *, masks: Tensor | None = N
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from stella_avalanche.utils import tqdm_options
+
     device = module_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_any)
     toks, auds, ms, vs = [], [], [], []
     with _eval_mode(model), torch.no_grad():
-        for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        for batch in tqdm(loader, desc=desc, disable=not progress, **tqdm_options(), leave=False):
             with _autocast(device):
                 t, a = extract_patch_tokens(model, batch["video"].to(device), batch["audio"].to(device))
             toks.append(t.float().cpu())
@@ -562,6 +566,8 @@ def fit_localisation_head(data: LocalisationSet, *, steps: int = 300, lr: float 
     """
     from tqdm.auto import tqdm
 
+    from stella_avalanche.utils import tqdm_options
+
     if len(data) == 0:
         raise ValueError("no annotated frames to fit the localisation head on")
     g = torch.Generator().manual_seed(seed)
@@ -574,7 +580,7 @@ def fit_localisation_head(data: LocalisationSet, *, steps: int = 300, lr: float 
     # the steps are tiny: on a busy CPU one thread is several times faster than many
     small = min(m, batch) * data.tokens.shape[1] * data.tokens.shape[2] < 4_000_000
     with _threads(1 if small else None):
-        for _ in tqdm(range(steps), desc="localisation head", disable=not progress, dynamic_ncols=True,
+        for _ in tqdm(range(steps), desc="localisation head", disable=not progress, **tqdm_options(),
                       leave=False):
             idx = torch.randperm(m, generator=g)[:batch] if m > batch else torch.arange(m)
             logits = head(data.tokens[idx], data.audio[idx])

@@ -25,7 +25,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -383,6 +383,53 @@ def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, 
     return paths
 
 
+def read_loss_series(metrics_jsonl: str | os.PathLike, *, prefix: str = "loss_iter") -> dict[str, list[tuple[int, float]]]:
+    """The training-loss series a run logged (``<prefix>/<name>`` lines of ``metrics.jsonl``):
+    ``{name: [(iteration, value), ...]}`` in file order; empty when there are none."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        return series
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a killed run
+            continue
+        name = str(row.get("name", ""))
+        if name.startswith(prefix + "/") and isinstance(row.get("value"), (int, float)):
+            series.setdefault(name[len(prefix) + 1:], []).append((int(row.get("x", 0)), float(row["value"])))
+    return series
+
+
+def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     title: str = "") -> Optional[Path]:
+    """``loss_curve.png``: the total training loss and each logged part against iterations (the
+    ``loss_iter/*`` series, or the per-epoch ``loss_epoch/*`` means when the run logged no windows).
+
+    :returns: the written path, or None when ``metrics_jsonl`` holds no loss.
+    """
+    series = read_loss_series(metrics_jsonl) or read_loss_series(metrics_jsonl, prefix="loss_epoch")
+    if not series:
+        return None
+    fig = _new_figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for name in sorted(series, key=lambda n: (n != "total", n)):
+        xs, ys = zip(*series[name])
+        ax.plot(xs, ys, label=name, linewidth=2.0 if name == "total" else 1.0,
+                marker="o" if len(xs) < 3 else None, markersize=3)
+    if all(v > 0 for pts in series.values() for _, v in pts):
+        ax.set_yscale("log")  # the parts differ by orders of magnitude
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("loss (mean over the logging window)")
+    ax.set_title(f"{title} training loss and its parts".strip(), fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "loss_curve.png"
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+    return path
+
+
 #: diagnostics columns of summary.md (docs/diagnostics.md explains each)
 _DIAG_COLUMNS = (("pair AUC same / other", ("init_pair_auc_same_class", "init_pair_auc_other_class")),
                  ("AVM acc / AUC", ("avm_accuracy", "avm_auc")),
@@ -405,7 +452,8 @@ def diagnostics_markdown(entries: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write ``results.json``, ``summary.md`` and the plots into ``out_dir``; returns their paths."""
+    """Write ``results.json``, ``summary.md`` and the plots (recall matrix, task curves and, from the run's
+    ``metrics.jsonl``, the loss curve) into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     paths: dict[str, Any] = {"results": write_results_json(out / "results.json", results)}
     with atomic_write(out / "summary.md", "w") as fh:
@@ -415,4 +463,5 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     paths["summary"] = out / "summary.md"
     paths["recall_matrix"] = plot_recall_matrix(results, out)
     paths["task_curves"] = plot_task_curves(results, out)
+    paths["loss_curve"] = plot_loss_curves(out / "metrics.jsonl", out, title=str(results.get("strategy", "")))
     return paths

@@ -260,8 +260,8 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
         # that matches them; the product pooling learns synchrony (docs/synthetic.md)
         avm_pooling="product",
         # a global token mean loses *which* segments show the object; pooling each segment (a learned
-        # map over the 4 segment means, starting as their average) keeps it. Stage 1 then reaches pair
-        # AUC 0.93 in 250 steps, where the mean pooling saturated near 0.75 (docs/synthetic.md)
+        # map over the 4 segment means, starting as their average) keeps it; the pair AUC stage 1 then
+        # reaches: docs/synthetic.md, "The current default, measured" (the mean pooling saturated lower)
         embed_segments=4,
         # without it the stage-2 AVM sat at ln 2: uniform attention reads no synchrony, so nothing pulls
         # it towards time-aligned attention (docs/synthetic.md)

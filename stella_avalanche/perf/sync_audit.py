@@ -34,6 +34,8 @@ VALUE_READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "item"
 SHAPE_FROM_VALUES = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
                                "repeat_interleave", "nonzero_static"})
 
+from stella_avalanche.paths import portable_path
+
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -47,7 +49,8 @@ def _caller(skip_dirs: tuple[str, ...]) -> str:
             f = f.f_back
             continue
         if not path.startswith(skip_dirs):
-            return f"{path}:{f.f_lineno}" + (f" via {via}" if via else "")
+            # repository-relative: the audit goes into published GPU result files
+            return f"{portable_path(path)}:{f.f_lineno}" + (f" via {via}" if via else "")
         if not via:
             via = "torch/" + os.path.relpath(path, _TORCH_DIR)
         f = f.f_back

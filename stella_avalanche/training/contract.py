@@ -14,8 +14,8 @@ writes. So a host *declares* it: the class that defines ``forward`` also defines
 attaching ``STELLAPlugin`` to it is an error and not a run that silently selects nothing.
 
 :func:`check_stock_plugins` covers Avalanche's own plugins on ``AudioVideoPretraining``:
-:data:`STOCK_PLUGIN_SUPPORT` says which work and why the others are refused (the README's table is
-this dict).
+:data:`STOCK_PLUGIN_SUPPORT` says which work and why the others are refused (the table in
+docs/avalanche.md §14 is this dict).
 """
 from __future__ import annotations
 

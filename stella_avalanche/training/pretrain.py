@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stella_avalanche.utils import tqdm_options
+
 from stella_avalanche.models.loading import load_backbone_weights
 from stella_avalanche.training.template import make_adam
 from stella_avalanche.utils import atomic_torch_save, build_lock, default_cache_dir
@@ -147,7 +149,7 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
         opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     history: list[dict] = []
     it = _batches(loader, device)
-    bar = tqdm(range(steps), desc="stage 1: backbone init", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="stage 1: backbone init", disable=not progress, **tqdm_options())
     frozen: list[nn.Parameter] = []
     try:
         for step in bar:
@@ -232,7 +234,7 @@ def pretrain_avm(model: nn.Module, avm: nn.Module, loader: Iterable[dict], *, st
         avm.train()
         return res["avm_accuracy"]
 
-    bar = tqdm(range(steps), desc="stage 2: AVM", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="stage 2: AVM", disable=not progress, **tqdm_options())
     step = 0
     for step in bar:
         history.append(avm_training_step(model, avm, next(it), opt, generator=generator))

@@ -34,7 +34,7 @@ from stella_avalanche.batch_keys import MODEL_INPUT_KEYS  # re-exported: the key
 from stella_avalanche.batch_keys import SKIPPED
 
 __all__ = ["AudioVideoPretraining", "NonFiniteLossError", "make_adam", "unwrap_model",
-           "MODEL_INPUT_KEYS", "EpochSampler"]
+           "MODEL_INPUT_KEYS", "EpochSampler", "add_loss_term", "record_loss_terms", "MODEL_LOSS_PARTS"]
 
 
 
@@ -43,6 +43,31 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite."""
+
+
+#: the model output's loss parts and the names they are logged under (``loss_epoch/<name>``, ...)
+MODEL_LOSS_PARTS = {"loss_mae_audio": "mae_audio", "loss_mae_video": "mae_video", "loss_nce": "nce"}
+
+
+def record_loss_terms(strategy: Any, **terms: Optional[torch.Tensor | float]) -> None:
+    """Name the terms a plugin has added to ``strategy.loss`` this iteration, for the loss logs.
+
+    The strategy's total loss is logged anyway; this adds each named part (``None`` entries are
+    skipped). A host without the loss logs (``record_loss_term`` missing) ignores the call, so a
+    plugin can call it on any strategy.
+    """
+    record = getattr(strategy, "record_loss_term", None)
+    if record is None:
+        return
+    for name, term in terms.items():
+        if term is not None:
+            record(name, term)
+
+
+def add_loss_term(strategy: Any, name: str, term: torch.Tensor) -> None:
+    """``strategy.loss += term`` (in ``before_backward``), logged as ``name`` (see :func:`record_loss_terms`)."""
+    strategy.loss = strategy.loss + term
+    record_loss_terms(strategy, **{name: term})
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -133,6 +158,11 @@ class AudioVideoPretraining(SupervisedTemplate):
     :param grad_clip: max gradient norm, or None.
     :param seed: seeds the training loader's shuffling (per experience).
     :param num_workers: training-loader workers.
+    :param loss_log_every: log the training loss and its parts (means over the last this many
+        iterations) as ``loss_iter/<name>``; 0 = per epoch only. Per-epoch means are always logged
+        as ``loss_epoch/<name>`` (``total``, the model's ``mae_audio``, ``mae_video``, ``nce`` and
+        every term plugins name through :func:`add_loss_term` / :func:`record_loss_terms`) to the
+        evaluator's loggers (metrics.jsonl, TensorBoard) and kept in :attr:`loss_epochs`.
     """
 
     def __init__(self, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -140,7 +170,7 @@ class AudioVideoPretraining(SupervisedTemplate):
                  device: str | torch.device = "cpu", plugins: Optional[Sequence[Any]] = None,
                  evaluator: Optional[EvaluationPlugin] = None, eval_every: int = -1,
                  amp: Optional[str] = "auto", grad_clip: Optional[float] = None, seed: int = 0,
-                 num_workers: int = 0, **kwargs: Any) -> None:
+                 num_workers: int = 0, loss_log_every: int = 25, **kwargs: Any) -> None:
         device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
                               else ("cpu" if str(device) == "auto" else device))
         model = model.to(device)
@@ -175,6 +205,14 @@ class AudioVideoPretraining(SupervisedTemplate):
         self.rank = 0
         #: clips dropped from their batches because they failed to decode (each time one is drawn)
         self.skipped_at_run_time = 0
+        # loss logs: this iteration's named parts (detached), sums over the window and the epoch
+        from stella_avalanche.training.epoch_log import EpochMeans
+
+        self.loss_log_every = int(loss_log_every)
+        self.loss_terms: dict[str, torch.Tensor] = {}
+        self._loss_window, self._loss_epoch = EpochMeans(), EpochMeans()
+        #: one entry per finished epoch: ``experience``, ``epoch`` and the mean of every loss part
+        self.loss_epochs: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ properties
     @staticmethod
@@ -319,7 +357,16 @@ class AudioVideoPretraining(SupervisedTemplate):
                 "loss": torch.zeros((), device=self.device)}
 
     def criterion(self) -> torch.Tensor:
+        if self.is_training:  # the model's own parts start this iteration's loss log
+            out = self.mb_output
+            self.loss_terms = {name: out[key].detach().float() for key, name in MODEL_LOSS_PARTS.items()
+                               if torch.is_tensor(out.get(key))}
         return self.mb_output["loss"]
+
+    def record_loss_term(self, name: str, term: torch.Tensor | float) -> None:
+        """Log ``term`` (a part of this iteration's loss) under ``name``; the same name twice adds up."""
+        value = term.detach().float().sum() if torch.is_tensor(term) else torch.tensor(float(term))
+        self.loss_terms[name] = self.loss_terms[name] + value if name in self.loss_terms else value
 
     def _all_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer, *self.extra_optimizers]
@@ -361,7 +408,22 @@ class AudioVideoPretraining(SupervisedTemplate):
     def _after_training_iteration(self, **kwargs: Any) -> None:
         self.train_samples += int(self._current_batch_size)
         self.batches_in_epoch += 1
-        super()._after_training_iteration(**kwargs)
+        # tensors only: the sums are read (a device sync) when they are logged, not every step
+        parts = {"total": self.loss.detach().float().sum(), **self.loss_terms}
+        self._loss_window.add(parts)
+        self._loss_epoch.add(parts)
+        super()._after_training_iteration(**kwargs)  # the clock counts this iteration
+        if self.loss_log_every > 0 and self.clock.train_iterations % self.loss_log_every == 0:
+            from stella_avalanche.training.epoch_log import log_scalars
+
+            log_scalars(self, self._loss_window.pop(), prefix="loss_iter")
+
+    def _after_training_epoch(self, **kwargs: Any) -> None:
+        entry = self._loss_epoch.flush(self, prefix="loss_epoch")
+        if entry is not None:
+            entry["epoch"] = int(self.epoch_in_exp)
+            self.loss_epochs.append(entry)
+        super()._after_training_epoch(**kwargs)
 
     def _before_forward(self, **kwargs: Any) -> None:
         # number of *current* samples (plugins may append replay rows in before_forward)

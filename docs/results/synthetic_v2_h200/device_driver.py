@@ -8,7 +8,7 @@ deadline after which running jobs are stopped, and packing of the complete runs 
 their checkpoints) into tarballs small enough to come back.
 
     PYTHONPATH=.:.gpu_site:.devjob/site XDG_CACHE_HOME=$PWD/.devjob/cache \
-        python3 docs/results/synthetic_v2_memsweep_h200/device_driver.py --work /tmp/sweep --pack $OUT
+        python3 docs/results/synthetic_v2_memsweep_h200/device_driver.py --work sweep --pack $OUT
 """
 from __future__ import annotations
 

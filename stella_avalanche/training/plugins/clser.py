@@ -26,6 +26,7 @@ from stella_avalanche.training.plugins.replay_base import (
     make_ema_copy,
     masked_embeddings,
 )
+from stella_avalanche.training.template import add_loss_term
 
 __all__ = ["CLSERPlugin", "diagonal_probabilities"]
 
@@ -127,7 +128,7 @@ class CLSERPlugin(ReplayPluginBase, supports_distributed=True):
         term = self.reg_weight * (F.mse_loss(out["z_audio"][sl].float(), target_a)
                                   + F.mse_loss(out["z_video"][sl].float(), target_v))
         self.last_penalty = term.detach()
-        strategy.loss = strategy.loss + term
+        add_loss_term(strategy, "clser_consistency", term)
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:

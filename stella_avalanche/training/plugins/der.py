@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from stella_avalanche.training.plugins.replay_base import ReplayPluginBase, der_penalty
+from stella_avalanche.training.template import add_loss_term
 
 __all__ = ["DERPPPlugin"]
 
@@ -51,7 +52,7 @@ class DERPPPlugin(ReplayPluginBase, supports_distributed=True):
         term = self.der_term(strategy, self.alpha)
         self.last_penalty = None if term is None else term.detach()
         if term is not None:
-            strategy.loss = strategy.loss + term
+            add_loss_term(strategy, "der_penalty", term)
 
     def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
         out = strategy.mb_output

@@ -31,6 +31,7 @@ from stella_avalanche.training.plugins.replay_base import (
     make_ema_copy,
     masked_embeddings,
 )
+from stella_avalanche.training.template import record_loss_terms
 
 __all__ = ["ESMERPlugin"]
 
@@ -145,6 +146,7 @@ class ESMERPlugin(ReplayPluginBase, supports_distributed=True):
         self.last_penalty = term.detach()
         # replace the criterion's unweighted loss by the weighted one, keeping other plugins' terms
         strategy.loss = strategy.loss - out["loss"].float() + weighted + term
+        record_loss_terms(strategy, esmer_weighted=weighted, esmer_consistency=term)
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from stella_avalanche import batch_keys as K
 from stella_avalanche.training.avm_step import AVMPass, AVMStep
 from stella_avalanche.training.contract import HostRequirements, check_host
+from stella_avalanche.training.template import record_loss_terms
 from stella_avalanche.training.epoch_log import StepScalars
 from stella_avalanche.training.item_codec import StellaCodec
 from stella_avalanche.training.plugins.replay_base import ReplayPluginBase, autocast_for, extend_batch, \
@@ -168,6 +169,7 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
         self.scalars.last.update(loss_vam=self._pass.loss.detach(),
                                  penalty=0.0 if penalty is None else penalty.detach())
         strategy.loss = strategy.loss + (extra if penalty is None else extra + penalty)
+        record_loss_terms(strategy, stella_matching=extra, stella_penalty=penalty)
 
     def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
         """Step 12 stores with each current row its z of this step, q̄ and (STELLA) I and C before
