@@ -411,7 +411,7 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_dir: str | os.PathLik
     series = read_loss_series(metrics_jsonl) or read_loss_series(metrics_jsonl, prefix="loss_epoch")
     if not series:
         return None
-    fig = _new_figure(6.4, 3.8)
+    fig = new_figure(6.4, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     for name in sorted(series, key=lambda n: (n != "total", n)):
         xs, ys = zip(*series[name])
@@ -424,10 +424,7 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_dir: str | os.PathLik
     ax.set_title(f"{title} training loss and its parts".strip(), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(out_dir) / "loss_curve.png"
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png")
-    return path
+    return save_png(fig, Path(out_dir) / "loss_curve.png")
 
 
 #: diagnostics columns of summary.md (docs/diagnostics.md explains each)
