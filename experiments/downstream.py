@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from stella_avalanche.evaluation import downstream as D
     from stella_avalanche.evaluation.report import write_results_json
     from stella_avalanche.experiment import _build_benchmark
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.utils import atomic_write_json, resolve_device, set_progress
 
     set_progress(not args.quiet)

@@ -32,8 +32,8 @@ def main(argv=None) -> int:
 
     from stella_avalanche.data.features import FeatureConfig
     from stella_avalanche.models.avm import build_avm
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.loading import load_backbone_weights
     from stella_avalanche.training.pretrain import pretrain_avm, synthetic_initialisation
     from stella_avalanche.utils import atomic_torch_save, resolve_device

@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from stella_avalanche.data.features import FeatureConfig
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.training.pretrain import InitSchedule, pretrain_backbone, synthetic_initialisation
     from stella_avalanche.utils import atomic_torch_save, resolve_device
 
