@@ -61,8 +61,8 @@ def main(argv=None) -> int:
 
     from stella_avalanche.data import synthetic as S
     from stella_avalanche.evaluation.diagnostics import diagnose
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.avm import build_avm
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.loading import load_backbone_weights
     from stella_avalanche.training.pretrain import avm_training_step, synthetic_initialisation
 

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from stella_avalanche.data import synthetic as S
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.loading import load_backbone_weights
     from stella_avalanche.training.pretrain import synthetic_initialisation
 

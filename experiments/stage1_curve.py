@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from stella_avalanche.data import synthetic as S
     from stella_avalanche.evaluation.diagnostics import embed_clips, pair_auc
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.training.pretrain import InitSchedule, pretrain_backbone
     from stella_avalanche.utils import atomic_torch_save, atomic_write_json
 

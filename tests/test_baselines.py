@@ -454,3 +454,29 @@ def test_plugins_are_distributed_aware_and_lazily_exported():
         assert cls().buffer_bytes_per_item is None  # no shapes before the first insertion
     with pytest.raises(AttributeError):
         plugins.NoSuchPlugin  # noqa: B018
+
+
+# ------------------------------------------------------------------------------------------ injected storage
+def test_replay_plugins_use_an_injected_storage_as_their_buffer_and_codec():
+    """A ReplayStorage given to a plugin holds its items (Avalanche's storage policy): its capacity is
+    the plugin's memory, its codec stores the rows; the default equals an explicit default storage."""
+    from stella_avalanche.training.item_codec import ClipCodec
+    from stella_avalanche.training.replay_storage import ReplayStorage
+    from stella_avalanche.utils import derive_seed
+
+    model = tiny_model()
+    storage = ReplayStorage(capacity=5, codec=ClipCodec(compact=False), seed=11)
+    p = ERPlugin(mem_size=2000, seed=0, storage=storage)
+    assert p.mem_size == 5 and p.storage is storage and p.codec is storage.codec and p.buffer is None
+    s = FakeStrategy(model, lr=0.0)
+    s.step([p], rand_batch(model, 4, start=0, seed=1))
+    s.step([p], rand_batch(model, 4, start=4, seed=2))
+    assert p.buffer is storage.buffer and len(storage) == 5 and storage.buffer.capacity == 5
+    assert storage.buffer.data["video"].dtype == torch.float32  # the injected fp32 codec, not the compact default
+    default = ERPlugin(mem_size=5, seed=3)
+    explicit = ERPlugin(mem_size=5, seed=3, storage=ReplayStorage(
+        capacity=5, codec=ClipCodec(compact=True), seed=derive_seed(3, ERPlugin.seed_purposes[1])))
+    for q in (default, explicit):
+        q.insert(rand_batch(model, 8, start=0, seed=4), torch.device("cpu"))
+    assert torch.equal(default.buffer.data["video"], explicit.buffer.data["video"])
+    assert torch.equal(default.storage.generator.get_state(), explicit.storage.generator.get_state())

@@ -522,3 +522,27 @@ def test_runner_compiles_the_blocks_when_train_compile_is_set(tmp_path, monkeypa
         with pytest.raises(Stop):
             E._build(cfg, out_dir=tmp_path, seed=0, device="cpu", progress=False)
         assert len(calls) == expected
+
+
+def test_pretrain_forward_composes_the_mae_methods_with_their_shapes(tiny: CAVMAE) -> None:
+    """MAE's reading order: forward_encoder -> forward_decoder -> forward_loss is pretrain_forward,
+    with the shapes the docstrings state."""
+    cfg = tiny.config
+    video, audio = _batch(cfg, b=3)
+    keep_v = _keep(3, cfg.num_video_tokens, 40, seed=1)
+    enc = tiny.forward_encoder(video, audio, video_keep=keep_v, generator=_gen(5))
+    a, v = enc["audio"], enc["video"]
+    n_a, n_v = cfg.num_visible("audio"), cfg.num_visible("video")
+    assert a.patches.shape == (3, cfg.num_audio_tokens, cfg.audio_patch_dim) and v.ids.shape == (3, 40)
+    assert a.visible_ids.shape == (3, n_a) and v.target_ids.shape == (3, 40 - n_v)
+    assert a.codes.shape == a.fused.shape == (3, n_a, cfg.embed_dim)
+    assert v.target_patches.shape == (3, 40 - n_v, cfg.video_patch_dim)
+    # visible and target ids partition the kept ids
+    assert torch.equal(torch.cat([v.visible_ids, v.target_ids], 1).sort(1).values, keep_v.sort(1).values)
+    pred_a, pred_v = tiny.forward_decoder(enc)
+    assert pred_a.shape == a.target_patches.shape and pred_v.shape == v.target_patches.shape
+    composed = tiny.forward_loss(enc, pred_a, pred_v)
+    direct = tiny.pretrain_forward(video, audio, video_keep=keep_v, generator=_gen(5))
+    assert composed.keys() == direct.keys()
+    for k in direct:
+        assert torch.equal(composed[k], direct[k]), k

@@ -30,7 +30,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stella_avalanche.models.cav import CAVMAE, build_model, info_nce
+from stella_avalanche.models.cav import CAVMAE, build_model
+from stella_avalanche.models.contrastive import info_nce
 
 WORLD = 2
 B = 4          # rows per rank

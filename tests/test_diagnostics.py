@@ -217,9 +217,9 @@ def test_load_models_keeps_the_pooling_a_checkpoint_was_trained_with(tmp_path) -
     diagnosis; loading it into the preset's model fails with a message that says what to set."""
     from stella_avalanche.data.synthetic import default_features
     from stella_avalanche.evaluation.diagnosed_models import load_models
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.loading import load_backbone_weights
 
     torch.manual_seed(0)

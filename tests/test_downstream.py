@@ -205,8 +205,8 @@ def test_run_downstream_end_to_end(tmp_path, monkeypatch):
     from stella_avalanche.benchmarks.synthetic import synthetic_benchmark
     from stella_avalanche.data.synthetic import SyntheticPreset
     from stella_avalanche.evaluation.downstream import FIRST_TASK_EMBEDDINGS, run_downstream, snapshot_embeddings
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
 
     monkeypatch.setenv("STELLA_CACHE", str(tmp_path / "cache"))
     preset = SyntheticPreset(name="dstest", num_tasks=2, classes_per_task=3, twin_offset=0, train_per_class=4,

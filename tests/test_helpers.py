@@ -134,7 +134,7 @@ def test_strategy_factory_offsets_the_rank_once():
     assert torch.equal(plugin.generator.get_state(), want)
     d = make_strategy("derpp", model=model, rank=1, world_size=2, device="cpu", seed=3)
     assert d.plugins[0].seed == 3 + SEED_STRIDE
-    assert torch.equal(d.plugins[0]._buffer_generator.get_state(),
+    assert torch.equal(d.plugins[0].storage.generator.get_state(),
                        torch.Generator().manual_seed(3 + 2 * SEED_STRIDE).get_state())
 
 

@@ -7,9 +7,9 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from stella_avalanche.benchmarks.synthetic import synthetic_benchmark
-from stella_avalanche.models.config import model_config_for
 from stella_avalanche.models.avm import build_avm
 from stella_avalanche.models.cav import CAVMAE
+from stella_avalanche.models.config import model_config_for
 from stella_avalanche.training.strategies import make_strategy
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from stella_avalanche.data.synthetic import SyntheticInitDataset, SyntheticInitRetrievalDataset, default_features
-from stella_avalanche.models.config import model_config_for
 from stella_avalanche.models.avm import build_avm
 from stella_avalanche.models.cav import CAVMAE
+from stella_avalanche.models.config import model_config_for
 from stella_avalanche.training import pretrain as P
 
 

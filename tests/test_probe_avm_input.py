@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stella_avalanche.data.synthetic import default_features
-from stella_avalanche.models.config import model_config_for
 from stella_avalanche.models.cav import CAVMAE
+from stella_avalanche.models.config import model_config_for
 
 _SPEC = importlib.util.spec_from_file_location(
     "probe_avm_input", Path(__file__).resolve().parents[1] / "experiments" / "probe_avm_input.py")

@@ -51,8 +51,8 @@ class _Rows(SupervisedPlugin):
 def _train(ds: AudioVideoDataset, workers: int = 0):
     from avalanche.benchmarks import benchmark_from_datasets
 
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.training.template import AudioVideoPretraining
 
     torch.manual_seed(0)

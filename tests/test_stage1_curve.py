@@ -50,8 +50,8 @@ def test_curve_rows_and_checkpoint(tmp_path: Path, capsys) -> None:
         assert 0 <= r["stream_pair_auc_same_class"] <= 1 and 0 <= r["stream_pair_auc_other_class"] <= 1
         assert 0 <= r["init_heldout_pair_auc"] <= 1 and r["train_nce"] > 0
     from stella_avalanche.data import synthetic as S
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.loading import load_backbone_weights
 
     model = CAVMAE(model_config_for("tiny", S.default_features("tiny")))

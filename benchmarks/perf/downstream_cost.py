@@ -34,8 +34,8 @@ def main() -> int:
 
     from stella_avalanche.benchmarks.synthetic import synthetic_benchmark
     from stella_avalanche.evaluation.downstream import run_downstream, summary_lines
-    from stella_avalanche.models.config import model_config_for
     from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # the one-time cache build decodes small clips: fastest on one thread

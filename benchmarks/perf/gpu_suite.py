@@ -268,34 +268,28 @@ def main(argv: list[str] | None = None) -> int:
     variant_setting = (f"b{vb}_buffer_gpu_variants", vb, "device")
     # 1. the synchronisation pass and the FLOP check first: short and needed whatever the budget
     _run_checks(result, args, cfg, device, save)
+    def timed(setting: str, batch: int, buffer: str, names: list[str], report: bool) -> None:
+        for s in names:
+            if time.perf_counter() - t0 > args.budget_s:
+                result["skipped"].append([setting, s])
+                continue
+            row = measure_run(s, cfg, batch=batch, buffer=buffer, steps=args.steps, repeats=args.repeats,
+                              warmup=args.warmup, mem_size=args.mem_size, device=device, amp=args.amp,
+                              peak_tflops=args.peak_tflops)
+            row["setting"] = setting
+            result["runs"].append(row)
+            save()
+            if report:
+                print(f"  {setting} {s}: " + ("oom" if "oom" in row else
+                                              f"{row['samples_per_second']['mean']:.1f} samples/s"), flush=True)
+
     # 2. the timed runs, strategy order rotated per setting
     for i, (setting, batch, buffer) in enumerate(settings):
-        order = args.strategies[i % len(args.strategies):] + args.strategies[:i % len(args.strategies)]
-        for s in order:
-            if time.perf_counter() - t0 > args.budget_s:
-                result["skipped"].append([setting, s])
-                continue
-            row = measure_run(s, cfg, batch=batch, buffer=buffer, steps=args.steps, repeats=args.repeats,
-                              warmup=args.warmup, mem_size=args.mem_size, device=device, amp=args.amp,
-                              peak_tflops=args.peak_tflops)
-            row["setting"] = setting
-            result["runs"].append(row)
-            save()
-            print(f"  {setting} {s}: " + ("oom" if "oom" in row else
-                                          f"{row['samples_per_second']['mean']:.1f} samples/s"), flush=True)
+        r = i % len(args.strategies)
+        timed(setting, batch, buffer, args.strategies[r:] + args.strategies[:r], report=True)
     # 3. the variants, beside DER++ and the default STELLA again (same setting, same run)
     if args.variants:
-        setting, batch, buffer = variant_setting
-        for s in ["derpp", "stella", *args.variants]:
-            if time.perf_counter() - t0 > args.budget_s:
-                result["skipped"].append([setting, s])
-                continue
-            row = measure_run(s, cfg, batch=batch, buffer=buffer, steps=args.steps, repeats=args.repeats,
-                              warmup=args.warmup, mem_size=args.mem_size, device=device, amp=args.amp,
-                              peak_tflops=args.peak_tflops)
-            row["setting"] = setting
-            result["runs"].append(row)
-            save()
+        timed(*variant_setting, ["derpp", "stella", *args.variants], report=False)
     result["meta"]["wall_seconds"] = time.perf_counter() - t0
     save()
     _print_summary(result, args)

@@ -25,7 +25,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -312,6 +312,24 @@ def _metric_matrix(results: Mapping[str, Any], direction: str, metric: str) -> t
     return np.asarray(block[metric], dtype=np.float64), metric
 
 
+def _plot_per_direction(results: Mapping[str, Any], out_dir: str | os.PathLike, metric: str, stem: str,
+                        size: Callable[[int, int], tuple[float, float]],
+                        draw: Callable[[Any, Any, np.ndarray, str, str, list], None]) -> list[Path]:
+    """One PNG per retrieval direction, ``<out_dir>/<stem>_<dir>.png``: ``draw(fig, ax, matrix, direction,
+    label, tasks)`` fills a one-axes figure of ``size(rows, cols)`` inches for the direction's matrix."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = list(results["tasks"])
+    paths = []
+    for d in DIRECTIONS:
+        m, label = _metric_matrix(results, d, metric)
+        fig = new_figure(*size(*m.shape))
+        draw(fig, fig.add_subplot(1, 1, 1), m, d, label, tasks)
+        fig.tight_layout()
+        paths.append(save_png(fig, out / f"{stem}_{d}.png"))
+    return paths
+
+
 def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *, metric: str = "Avg") -> list[Path]:
     """One annotated heatmap PNG per direction: rows = after training experience l, columns = task k.
 
@@ -320,15 +338,8 @@ def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *
     :param metric: "Avg" (mean over R@1/5/10) or one of "R@K".
     :return: the written paths.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = list(results["tasks"])
-    paths = []
-    for d in DIRECTIONS:
-        m, label = _metric_matrix(results, d, metric)
+    def draw(fig: Any, ax: Any, m: np.ndarray, d: str, label: str, tasks: list) -> None:
         rows, cols = m.shape
-        fig = new_figure(max(4.8, 2.0 + 0.75 * cols), max(3.2, 1.6 + 0.6 * rows))
-        ax = fig.add_subplot(1, 1, 1)
         im = ax.imshow(m, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(m.max()), 1e-6))
         mid = 0.5 * float(m.max())
         for i in range(rows):
@@ -342,11 +353,9 @@ def plot_recall_matrix(results: Mapping[str, Any], out_dir: str | os.PathLike, *
         ax.set_ylabel("training progress l")
         ax.set_title(f"{results.get('strategy', '')} {_DIR_TITLE[d]} recall (%)\n{label}", fontsize=9)
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        path = out / f"recall_matrix_{d}.png"
-        save_png(fig, path)
-        paths.append(path)
-    return paths
+
+    return _plot_per_direction(results, out_dir, metric, "recall_matrix",
+                               lambda rows, cols: (max(4.8, 2.0 + 0.75 * cols), max(3.2, 1.6 + 0.6 * rows)), draw)
 
 
 def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, metric: str = "Avg") -> list[Path]:
@@ -357,15 +366,8 @@ def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, 
     :param metric: "Avg" (mean over R@1/5/10) or one of "R@K".
     :return: the written paths.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = list(results["tasks"])
-    paths = []
-    for d in DIRECTIONS:
-        m, label = _metric_matrix(results, d, metric)
+    def draw(fig: Any, ax: Any, m: np.ndarray, d: str, label: str, tasks: list) -> None:
         rows, cols = m.shape
-        fig = new_figure(6.0, 3.8)
-        ax = fig.add_subplot(1, 1, 1)
         x = np.arange(1, rows + 1)
         for k in range(cols):
             ax.plot(x, m[:, k], marker="o", markersize=3, label=str(tasks[k]) if k < len(tasks) else str(k))
@@ -376,11 +378,8 @@ def plot_task_curves(results: Mapping[str, Any], out_dir: str | os.PathLike, *, 
         ax.set_ylabel(f"recall (%), {label}")
         ax.set_title(f"{results.get('strategy', '')} {_DIR_TITLE[d]} per-task recall (★ = just trained)", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        path = out / f"task_curves_{d}.png"
-        save_png(fig, path)
-        paths.append(path)
-    return paths
+
+    return _plot_per_direction(results, out_dir, metric, "task_curves", lambda rows, cols: (6.0, 3.8), draw)
 
 
 def read_loss_series(metrics_jsonl: str | os.PathLike, *, prefix: str = "loss_iter") -> dict[str, list[tuple[int, float]]]:

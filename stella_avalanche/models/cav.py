@@ -15,16 +15,20 @@ The patch embeddings keep CAV-MAE's Conv2d parameters (so checkpoints load by re
 applied to *patch vectors* with a permuted view of the kernel. One code path therefore serves full
 clips and pre-gathered patches (STELLA+ replay rows arrive as patches).
 
+A pre-training step reads as MAE's: :meth:`CAVMAE.forward_encoder` (mask, encode, fuse),
+:meth:`CAVMAE.forward_decoder` (reconstruct the targets), :meth:`CAVMAE.forward_loss` (MAE + InfoNCE),
+composed by :meth:`CAVMAE.pretrain_forward`. Config and presets: :mod:`stella_avalanche.models.config`;
+the InfoNCE: :mod:`stella_avalanche.models.contrastive`.
+
 Parameter names follow CAV-MAE (§1.2, §10.1) so that :mod:`stella_avalanche.models.weights` only
 renames and reorders.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
@@ -32,10 +36,12 @@ from torch import Tensor, nn
 
 from stella_avalanche.models.config import (MODEL_PRESETS, CAVConfig, floor_fraction, model_config_for,
                                             modality_name, num_visible)
+from stella_avalanche.models.contrastive import info_nce
 
 __all__ = [
     "CAVConfig",
     "CAVMAE",
+    "MaskedModality",
     "MODEL_PRESETS",
     "build_model",
     "model_config_for",
@@ -44,7 +50,6 @@ __all__ = [
     "num_visible",
     "sincos_2d",
     "gather_tokens",
-    "info_nce",
     "ViTBlock",
     "FusionBlock",
 ]
@@ -109,84 +114,6 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     if x.shape[0] == 1 and b != 1:
         return F.embedding(ids, x[0])
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(b, k, x.shape[-1]))
-
-
-# ---------------------------------------------------------------------------------------------
-# contrastive objective (§1.5)
-# ---------------------------------------------------------------------------------------------
-def _distributed_world() -> int:
-    """World size of the initialised default process group, 1 when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _gather_columns(cols: Tensor) -> tuple[Tensor, int]:
-    """All-gather ``cols`` (B, C) over ranks; this rank's slice is ``cols`` itself (keeps its grad).
-
-    The other ranks' slices arrive without gradient (§1.5: "the local slice keeping its gradient"),
-    so backward never communicates. All ranks must hold the same B: the sizes are exchanged first
-    and every rank raises the same error, so a mismatch cannot deadlock the next collective.
-
-    :returns: (gathered (W*B, C) in rank order, column offset of this rank's first row = rank*B).
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    b = cols.shape[0]
-    size = torch.tensor([b], device=cols.device, dtype=torch.long)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    if any(c != b for c in counts):
-        raise ValueError(f"info_nce: gathering negatives needs the same batch size on every rank, got "
-                         f"per-rank sizes {counts}; shard the data evenly (drop_last / padded sampler) "
-                         f"or set CAVConfig.gather_negatives=False")
-    buf = [torch.empty_like(cols) for _ in range(world)]
-    dist.all_gather(buf, cols.detach().contiguous())
-    buf[rank] = cols  # the autograd-tracked local slice replaces its detached copy
-    return torch.cat(buf, dim=0), rank * b
-
-
-def info_nce(z_a: Tensor, z_v: Tensor, *, temperature: float, weight: float = 1.0, gather: bool = True
-             ) -> tuple[Tensor, Tensor]:
-    """Weighted symmetric InfoNCE between audio and video embeddings (§1.5), in fp32.
-
-    ``a = normalize(z_a)``, ``v = normalize(z_v)``; per local sample n
-    ``per[n] = weight * ½ [CE(v_n · A / τ, n') + CE(a_n · V / τ, n')]`` where the columns A, V are this
-    rank's batch alone, or, when ``gather`` is set and torch.distributed runs with world size W > 1,
-    the batches of all ranks in rank order (the positive column is ``n' = rank * B + n``). The rows
-    stay local and only the local column slice carries gradient, so under DDP (which averages the
-    parameter gradients) the update is the gradient of the mean over ranks of the per-rank losses
-    with the other ranks' columns held constant. A single process computes exactly the plain
-    B x B loss whatever ``gather`` says.
-
-    :param z_a: (B, D) un-normalised audio embeddings (any float dtype).
-    :param z_v: (B, D) un-normalised video embeddings, row n paired with ``z_a[n]``.
-    :param temperature: τ > 0.
-    :param weight: w_c, multiplies every term.
-    :param gather: gather the columns over ranks when distributed (collective call: every rank
-        must call with the same B).
-    :returns: (mean over local rows (scalar), per-sample loss (B,)), both fp32.
-    """
-    if z_a.shape != z_v.shape or z_a.dim() != 2:
-        raise ValueError(f"info_nce: z_a and z_v must both be (B, D), got {tuple(z_a.shape)} and "
-                         f"{tuple(z_v.shape)}")
-    with torch.autocast(device_type=z_a.device.type, enabled=False):
-        a = F.normalize(z_a.float(), dim=-1)
-        v = F.normalize(z_v.float(), dim=-1)
-        if not gather or _distributed_world() == 1:
-            logits = v @ a.t() / temperature  # rows: video queries over audio keys
-            target = torch.arange(logits.shape[0], device=logits.device)
-            per = 0.5 * (F.cross_entropy(logits, target, reduction="none")
-                         + F.cross_entropy(logits.t(), target, reduction="none"))
-        else:
-            # one collective for both modalities: columns [a | v] side by side
-            cols, offset = _gather_columns(torch.cat([a, v], dim=1))
-            a_all, v_all = cols.split(a.shape[1], dim=1)
-            target = offset + torch.arange(a.shape[0], device=a.device)
-            per = 0.5 * (F.cross_entropy(v @ a_all.t() / temperature, target, reduction="none")
-                         + F.cross_entropy(a @ v_all.t() / temperature, target, reduction="none"))
-        per = weight * per
-    return per.mean(), per
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +189,27 @@ def time_segment(ids: Tensor, modality: str, config: CAVConfig, segments: int) -
     if modality_name(modality) == "audio":
         return (ids // config.audio_freq_tokens) * segments // config.audio_time_tokens
     return (ids // config.grid**2) * segments // config.num_frames
+
+
+class MaskedModality(NamedTuple):
+    """One modality after masking and encoding (:meth:`CAVMAE.forward_encoder`); n visible of K kept.
+
+    :param patches: (B, K, P) kept patch vectors (P = p² audio, 3p² video).
+    :param ids: (B, K) int64 token positions of ``patches``.
+    :param visible_ids: (B, n) positions of the encoder-visible tokens.
+    :param target_patches: (B, K - n, P) patch vectors to reconstruct.
+    :param target_ids: (B, K - n) their positions.
+    :param codes: (B, n, D) unimodal codes U of the visible tokens.
+    :param fused: (B, n, D) the visible tokens after the joint fusion blocks (the AVM's inputs E).
+    """
+
+    patches: Tensor
+    ids: Tensor
+    visible_ids: Tensor
+    target_patches: Tensor
+    target_ids: Tensor
+    codes: Tensor
+    fused: Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,29 +576,29 @@ class CAVMAE(nn.Module):
             raise ValueError(f"{name}_keep must be ({b}, {k}) to match the patches, got {tuple(keep.shape)}")
         return patches, keep.long()
 
-    def pretrain_forward(self, video: Tensor | None = None, audio: Tensor | None = None, *,
-                         video_keep: Tensor | None = None, audio_keep: Tensor | None = None,
-                         video_patches: Tensor | None = None, audio_patches: Tensor | None = None,
-                         mask_ratio: float | None = None, generator: torch.Generator | None = None,
-                         gather_negatives: bool | None = None) -> dict[str, Tensor]:
-        """MAE + contrastive pre-training step (§1.4, §1.5; guided masking §4 step 10).
+    def forward_encoder(self, video: Tensor | None = None, audio: Tensor | None = None, *,
+                        video_keep: Tensor | None = None, audio_keep: Tensor | None = None,
+                        video_patches: Tensor | None = None, audio_patches: Tensor | None = None,
+                        mask_ratio: float | None = None, generator: torch.Generator | None = None
+                        ) -> dict[str, MaskedModality]:
+        """Mask and encode (MAE's ``forward_encoder``): split each modality's kept tokens into visible
+        tokens and reconstruction targets, encode the visible ones and fuse them jointly.
 
         Each modality is given either as a full clip (``video`` (B, T, 3, S, S) / ``audio`` (B, 1, A, F))
         or as patch vectors (``video_patches`` (B, K_V, 3p²) / ``audio_patches`` (B, K_A, p²)).
         ``*_keep`` (B, K) are the kept token ids: with a full clip they select its patches, with patch
         vectors they are the patches' positions. Without keep ids all L tokens are candidates (random
-        masking). Per sample the K candidates are permuted at random; the first
-        ``n = floor(L (1 - ρ))`` are encoder-visible, the other K - n are reconstruction targets and
-        everything not kept is ignored (not encoded, decoded nor scored).
+        masking). Per sample the K candidates are permuted at random (audio first, then video, from
+        ``generator``); the first ``n = floor(L (1 - ρ))`` are encoder-visible, the other K - n are
+        reconstruction targets and everything not kept is ignored (not encoded, decoded nor scored).
 
         :param mask_ratio: overrides ``config.mask_ratio`` (ρ).
         :param generator: source of the masking permutation.
-        :param gather_negatives: overrides ``config.gather_negatives`` for this call, e.g. ``False``
-            for per-rank scoring passes that the other ranks do not run at the same time.
-        :returns: dict with ``loss``, ``loss_mae_audio``, ``loss_mae_video``, ``loss_nce`` (scalars),
-            ``z_audio``, ``z_video`` (B, D) un-normalised pooled embeddings of the visible tokens
-            (``contrastive_input="kept"``: of all kept tokens) and ``per_sample_loss`` (B,) =
-            per-sample MAE_a + MAE_v + weighted NCE.
+        :returns: ``{"audio": ..., "video": ...}``, each a :class:`MaskedModality`: kept ``patches``
+            (B, K, P) and ``ids`` (B, K), ``visible_ids`` (B, n), ``target_patches`` (B, K - n, P),
+            ``target_ids`` (B, K - n), unimodal ``codes`` (B, n, D) and jointly ``fused`` tokens (B, n, D).
+        :raises ValueError: inputs given twice or not at all, shapes that do not match, or a kept
+            count that leaves no target.
         """
         rho = self.config.mask_ratio if mask_ratio is None else mask_ratio
         pa, ida = self._prepare(audio, audio_patches, audio_keep, "audio")
@@ -669,17 +617,50 @@ class CAVMAE(nn.Module):
         U_a = self.encode_modality(va, vida, "audio")
         U_v = self.encode_modality(vv, vidv, "video")
         E_a, E_v = self.fuse_joint(U_a, vida, U_v, vidv)
-        lat = self.decoder_embed(self.norm(torch.cat([E_a, E_v], dim=1)))
-        pred_a = self._decode(lat[:, :n_a], vida, tida, "audio")
-        pred_v = self._decode(lat[:, n_a:], vidv, tidv, "video")
-        mae_a, mae_a_ps = self._mae_loss(pred_a, ta)
-        mae_v, mae_v_ps = self._mae_loss(pred_v, tv)
+        return {"audio": MaskedModality(pa, ida, vida, ta, tida, U_a, E_a),
+                "video": MaskedModality(pv, idv, vidv, tv, tidv, U_v, E_v)}
 
+    def forward_decoder(self, encoded: dict[str, MaskedModality]) -> tuple[Tensor, Tensor]:
+        """Reconstruct the targets of each modality (MAE's ``forward_decoder``).
+
+        The fused visible tokens of both modalities go through the final norm and the decoder embedding
+        together; each modality is then decoded separately with mask tokens at its targets.
+
+        :param encoded: the output of :meth:`forward_encoder`.
+        :returns: (pred_audio (B, K_A - n_A, p²), pred_video (B, K_V - n_V, 3p²)), rows in the order of
+            ``target_ids``.
+        """
+        a, v = encoded["audio"], encoded["video"]
+        n_a = a.fused.shape[1]
+        lat = self.decoder_embed(self.norm(torch.cat([a.fused, v.fused], dim=1)))
+        pred_a = self._decode(lat[:, :n_a], a.visible_ids, a.target_ids, "audio")
+        pred_v = self._decode(lat[:, n_a:], v.visible_ids, v.target_ids, "video")
+        return pred_a, pred_v
+
+    def forward_loss(self, encoded: dict[str, MaskedModality], pred_audio: Tensor, pred_video: Tensor, *,
+                     gather_negatives: bool | None = None) -> dict[str, Tensor]:
+        """MAE reconstruction loss of both modalities plus the weighted symmetric InfoNCE (MAE's
+        ``forward_loss``, §1.4, §1.5).
+
+        :param encoded: the output of :meth:`forward_encoder`.
+        :param pred_audio: (B, K_A - n_A, p²) and ``pred_video`` (B, K_V - n_V, 3p²) from
+            :meth:`forward_decoder`.
+        :param gather_negatives: overrides ``config.gather_negatives`` for this call, e.g. ``False``
+            for per-rank scoring passes that the other ranks do not run at the same time.
+        :returns: dict with ``loss``, ``loss_mae_audio``, ``loss_mae_video``, ``loss_nce`` (scalars, fp32),
+            ``z_audio``, ``z_video`` (B, D) un-normalised pooled embeddings of the visible tokens
+            (``contrastive_input="kept"``: of all kept tokens) and ``per_sample_loss`` (B,) =
+            per-sample MAE_a + MAE_v + weighted NCE.
+        """
+        a, v = encoded["audio"], encoded["video"]
+        mae_a, mae_a_ps = self._mae_loss(pred_audio, a.target_patches)
+        mae_v, mae_v_ps = self._mae_loss(pred_video, v.target_patches)
+        U_a, ids_a, U_v, ids_v = a.codes, a.visible_ids, v.codes, v.visible_ids
         if self.config.contrastive_input == "kept":
-            U_a, vida = self.encode_modality(pa, ida, "audio"), ida
-            U_v, vidv = self.encode_modality(pv, idv, "video"), idv
-        z_a = self.pool(self.fuse_unimodal(U_a, vida, "audio", final_norm=False), "audio", normed=False, ids=vida)
-        z_v = self.pool(self.fuse_unimodal(U_v, vidv, "video", final_norm=False), "video", normed=False, ids=vidv)
+            U_a, ids_a = self.encode_modality(a.patches, a.ids, "audio"), a.ids
+            U_v, ids_v = self.encode_modality(v.patches, v.ids, "video"), v.ids
+        z_a = self.pool(self.fuse_unimodal(U_a, ids_a, "audio", final_norm=False), "audio", normed=False, ids=ids_a)
+        z_v = self.pool(self.fuse_unimodal(U_v, ids_v, "video", final_norm=False), "video", normed=False, ids=ids_v)
         nce, nce_ps = self._nce(z_a, z_v, gather_negatives)
         return {
             "loss": mae_a + mae_v + nce,
@@ -690,6 +671,23 @@ class CAVMAE(nn.Module):
             "z_video": z_v,
             "per_sample_loss": mae_a_ps + mae_v_ps + nce_ps,
         }
+
+    def pretrain_forward(self, video: Tensor | None = None, audio: Tensor | None = None, *,
+                         video_keep: Tensor | None = None, audio_keep: Tensor | None = None,
+                         video_patches: Tensor | None = None, audio_patches: Tensor | None = None,
+                         mask_ratio: float | None = None, generator: torch.Generator | None = None,
+                         gather_negatives: bool | None = None) -> dict[str, Tensor]:
+        """MAE + contrastive pre-training step (§1.4, §1.5; guided masking §4 step 10):
+        :meth:`forward_encoder`, :meth:`forward_decoder`, :meth:`forward_loss`.
+
+        Inputs as :meth:`forward_encoder`; ``gather_negatives`` as :meth:`forward_loss`, whose dict is
+        returned.
+        """
+        encoded = self.forward_encoder(video, audio, video_keep=video_keep, audio_keep=audio_keep,
+                                       video_patches=video_patches, audio_patches=audio_patches,
+                                       mask_ratio=mask_ratio, generator=generator)
+        pred_audio, pred_video = self.forward_decoder(encoded)
+        return self.forward_loss(encoded, pred_audio, pred_video, gather_negatives=gather_negatives)
 
     def forward(self, video: Tensor | None = None, audio: Tensor | None = None, **kwargs: Any
                 ) -> dict[str, Tensor]:

@@ -113,7 +113,7 @@ def contrastive_forward(model: nn.Module, video: torch.Tensor, audio: torch.Tens
 
     :param video: (B, T, 3, S, S); ``audio`` (B, 1, A, F). :returns: ``loss`` = ``loss_nce`` (scalar).
     """
-    from stella_avalanche.models.cav import info_nce
+    from stella_avalanche.models.contrastive import info_nce
 
     z_a, z_v = model.embed(video, audio)  # the retrieval embeddings, with gradient
     nce = info_nce(z_a, z_v, temperature=model.config.temperature, gather=False)[0]

@@ -26,6 +26,7 @@ from stella_avalanche.training.plugins.replay_base import (
     make_ema_copy,
     masked_embeddings,
 )
+from stella_avalanche.training.replay_storage import ReplayStorage
 from stella_avalanche.training.template import add_loss_term
 
 __all__ = ["CLSERPlugin", "diagonal_probabilities"]
@@ -59,14 +60,16 @@ class CLSERPlugin(ReplayPluginBase, supports_distributed=True):
     :param temperature: τ of the similarity softmax that picks the target copy (0.05).
     :param compact: uint8 video / fp16 audio storage (``False``: fp32).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
                  reg_weight: float = 0.1, plastic_update_prob: float = 0.8, plastic_alpha: float = 0.999,
                  stable_update_prob: float = 0.6, stable_alpha: float = 0.999, temperature: float = 0.05,
-                 compact: bool = True, buffer_device: str | torch.device | None = None) -> None:
+                 compact: bool = True, buffer_device: str | torch.device | None = None,
+                 storage: ReplayStorage | None = None) -> None:
         super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
-                         buffer_device=buffer_device)
+                         buffer_device=buffer_device, storage=storage)
         self.reg_weight = float(reg_weight)
         self.plastic_update_prob = float(plastic_update_prob)
         self.plastic_alpha = float(plastic_alpha)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from stella_avalanche.training.plugins.replay_base import ReplayPluginBase, der_penalty
+from stella_avalanche.training.replay_storage import ReplayStorage
 from stella_avalanche.training.template import add_loss_term
 
 __all__ = ["DERPPPlugin"]
@@ -29,13 +30,15 @@ class DERPPPlugin(ReplayPluginBase, supports_distributed=True):
     :param alpha: weight of each modality's MSE penalty (paper: 0.5).
     :param compact: uint8 video / fp16 audio storage (``False``: fp32).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
                  alpha: float = 0.5, compact: bool = True,
-                 buffer_device: str | torch.device | None = None) -> None:
+                 buffer_device: str | torch.device | None = None,
+                 storage: ReplayStorage | None = None) -> None:
         super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
-                         buffer_device=buffer_device)
+                         buffer_device=buffer_device, storage=storage)
         self.alpha = float(alpha)
         #: last penalty added (detached scalar), for logging and tests
         self.last_penalty: Tensor | None = None

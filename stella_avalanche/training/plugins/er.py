@@ -18,4 +18,5 @@ class ERPlugin(ReplayPluginBase, supports_distributed=True):
     :param seed: seeds the reservoir and the replay draws.
     :param compact: uint8 video / fp16 audio storage (``False``: fp32).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """

@@ -31,6 +31,7 @@ from stella_avalanche.training.plugins.replay_base import (
     make_ema_copy,
     masked_embeddings,
 )
+from stella_avalanche.training.replay_storage import ReplayStorage
 from stella_avalanche.training.template import record_loss_terms
 
 __all__ = ["ESMERPlugin"]
@@ -50,14 +51,16 @@ class ESMERPlugin(ReplayPluginBase, supports_distributed=True):
     :param std_margin: outlier cut (in batch std) before updating the running statistics (1).
     :param compact: uint8 video / fp16 audio storage (``False``: fp32).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
                  reg_weight: float = 0.15, ema_alpha: float = 0.999, ema_update_prob: float = 0.2,
                  loss_margin: float = 2.5, loss_alpha: float = 0.99, std_margin: float = 1.0,
-                 compact: bool = True, buffer_device: str | torch.device | None = None) -> None:
+                 compact: bool = True, buffer_device: str | torch.device | None = None,
+                 storage: ReplayStorage | None = None) -> None:
         super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
-                         buffer_device=buffer_device)
+                         buffer_device=buffer_device, storage=storage)
         self.reg_weight = float(reg_weight)
         self.ema_alpha = float(ema_alpha)
         self.ema_update_prob = float(ema_update_prob)

@@ -26,6 +26,7 @@ from stella_avalanche.training.plugins.replay_base import (
     ReplayPluginBase,
     forward_with_params,
 )
+from stella_avalanche.training.replay_storage import ReplayStorage
 
 __all__ = ["GMEDPlugin"]
 
@@ -41,13 +42,15 @@ class GMEDPlugin(ReplayPluginBase, supports_distributed=True):
     :param reg_strength: β (paper: 0.05).
     :param compact: uint8 video / fp16 audio storage; default ``False`` (fp32, see module doc).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
                  edit_decay: float = 1.0, grad_stride: float = 0.1, reg_strength: float = 0.05,
-                 compact: bool = False, buffer_device: str | torch.device | None = None) -> None:
+                 compact: bool = False, buffer_device: str | torch.device | None = None,
+                 storage: ReplayStorage | None = None) -> None:
         super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
-                         buffer_device=buffer_device)
+                         buffer_device=buffer_device, storage=storage)
         self.edit_decay = float(edit_decay)
         self.grad_stride = float(grad_stride)
         self.reg_strength = float(reg_strength)

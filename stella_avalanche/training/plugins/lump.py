@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from stella_avalanche.training.plugins.replay_base import ReplayPluginBase
+from stella_avalanche.training.replay_storage import ReplayStorage
 
 __all__ = ["LUMPPlugin", "sample_beta"]
 
@@ -46,13 +47,15 @@ class LUMPPlugin(ReplayPluginBase, supports_distributed=True):
     :param mixup_alpha: the Beta(α, α) parameter of λ (paper: 0.5).
     :param compact: uint8 video / fp16 audio storage (``False``: fp32).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
                  mixup_alpha: float = 0.5, compact: bool = True,
-                 buffer_device: str | torch.device | None = None) -> None:
+                 buffer_device: str | torch.device | None = None,
+                 storage: ReplayStorage | None = None) -> None:
         super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
-                         buffer_device=buffer_device)
+                         buffer_device=buffer_device, storage=storage)
         self.mixup_alpha = float(mixup_alpha)
         #: λ of the last mixed step (None when the step was not mixed)
         self.last_lambda: float | None = None

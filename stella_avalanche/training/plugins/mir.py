@@ -21,6 +21,7 @@ from stella_avalanche.training.plugins.replay_base import (
     ReplayPluginBase,
     forward_with_params,
 )
+from stella_avalanche.training.replay_storage import ReplayStorage
 
 __all__ = ["MIRPlugin"]
 
@@ -34,13 +35,15 @@ class MIRPlugin(ReplayPluginBase, supports_distributed=True):
     :param search_factor: candidates drawn per replay row (paper: 5).
     :param compact: uint8 video / fp16 audio storage (``False``: fp32).
     :param buffer_device: where the reservoir lives (``None``: the strategy's device).
+    :param storage: the items' storage (default: ``ReplayPluginBase``'s reservoir of ``mem_size`` items).
     """
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: int | None = None, seed: int = 0,
                  search_factor: int = 5, compact: bool = True,
-                 buffer_device: str | torch.device | None = None) -> None:
+                 buffer_device: str | torch.device | None = None,
+                 storage: ReplayStorage | None = None) -> None:
         super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, compact=compact,
-                         buffer_device=buffer_device)
+                         buffer_device=buffer_device, storage=storage)
         if search_factor < 1:
             raise ValueError(f"MIRPlugin: search_factor must be >= 1, got {search_factor}")
         self.search_factor = int(search_factor)

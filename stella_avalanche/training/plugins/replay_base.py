@@ -17,12 +17,14 @@ step, which :class:`ReplayPluginBase` implements once:
     reservoir-insert the stashed current rows (plus per-method extras, e.g. DER++'s pooled z), then
     run per-step bookkeeping (EMA updates) and drop the stash.
 
-The buffer is :class:`~stella_avalanche.training.buffer.ReservoirBuffer`, created at the first
-insertion from the batch's per-item shapes (or up front with a known layout, :meth:`ensure_buffer`).
-Rows are stored through :attr:`ReplayPluginBase.codec` (``training/item_codec.py``): compact by default
-(video as uint8 pixels, audio as fp16, ``docs/method.md`` §6); ``compact=False`` stores fp32 (GMED
-needs this, its input edits are far below the uint8 quantisation step). ``STELLAPlugin`` runs on the
-same step with its own codec, AVM pass and selection.
+Items live in the plugin's :class:`~stella_avalanche.training.replay_storage.ReplayStorage` (the
+``storage`` argument, as Avalanche's storage policy): a
+:class:`~stella_avalanche.training.buffer.ReservoirBuffer`, created at the first insertion from the
+batch's per-item shapes (or up front with a known layout, :meth:`ensure_buffer`), and a codec
+(``training/item_codec.py``). The default storage is the reservoir of ``mem_size`` items with the
+compact codec (video as uint8 pixels, audio as fp16, ``docs/method.md`` §6); ``compact=False`` stores
+fp32 (GMED needs this, its input edits are far below the uint8 quantisation step). ``STELLAPlugin``
+runs on the same step with its own codec, AVM pass and selection.
 
 Shared pieces: :func:`extend_batch` (replay rows after the current ones), :func:`der_penalty` (DER++,
 STELLA), :func:`autocast_for`, :func:`unwrap_backbone` (defined in ``training/contract.py``).
@@ -50,6 +52,7 @@ from stella_avalanche.batch_keys import SAMPLE_KEYS
 from stella_avalanche.training.buffer import ReservoirBuffer
 from stella_avalanche.training.contract import unwrap_backbone  # re-exported: one unwrapping rule
 from stella_avalanche.training.item_codec import ClipCodec
+from stella_avalanche.training.replay_storage import ReplayStorage
 from stella_avalanche.utils import derive_seed
 
 __all__ = [
@@ -260,13 +263,6 @@ def ema_update_(ema: nn.Module, model: nn.Module, alpha: float) -> None:
         eb.copy_(mb)
 
 
-def _dtype_from_str(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.split(".")[-1], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in a replay plugin state")
-    return dtype
-
-
 # ---------------------------------------------------------------------------------- base plugin
 class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     """Reservoir replay shared by the baselines; on its own it is ER without anything else.
@@ -282,6 +278,10 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     :param seed: seeds the reservoir and the plugin's own draws.
     :param compact: store video as uint8 pixels and audio as fp16 (§6); ``False`` = fp32.
     :param buffer_device: where the reservoir lives; ``None`` = the strategy's device.
+    :param storage: the items' storage (buffer + codec), as Avalanche's storage policy; ``None`` = a
+        :class:`~stella_avalanche.training.replay_storage.ReplayStorage` of ``mem_size`` items with
+        :class:`~stella_avalanche.training.item_codec.ClipCodec` (``compact``) on ``buffer_device``,
+        seeded from ``seed``. A given storage's capacity is the plugin's ``mem_size``.
     """
 
     #: purposes of the two seeds derived from ``seed``: the plugin's own draws, the reservoir
@@ -290,24 +290,25 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
     required_keys: tuple[str, ...] = ("video", "audio")
 
     def __init__(self, *, mem_size: int = 2000, replay_batch: Optional[int] = None, seed: int = 0,
-                 compact: bool = True, buffer_device: Optional[str | torch.device] = None) -> None:
+                 compact: bool = True, buffer_device: Optional[str | torch.device] = None,
+                 storage: Optional[ReplayStorage] = None) -> None:
         super().__init__()
         if mem_size < 1:
             raise ValueError(f"{type(self).__name__}: mem_size must be >= 1, got {mem_size}")
         if replay_batch is not None and replay_batch < 1:
             raise ValueError(f"{type(self).__name__}: replay_batch must be >= 1 or None, got {replay_batch}")
-        self.mem_size = int(mem_size)
         self.replay_batch = replay_batch
         self.seed = int(seed)
         self.compact = bool(compact)
-        self.buffer_device = buffer_device
-        self.buffer: Optional[ReservoirBuffer] = None
-        #: how batch rows are stored and read back (``training/item_codec.py``)
-        self.codec: Any = ClipCodec(compact=compact)
         draws, reservoir = self.seed_purposes
+        #: where the items live and in what form (buffer + codec)
+        self.storage = storage if storage is not None else ReplayStorage(
+            capacity=mem_size, codec=ClipCodec(compact=compact), seed=derive_seed(self.seed, reservoir),
+            device=buffer_device)
+        self.mem_size = self.storage.capacity
+        self.buffer_device = self.storage.device
         #: the plugin's own draws (replay sampling, MIR candidates, LUMP λ, EMA coin flips, ...)
         self.generator = torch.Generator().manual_seed(derive_seed(self.seed, draws))
-        self._buffer_generator = torch.Generator().manual_seed(derive_seed(self.seed, reservoir))
         #: the generator of the replay draws (:meth:`sample`)
         self.draw_generator = self.generator
         #: training steps completed (drives the EMA / running-statistics α schedules)
@@ -320,18 +321,26 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         self.n_cur = 0
         self.n_rep = 0
 
-    # ------------------------------------------------------------------ sizes
+    # ------------------------------------------------------------------ storage
+    @property
+    def buffer(self) -> Optional[ReservoirBuffer]:
+        """The storage's reservoir (``None`` until the first insertion fixes the layout)."""
+        return self.storage.buffer
+
+    @property
+    def codec(self) -> Any:
+        """How batch rows are stored and read back (the storage's codec, ``training/item_codec.py``)."""
+        return self.storage.codec
+
     @property
     def buffer_bytes_per_item(self) -> Optional[int]:
         """Bytes one reservoir item occupies (``None`` until the first insertion fixes the shapes)."""
-        return None if self.buffer is None else self.buffer.bytes_per_item()
+        return self.storage.bytes_per_item
 
     def replay_size(self, n_cur: int) -> int:
         """M for a current batch of ``n_cur`` rows: ``min(replay_batch or N, len(buffer))``."""
-        stored = 0 if self.buffer is None else len(self.buffer)
-        return min(self.replay_batch or n_cur, stored)
+        return min(self.replay_batch or n_cur, len(self.storage))
 
-    # ------------------------------------------------------------------ storage format
     def encode(self, items: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Batch rows -> stored form (:attr:`codec`)."""
         return self.codec.encode(items)
@@ -340,42 +349,25 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         """Stored rows -> training tensors on ``device`` (:attr:`codec`, inverse of :meth:`encode`)."""
         return self.codec.decode(stored, device)
 
-    def _make_buffer(self, encoded: Mapping[str, Tensor], device: torch.device) -> ReservoirBuffer:
-        fields = {k: (tuple(v.shape[1:]), v.dtype) for k, v in encoded.items()}
-        dev = torch.device(self.buffer_device) if self.buffer_device is not None else device
-        return ReservoirBuffer(self.mem_size, fields=fields, device=dev, generator=self._buffer_generator)
-
     def ensure_buffer(self, fields: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
                       device: torch.device) -> ReservoirBuffer:
         """Create the buffer with a known layout (on ``buffer_device``, else ``device``), or check
-        that a loaded one has this layout and capacity.
+        that a loaded one has this layout and capacity (:meth:`ReplayStorage.ensure`).
 
         :raises ValueError: a loaded buffer that does not fit, naming both layouts.
         """
-        fields = {k: (tuple(int(s) for s in shape), dt) for k, (shape, dt) in fields.items()}
-        if self.buffer is None:
-            dev = torch.device(self.buffer_device) if self.buffer_device is not None else device
-            self.buffer = ReservoirBuffer(self.mem_size, fields=fields, device=dev, generator=self._buffer_generator)
-        elif self.buffer.fields != fields or self.buffer.capacity != self.mem_size:
-            raise ValueError(f"{type(self).__name__}: the loaded buffer ({self.buffer.capacity} items of "
-                             f"{self.buffer.fields}) does not fit this plugin ({self.mem_size} of {fields})")
-        return self.buffer
+        return self.storage.ensure(fields, device, owner=type(self).__name__)
 
     def insert(self, items: Mapping[str, Tensor], device: torch.device) -> Tensor:
         """Reservoir-insert batch rows (float form); creates the buffer on first use.
 
         :returns: (n,) slots (-1 = not stored), see :meth:`ReservoirBuffer.add`.
         """
-        encoded = self.encode(items)
-        if self.buffer is None:
-            self.buffer = self._make_buffer(encoded, device)
-        return self.buffer.add(encoded)
+        return self.storage.insert(items, device)
 
     def sample(self, m: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
         """Draw ``m`` distinct items uniformly; returns (decoded rows on ``device``, slots (m,))."""
-        assert self.buffer is not None
-        stored, slots = self.buffer.sample(m, generator=self.draw_generator)
-        return self.decode(stored, device), slots
+        return self.storage.sample(m, device, self.draw_generator)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def draw_replay(self, strategy: Any, m: int) -> Optional[dict[str, Tensor]]:
@@ -441,6 +433,12 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
 
     # ------------------------------------------------------------------ Avalanche callbacks
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self.stash_current(strategy)
+        self.prepare_replay(strategy)
+        self.replay(strategy)
+
+    def stash_current(self, strategy: Any) -> None:
+        """Check the mini-batch and keep a detached reference to its N current rows (inserted after the step)."""
         batch = strategy.mbatch
         if not isinstance(batch, dict):
             raise TypeError(f"{type(self).__name__} needs dict mini-batches, got {type(batch).__name__}")
@@ -452,7 +450,9 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         # references suffice: apply_replay builds new tensors instead of writing into these
         self._cur = {k: batch[k].detach() for k in REPLAY_KEYS if k in batch and torch.is_tensor(batch[k])}
         self._rep, self._rep_slots, self.n_rep = None, None, 0
-        self.prepare_replay(strategy)
+
+    def replay(self, strategy: Any) -> None:
+        """Draw this step's M replay rows (:meth:`draw_replay`) and add them to the batch (:meth:`apply_replay`)."""
         m = self.replay_size(self.n_cur)
         if m > 0:
             rep = self.draw_replay(strategy, m)
@@ -490,21 +490,8 @@ class ReplayPluginBase(SupervisedPlugin, supports_distributed=True):
         }
 
     def load_buffer_state(self, bstate: Optional[Mapping[str, Any]], saved_device: Optional[str] = None) -> None:
-        """Rebuild the buffer from a :meth:`ReservoirBuffer.state_dict` (its saved field spec), on
-        ``buffer_device``, else where it was saved unless that was a GPU this machine lacks; ``None``
-        empties it."""
-        if bstate is None:
-            self.buffer = None
-            return
-        fields = {k: (tuple(shape), _dtype_from_str(dt)) for k, (shape, dt) in bstate["fields"].items()}
-        dev = self.buffer_device
-        if dev is None:
-            dev = saved_device or "cpu"
-            if str(dev).startswith("cuda") and not torch.cuda.is_available():
-                dev = "cpu"
-        self.buffer = ReservoirBuffer(int(bstate["capacity"]), fields=fields, device=dev,
-                                      generator=self._buffer_generator)
-        self.buffer.load_state_dict(bstate)
+        """Rebuild the buffer from a saved state (:meth:`ReplayStorage.load_state`); ``None`` empties it."""
+        self.storage.load_state(bstate, saved_device)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the buffer is rebuilt from the saved field spec)."""

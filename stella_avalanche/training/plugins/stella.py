@@ -1,7 +1,5 @@
-"""STELLA / STELLA+ as an Avalanche plugin whose hooks follow the steps of ``docs/method.md`` §4. Small
-objects do the work: ``training/avm_step.py`` (steps 1-3), ``training/selection.py`` (4-9),
-``training/item_codec.py`` (what the reservoir stores, §6) and ``replay_base.py`` (current-row stash,
-replay draw, batch extension, DER penalty). The host contract is checked in ``before_training``."""
+"""STELLA / STELLA+ as an Avalanche plugin: :meth:`STELLAPlugin.before_forward` lists docs/method.md §4's steps in order;
+``avm_step.py`` (1-3), ``selection.py`` (4-9), the codec, the storage and ``replay_base.py`` do the work."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -11,13 +9,14 @@ from torch import Tensor, nn
 
 from stella_avalanche import batch_keys as K
 from stella_avalanche.training.avm_step import AVMPass, AVMStep
-from stella_avalanche.training.contract import HostRequirements, check_host
-from stella_avalanche.training.template import record_loss_terms
+from stella_avalanche.training.contract import HostRequirements, check_host, unwrap_backbone
 from stella_avalanche.training.epoch_log import StepScalars
 from stella_avalanche.training.item_codec import StellaCodec
-from stella_avalanche.training.plugins.replay_base import ReplayPluginBase, autocast_for, extend_batch, \
-    unwrap_backbone
+from stella_avalanche.training.plugins.replay_base import ReplayPluginBase, autocast_for, extend_batch
+from stella_avalanche.training.replay_storage import ReplayStorage
 from stella_avalanche.training.selection import PatchSelector, SelectionResult
+from stella_avalanche.training.template import record_loss_terms
+from stella_avalanche.utils import derive_seed
 
 __all__ = ["STELLAPlugin"]
 
@@ -42,7 +41,7 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
         buffer generators derive from it (``stella_avalanche.utils.derive_seed``).
     :param buffer_device, audio_storage, stats_dtype: where the buffer lives ("cpu" is pinned with CUDA),
         its audio ("uint8" per-item affine or "float16") and the dtype of its I, C, qbar (z are fp32).
-    :param head_chunk: AVM heads processed at once for the importance maps.
+    :param head_chunk: AVM heads at once for the importance maps. :param storage: default the StellaCodec above.
     :param importance, rca: the method is ``"avm"`` (LPIS) with replay-guided exclusion; the ablations
         use ``"uniform"`` (equal importance) and / or ``rca=False`` (``C = 0``, no exclusion).
     """
@@ -58,8 +57,11 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
                  betas: tuple[float, float] = (0.95, 0.999), weight_decay: float = 5e-7, seed: int = 0,
                  buffer_device: str | torch.device = "cpu", audio_storage: str = "uint8",
                  stats_dtype: torch.dtype = torch.float16, head_chunk: int = 1, importance: str = "avm",
-                 rca: bool = True) -> None:
-        super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, buffer_device=buffer_device)
+                 rca: bool = True, storage: Optional[ReplayStorage] = None) -> None:
+        storage = storage or ReplayStorage(capacity=mem_size, seed=derive_seed(seed, self.seed_purposes[1]),
+                                           codec=StellaCodec(plus=plus, audio_storage=audio_storage,
+                                                             stats_dtype=stats_dtype), device=buffer_device)
+        super().__init__(mem_size=mem_size, replay_batch=replay_batch, seed=seed, storage=storage)
         if importance not in ("avm", "uniform"):
             raise ValueError(f"importance must be 'avm' or 'uniform', got {importance!r}")
         if refresh_replay_stats and (plus or importance != "avm" or not rca):
@@ -68,11 +70,10 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
         self.avm, self.plus, self.importance, self.rca = avm, bool(plus), importance, bool(rca)
         self.alpha, self.vam_weight, self.refresh_replay_stats = float(alpha), float(vam_weight), refresh_replay_stats
         self.avm_step = AVMStep(avm=avm, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.codec = StellaCodec(plus=plus, audio_storage=audio_storage, stats_dtype=stats_dtype)
         self._selector_kwargs = dict(keep_ratio_video=keep_ratio_video, keep_ratio_audio=keep_ratio_audio,
                                      chunk=chunk, tau=tau_att, head_chunk=head_chunk, importance=importance, rca=rca)
         self.selector: Optional[PatchSelector] = None  # needs the backbone's token grid (_build)
-        self.draw_generator = self._buffer_generator
+        self.draw_generator = self.storage.generator  # replay items drawn with the reservoir's generator
         self._pass: Optional[AVMPass] = None  # this step's AVM pass and selection (until step 12)
         self._sel: Optional[SelectionResult] = None
         self.scalars = StepScalars(prefix="stella")
@@ -85,8 +86,7 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
 
     @property
     def last_stats(self) -> dict[str, float]:
-        """The last step's ``current_rows``, ``replay_rows``, ``first_step``, ``mean_C_v`` / ``mean_C_a``
-        (mean C over the candidates), ``loss_vam``, ``penalty`` as floats (syncs: for logging only)."""
+        """The last step's rows, ``first_step``, mean C over candidates, losses as floats (syncs: logging only)."""
         return self.scalars.floats()
 
     @property
@@ -114,17 +114,17 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
         self.avm_step.attach(strategy)
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        """Steps 1-10 in order; 11 in :meth:`before_backward`, 12 (insertion, :meth:`insertion_extras`) after it."""
         if not strategy.is_training:
             return
         if self.selector is None:  # attached without before_training (e.g. manual loops)
             self.before_training(strategy)
-        super().before_forward(strategy)  # step 1 stash, then prepare_replay, draw_replay, apply_replay
-        self.select(strategy)
-
-    def prepare_replay(self, strategy: Any) -> None:
-        """Steps 1-3 on the current clips: codes, joint features, AVM projections; matching loss."""
+        self.stash_current(strategy)  # the N current rows, stored at step 12
+        # steps 1-3 on the current clips: codes, joint features, AVM projections; matching loss
         self._pass = self.avm_step.run(unwrap_backbone(strategy), self._cur[K.VIDEO], self._cur[K.AUDIO],
                                        autocast=autocast_for(strategy), generator=self.generator)
+        self.replay(strategy)  # step 8.1 before 4-7: their RCA scores the replay rows
+        self.select(strategy)  # steps 4-9, and step 10's kept ids into the batch
 
     def draw_replay(self, strategy: Any, m: int) -> Optional[dict[str, Tensor]]:
         """Step 8.1: M items drawn uniformly and decoded; with the D2 option scored anew."""
@@ -138,8 +138,7 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
 
     def apply_replay(self, strategy: Any, rep: dict[str, Tensor]) -> None:
         """Replay rows after the current ones (STELLA+ keeps the N clips; its patch rows: :meth:`select`)."""
-        extend_batch(strategy.mbatch, self.n_cur, rep, skip=(K.VIDEO, K.AUDIO) if self.plus else (),
-                     placeholders=True)
+        extend_batch(strategy.mbatch, self.n_cur, rep, skip=(K.VIDEO, K.AUDIO) if self.plus else (), placeholders=True)
 
     def select(self, strategy: Any) -> None:
         """Steps 4-9 over the R rows (STELLA+: the N current ones); step 10's kept ids into the batch."""
@@ -164,16 +163,14 @@ class STELLAPlugin(ReplayPluginBase, supports_distributed=True):
         """Step 11: ``loss += vam_weight * L_VAM + alpha * (MSE_a + MSE_v)`` (penalty on the replay rows)."""
         if not strategy.is_training or self._pass is None:
             return
-        penalty = self.der_term(strategy, self.alpha)
-        extra = self.vam_weight * self._pass.loss
+        penalty, extra = self.der_term(strategy, self.alpha), self.vam_weight * self._pass.loss
         self.scalars.last.update(loss_vam=self._pass.loss.detach(),
                                  penalty=0.0 if penalty is None else penalty.detach())
         strategy.loss = strategy.loss + (extra if penalty is None else extra + penalty)
         record_loss_terms(strategy, stella_matching=extra, stella_penalty=penalty)
 
     def insertion_extras(self, strategy: Any) -> dict[str, Tensor]:
-        """Step 12 stores with each current row its z of this step, q̄ and (STELLA) I and C before
-        exclusion; the codec encodes the clip (STELLA+: the selected patches and ids)."""
+        """Step 12 stores with each current row its z, q̄ and (STELLA) I and C before exclusion (codec: the clip)."""
         sel, n, out = self._sel, self.n_cur, strategy.mb_output
         extras = {"z_a": out["z_audio"][:n].detach().float(), "z_v": out["z_video"][:n].detach().float(),
                   "qbar_a": sel.qbar_a, "qbar_v": sel.qbar_v}
