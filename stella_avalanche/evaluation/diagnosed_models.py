@@ -16,6 +16,7 @@ from stella_avalanche.models.avm import build_avm
 from stella_avalanche.models.cav import CAVMAE
 from stella_avalanche.models.config import model_config_for
 from stella_avalanche.models.loading import embed_segments_of, load_backbone_weights
+from stella_avalanche.paths import portable_path
 from stella_avalanche.training.pretrain import load_avm_checkpoint, synthetic_initialisation
 
 __all__ = ["load_models"]
@@ -50,16 +51,16 @@ def load_models(*, checkpoint: Optional[str] = None, backbone: Optional[str] = N
         if avm_state is None:
             raise ValueError(f"{checkpoint}: the run has no AVM (not a STELLA / STELLA+ run)")
         net.load_state_dict(avm_state)
-        return model, net, f"checkpoint {checkpoint}"
+        return model, net, f"checkpoint {portable_path(checkpoint)}"
     if backbone:
         obj = torch.load(backbone, map_location="cpu", weights_only=False)
         state = obj.get("model", obj) if isinstance(obj, dict) else None
         model, net = build(state if isinstance(state, dict) else None)
         load_backbone_weights(model, backbone)
         load_avm_checkpoint(net, avm)
-        return model, net, f"backbone {backbone}, avm {avm}"
+        return model, net, f"backbone {portable_path(backbone)}, avm {portable_path(avm)}"
     model, net = build(None)
     paths = synthetic_initialisation(cfg, preset=preset, seed=data_seed)
     load_backbone_weights(model, paths["backbone"])
     load_avm_checkpoint(net, paths["avm"])
-    return model, net, f"cached synthetic initialisation {paths['backbone'].parent}"
+    return model, net, f"cached synthetic initialisation {portable_path(paths['backbone'].parent)}"
