@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _noise_clips import NoiseClips
 from avalanche.training.plugins import EvaluationPlugin
 
 torch.set_num_threads(1)
@@ -20,7 +21,6 @@ from stella_avalanche.evaluation.loggers import JSONLLogger  # noqa: E402
 from stella_avalanche.evaluation.report import plot_loss_curves, read_loss_series  # noqa: E402
 from stella_avalanche.models.avm import AVMatching  # noqa: E402
 from stella_avalanche.models.cav import build_model  # noqa: E402
-from stella_avalanche.training.buffer import video_from_uint8  # noqa: E402
 from stella_avalanche.training.plugins import CLSERPlugin, DERPPPlugin, ESMERPlugin  # noqa: E402
 from stella_avalanche.training.plugins.stella import STELLAPlugin  # noqa: E402
 from stella_avalanche.training.template import AudioVideoPretraining, make_adam  # noqa: E402
@@ -29,21 +29,8 @@ N, CLIPS = 4, 8
 MODEL_PARTS = {"total", "mae_audio", "mae_video", "nce"}
 
 
-class _Clips(torch.utils.data.Dataset):
-    def __init__(self, cfg, task: int) -> None:
-        g = torch.Generator().manual_seed(70 + task)
-        u8 = torch.randint(0, 256, (CLIPS, cfg.num_frames, 3, cfg.img_size, cfg.img_size), generator=g,
-                           dtype=torch.uint8)
-        self.b = {"video": video_from_uint8(u8),
-                  "audio": torch.randn((CLIPS, 1, cfg.audio_length, cfg.mel_bins), generator=g),
-                  "category": torch.full((CLIPS,), task), "label": torch.zeros(CLIPS, dtype=torch.long),
-                  "index": torch.arange(100 * task, 100 * task + CLIPS)}
-
-    def __len__(self) -> int:
-        return CLIPS
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.b.items()}
+def _Clips(cfg, task: int) -> NoiseClips:
+    return NoiseClips(cfg, task, clips=CLIPS, seed_base=70)
 
 
 @pytest.fixture(scope="module")
