@@ -19,7 +19,7 @@ The JSON is rewritten after every run (atomically), so a run stopped by a time l
 measured. ``--smoke`` runs the whole script on the CPU with the tiny model and 2 steps (tests).
 
     python benchmarks/perf/gpu_suite.py --out gpu_suite.json                  # on a GPU machine
-    python benchmarks/perf/gpu_suite.py --smoke --out /tmp/smoke.json          # CPU, seconds
+    python benchmarks/perf/gpu_suite.py --smoke --out smoke.json               # CPU, seconds
 
 On a machine without avalanche-lib, run ``benchmarks/perf/gpu_bundle.sh`` here first (copies
 avalanche and dill into ``.gpu_site/``), carry ``.gpu_site`` and pass ``--site .gpu_site

@@ -32,14 +32,13 @@ def split_truths(preset: Any = "default", seed: int = 0, split: str = "retrieval
     :returns: ``truth`` (N dicts), ``label`` (N,) class ids and ``index`` (N,) clip index within its
         class, in the generator's order (class by class).
     """
-    from stella_avalanche.data.synthetic import build_vocabulary, clip_rng, get_preset, render_clip
+    from stella_avalanche.data.synthetic import build_vocabulary, clip_rng, clutter_pools, get_preset, render_clip
 
     p = get_preset(preset)
     vocab = build_vocabulary(p, seed)
     truths, labels, index = [], [], []
     for spec in vocab.classes:
-        d_pool = list(dict.fromkeys(c.visual for c in vocab.classes if c.visual != spec.visual))
-        s_pool = [c.sound for c in vocab.classes if c.class_id != spec.class_id]
+        d_pool, s_pool = clutter_pools(vocab, spec)
         for i in range(p.per_class(split)):
             truths.append(render_clip(spec, clip_rng(seed, split, spec.class_id, i), p, d_pool, s_pool).truth)
             labels.append(spec.class_id)

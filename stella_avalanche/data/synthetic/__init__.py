@@ -43,7 +43,7 @@ from stella_avalanche.data.synthetic.rendering import RenderedClip, clip_rng, fr
 from stella_avalanche.data.synthetic.samples import check_features, default_features, render_split, sample_from_clip
 from stella_avalanche.data.synthetic.vocabulary import (COLOUR_NAMES, PALETTE, SHAPES, TEXTURES, TIMBRES, ClassSpec,
                                                         SoundIdentity, SoundKey, VisualIdentity, Vocabulary,
-                                                        build_vocabulary, random_identity, sound_key)
+                                                        build_vocabulary, clutter_pools, random_identity, sound_key)
 from stella_avalanche.data.synthetic.writer import (INIT_ONLY_FIELDS, LABEL_CSV, SPLITS, clip_key, generate_synthetic,
                                                     is_complete, load_ground_truth, synthetic_root, truth_patch_mask)
 
@@ -57,6 +57,7 @@ __all__ = [
     "ClassSpec",
     "Vocabulary",
     "build_vocabulary",
+    "clutter_pools",
     "RenderedClip",
     "render_clip",
     "clip_rng",

@@ -10,7 +10,7 @@ import torch
 from stella_avalanche.data.synthetic.preset import SyntheticPreset, get_preset
 from stella_avalanche.data.synthetic.rendering import (RenderedClip, clip_rng, frame_indices, jpeg_roundtrip,
                                                        render_clip)
-from stella_avalanche.data.synthetic.vocabulary import build_vocabulary
+from stella_avalanche.data.synthetic.vocabulary import build_vocabulary, clutter_pools
 from stella_avalanche.data.synthetic.writer import clip_key
 
 if TYPE_CHECKING:
@@ -97,8 +97,7 @@ def render_split(preset: str | SyntheticPreset = "default", seed: int = 0, split
     for spec in vocab.classes:
         if tasks is not None and spec.task not in tasks:
             continue
-        d_pool = list(dict.fromkeys(c.visual for c in vocab.classes if c.visual != spec.visual))
-        s_pool = [c.sound for c in vocab.classes if c.class_id != spec.class_id]
+        d_pool, s_pool = clutter_pools(vocab, spec)
         for i in range(n):
             clip = render_clip(spec, clip_rng(seed, split, spec.class_id, i), p, d_pool, s_pool)
             v, a = sample_from_clip(clip, feats, train=False, jpeg_quality=p.jpeg_quality if jpeg else None,

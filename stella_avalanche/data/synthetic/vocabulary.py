@@ -14,7 +14,7 @@ from stella_avalanche.data.synthetic.preset import SyntheticPreset
 
 __all__ = ["SHAPES", "TEXTURES", "PALETTE", "COLOUR_NAMES", "TIMBRES", "VisualIdentity", "SoundIdentity",
            "ClassSpec", "Vocabulary", "SoundKey", "hz_to_mel", "mel_to_hz", "mel_step", "sound_key",
-           "random_identity", "build_vocabulary"]
+           "random_identity", "build_vocabulary", "clutter_pools"]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
 TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker")
@@ -223,3 +223,11 @@ def build_vocabulary(preset: SyntheticPreset, seed: int) -> Vocabulary:
         for i in range(preset.init_classes)
     )
     return Vocabulary(classes=tuple(classes), init_classes=init, task_names=tuple(preset.task_names))
+
+
+def clutter_pools(vocab: Vocabulary, spec: ClassSpec) -> tuple[list[VisualIdentity], list[SoundIdentity]]:
+    """What a clip of ``spec`` draws its clutter from: the silent distractor from the other visual
+    identities (unique, in class order; a twin's shared look is excluded) and the off-screen sound from
+    the other classes' sounds. One rule for the writer, the in-memory splits and the oracles."""
+    visuals = list(dict.fromkeys(c.visual for c in vocab.classes if c.visual != spec.visual))
+    return visuals, [c.sound for c in vocab.classes if c.class_id != spec.class_id]

@@ -17,7 +17,7 @@ import numpy as np
 from stella_avalanche.data.synthetic.preset import SYNTHETIC_VERSION, SyntheticPreset, get_preset
 from stella_avalanche.data.synthetic.rendering import (clip_rng, frame_indices, jpeg_bytes, render_clip, shape_mask,
                                                        wav_bytes)
-from stella_avalanche.data.synthetic.vocabulary import ClassSpec, build_vocabulary
+from stella_avalanche.data.synthetic.vocabulary import ClassSpec, build_vocabulary, clutter_pools
 from stella_avalanche.utils import build_lock
 
 __all__ = ["SPLITS", "LABEL_CSV", "INIT_ONLY_FIELDS", "synthetic_root", "is_complete", "clip_key",
@@ -75,9 +75,7 @@ def _job(args: tuple[str, SyntheticPreset, int, str, int, int, int]) -> list[tup
     out_dir, preset, seed, split, class_id, start, stop = args
     vocab = build_vocabulary(preset, seed)
     spec = vocab.classes[class_id]
-    d_pool = [c.visual for c in vocab.classes if c.visual != spec.visual]
-    d_pool = list(dict.fromkeys(d_pool))  # unique, order-preserving
-    s_pool = [c.sound for c in vocab.classes if c.class_id != class_id]
+    d_pool, s_pool = clutter_pools(vocab, spec)
     idx = frame_indices(preset)
     rows = []
     root = Path(out_dir)
