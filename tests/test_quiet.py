@@ -118,6 +118,15 @@ def test_progress_logger_prints_one_recall_line(progress_switch):
         lg.log_single_metric(f"{d}_R@{k}_Pooled/eval_phase/retrieval_stream/Task000", 99.0, 10)  # per task: not shown
     lg.after_eval(_Strategy(), [])
     assert buf.getvalue() == "task 2/3 (animals): A→V R@1/5 10.0/30.2, V→A R@1/5 12.0/33.0\n"
+    # the zero-shot evaluation before the first task is named as such, not "task 0"
+    before = _Strategy()
+    before.clock = type("_Clock0", (), {"train_exp_counter": 0, "train_exp_epochs": 0})()
+    buf = io.StringIO()
+    lg = ProgressLogger(task_names=["music", "animals", "vehicles"], file=buf)
+    lg.before_eval(before, [])
+    lg.log_single_metric("A2V_R@1_Pooled/eval_phase/retrieval_stream", 2.5, 0)
+    lg.after_eval(before, [])
+    assert buf.getvalue() == "initialisation (no training): A→V R@1 2.5\n"
     # a training epoch's bar in a log file (not a TTY) writes no line per update
     progress_switch(True)
     buf = io.StringIO()

@@ -140,6 +140,8 @@ class ProgressLogger(BaseLogger):
 
     def _task(self, strategy: Any) -> str:
         k = int(getattr(strategy.clock, "train_exp_counter", 0))  # experiences trained so far
+        if k == 0:  # the zero-shot evaluation every run makes before its first task
+            return "initialisation (no training)"
         n = len(self.task_names) if self.task_names else None
         name = f" ({self.task_names[k - 1]})" if self.task_names and 0 < k <= len(self.task_names) else ""
         return f"task {k}/{n}{name}" if n else f"task {k}{name}"
