@@ -151,11 +151,12 @@ def test_planted_model_gives_the_known_answers() -> None:
     assert out["audio_sounding_recall_candidates"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("preset,identified", [("default", False), ("half_sounding", True)])
+@pytest.mark.parametrize("preset,identified", [("instance_cues", False), ("half_sounding", True), ("default", True)])
 def test_oracle_pattern_survives_selection_only_on_the_new_geometry(preset: str, identified: bool) -> None:
-    """The default puts one on/off segment in each audio chunk and allows 3 of 4 segments on: keeping
-    half of the chunks then drops a sounding chunk of every 3-segment clip. The half_sounding preset
-    keeps at most half of the segments sounding, so the perfect selection keeps the whole pattern."""
+    """One on/off segment goes into each audio chunk. v2's default (instance_cues) allows 3 of 4
+    segments on: keeping half of the chunks then drops a sounding chunk of every 3-segment clip. The
+    half_sounding preset and the v3 default keep at most half of the segments sounding, so the perfect
+    selection keeps the whole pattern."""
     p = get_preset(preset)
     clips = render_split(p, 0, "retrieval", per_class=4)
     cfg = build_model("tiny").config
@@ -277,7 +278,8 @@ class _ClassAVM(_PlantedAVM):
 
 
 def test_avm_class_auc_separates_an_avm_that_reads_the_class() -> None:
-    clips = render_split(dataclasses.replace(get_preset("tiny"), max_on_segments=1), 0, "retrieval", per_class=4)
+    clips = render_split(dataclasses.replace(get_preset("tiny"), min_on_segments=1, max_on_segments=1), 0, "retrieval",
+                         per_class=4)
     cfg = build_model("tiny").config
     n = clips["label"].numel()
     rows = torch.arange(n, dtype=torch.float32)

@@ -54,7 +54,27 @@ def test_result_block_is_generated_from_its_source():
     assert blocks and blocks[0].group("name") == "headline"
     assert (ROOT / blocks[0].group("source")).is_file()
     assert update_blocks(text, root=ROOT) == text, "README's generated block is stale: python -m stella_avalanche.cli.docs"
-    assert blocks[0].group("body").count("\n") == 2 + 4  # header, rule and the four methods
+    body = blocks[0].group("body")
+    assert "| Finetune (lower bound) |" in body and "| Multitask (upper bound) |" in body
+
+
+def test_headline_puts_the_initialisation_first_when_the_comparison_has_it(tmp_path):
+    from stella_avalanche.evaluation.published import headline_table
+
+    head = "key,direction,metric,seeds,mean,std,ci_lo,ci_hi,diff_derpp,diff_derpp_lo,diff_derpp_hi," \
+           "diff_finetune,diff_finetune_lo,diff_finetune_hi\n"
+    rows = ["finetune,{d},A,2,10.0,1.0,9,11,,,,,,", "finetune,{d},F,2,8.0,1.0,7,9,,,,,,",
+            "multitask,{d},A,2,30.0,0.5,29,31,,,,20.0,15.0,25.0"]
+    (tmp_path / "intervals.csv").write_text(head + "\n".join(r.format(d=d) for d in ("a2v", "v2a") for r in rows) + "\n")
+    table = headline_table(tmp_path / "intervals.csv")
+    assert "Initialisation" not in table and table.count("\n") == 2 + 2
+    assert "| Multitask (upper bound) | 2 | 30.00 ± 0.50 | – | 30.00 ± 0.50 | – | +20.00 [+15.00, +25.00] / " in table
+    (tmp_path / "comparison.csv").write_text(
+        "strategy,seeds,a2v/Avg/A/mean,a2v/Avg/A/std,v2a/Avg/A/mean,v2a/Avg/A/std\n"
+        "initial,4,13.02,0.0,13.09,0.0\nfinetune,2,10,1,10,1\n")
+    lines = headline_table(tmp_path / "intervals.csv").splitlines()
+    assert lines[2].startswith("| Initialisation (no training) | 4 | 13.02 ± 0.00 | – | 13.09 ± 0.00 | – |")
+    assert lines[3].startswith("| Finetune (lower bound) | 2 |")
 
 
 def test_every_generated_block_is_current():

@@ -45,8 +45,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_vocabulary_twins_share_visuals_not_sounds() -> None:
     v = build_vocabulary(get_preset("default"), 0)
-    k, off = 3, 4
-    assert len(v.classes) == 24 and len(v.init_classes) == 12
+    k, off = 6, 4
+    assert len(v.classes) == 48 and len(v.init_classes) == 12
     for c in v.classes[: off * k]:
         twin = v.classes[c.class_id + off * k]
         assert twin.visual == c.visual and twin.sound != c.sound
@@ -54,7 +54,7 @@ def test_vocabulary_twins_share_visuals_not_sounds() -> None:
     assert len({c.visual for c in v.classes[: off * k]}) == off * k
     # init classes reuse the families but not the combinations; all sounds distinct
     assert not {c.visual for c in v.init_classes} & {c.visual for c in v.classes}
-    assert len({c.sound for c in v.classes + v.init_classes}) == 36
+    assert len({c.sound for c in v.classes + v.init_classes}) == 60
 
 
 def test_same_seed_byte_identical_and_seeds_differ(tiny_root: Path, tmp_path: Path) -> None:
@@ -126,7 +126,8 @@ def test_ground_truth_boxes_match_object_pixels(tiny_root: Path) -> None:
             ys, xs = np.nonzero(bright[s])
             hit = np.zeros_like(pm)
             hit[ys // 16, xs // 16] = True
-            assert (hit & ~pm).sum() <= 1 and (pm & ~hit).sum() == 0, key
+            # at most one patch either way: a textured shape can put only dark pixels in a corner patch
+            assert (hit & ~pm).sum() <= 1 and (pm & ~hit).sum() <= 1, key
             checked += 1
     assert checked > 100
 
@@ -165,7 +166,7 @@ def _recall_at(za: np.ndarray, zv: np.ndarray, k: int, ties: str = "pessimistic"
 
 
 def test_oracle_and_shuffled_controls() -> None:
-    preset = get_preset("default")
+    preset = get_preset("instance_cues")  # v2's default: the instance cues (pitch, loudness) are in play
     vocab = build_vocabulary(preset, 0)
     visuals, sounds = [c.visual for c in vocab.classes], [c.sound for c in vocab.classes]
     truths = [render_clip(c, clip_rng(0, "retrieval", c.class_id, i), preset, visuals, sounds).truth
@@ -322,16 +323,19 @@ def test_per_clip_init_identities_are_fresh_and_outside_the_benchmark() -> None:
 
 def test_sounding_segments_fit_half_of_the_chunks() -> None:
     """half_sounding: 1..2 of 4 segments sound (so keeping half of the audio chunks can keep all of
-    them); the default allows 1..3."""
+    them); v2's default (instance_cues) allows 1..3; the v3 default sounds in exactly 2."""
     vocab = build_vocabulary(TINY, 0)
-    half = dataclasses.replace(TINY, max_on_segments=2)
-    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), half, [], []).truth["pattern"])
-              for i in range(30)]
-    assert set(counts) == {1, 2}
-    counts = [sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), TINY, [], []).truth["pattern"])
-              for i in range(40)]
-    assert set(counts) == {1, 2, 3}
+    v2 = dataclasses.replace(TINY, min_on_segments=1, max_on_segments=None)
+
+    def counts(preset, n: int) -> set[int]:
+        return {sum(render_clip(vocab.classes[0], clip_rng(0, "train", 0, i), preset, [], []).truth["pattern"])
+                for i in range(n)}
+
+    assert counts(dataclasses.replace(v2, max_on_segments=2), 30) == {1, 2}
+    assert counts(v2, 40) == {1, 2, 3}
+    assert counts(TINY, 30) == {2}
     assert get_preset("half_sounding").max_on_segments == 2
+    assert get_preset("default").on_segments == (2, 2) == TINY.on_segments
 
 
 def test_concurrent_generators_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

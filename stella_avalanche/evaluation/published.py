@@ -24,9 +24,10 @@ __all__ = ["headline_table", "render_block", "update_blocks", "BLOCK_RE", "RENDE
 BLOCK_RE = re.compile(r"(<!-- generated:(?P<name>[\w-]+) from (?P<source>\S+) -->\n)(?P<body>.*?)"
                       r"(<!-- /generated:(?P=name) -->)", re.S)
 
-#: the methods of the headline table, in order, with their display names
+#: the methods of the headline table, in order, with their display names (a method without runs is left out)
 _HEADLINE_ROWS = (("finetune", "Finetune (lower bound)"), ("derpp", "DER++"), ("stella", "STELLA"),
-                  ("multitask", "Multitask (upper bound)"))
+                  ("stella_random", "STELLA, random patches"), ("multitask", "Multitask (upper bound)"))
+_INITIAL = ("initial", "Initialisation (no training)")
 
 
 def _num(text: str) -> float | None:
@@ -37,35 +38,55 @@ def _signed(x: float) -> str:
     return f"{x:+.2f}".replace("-", "−")
 
 
+def _diff_cell(r: Mapping[str, str] | None, ref: str) -> str:
+    diff = None if r is None else _num(r.get(f"diff_{ref}", ""))
+    if diff is None:
+        return "–"
+    lo, hi = float(r[f"diff_{ref}_lo"]), float(r[f"diff_{ref}_hi"])
+    return f"{_signed(diff)} [{_signed(lo)}, {_signed(hi)}]" + (" ≈0" if lo <= 0 <= hi else "")
+
+
+def _initial_cells(comparison_csv: Path) -> tuple[str, list[str]] | None:
+    """(seeds, [A→V 𝒜, A→V ℱ, V→A 𝒜, V→A ℱ]) of the zero-shot row of ``comparison.csv``, if it has one."""
+    if not comparison_csv.is_file():
+        return None
+    with open(comparison_csv, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if r["strategy"] == _INITIAL[0]:
+                return r["seeds"], [f"{float(r[f'{d}/Avg/A/mean']):.2f} ± {float(r[f'{d}/Avg/A/std']):.2f}"
+                                    if m == "A" else "–" for d in ("a2v", "v2a") for m in ("A", "F")]
+    return None
+
+
 def headline_table(intervals_csv: str | Path) -> str:
     """The README's result table from a comparison's ``intervals.csv`` (``compare.py`` writes it):
-    per method 𝒜 and ℱ of each direction (Avg of R@1/5/10, %, mean ± std over seeds) and the paired
-    differences to DER++ in 𝒜 and ℱ with their 95 % bootstrap intervals ("≈0" when one contains zero)."""
+    per method 𝒜 and ℱ of each direction (Avg of R@1/5/10, %, mean ± std over seeds), the paired
+    difference in 𝒜 to Finetune and the paired differences to DER++ in 𝒜 and ℱ, with their 95 %
+    bootstrap intervals ("≈0" when one contains zero). When the ``comparison.csv`` beside it has the
+    zero-shot row, the initialisation comes first (𝒜 only: it has no forgetting and no paired runs)."""
     rows: dict[tuple[str, str, str], Mapping[str, str]] = {}
     with open(intervals_csv, newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             rows[(r["key"], r["direction"], r["metric"])] = r
-    lines = ["| method | seeds | A→V 𝒜 | A→V ℱ | V→A 𝒜 | V→A ℱ | Δ𝒜 vs DER++ A→V / V→A | Δℱ vs DER++ A→V / V→A |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | A→V 𝒜 | A→V ℱ | V→A 𝒜 | V→A ℱ | Δ𝒜 vs Finetune A→V / V→A "
+             "| Δ𝒜 vs DER++ A→V / V→A | Δℱ vs DER++ A→V / V→A |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    initial = _initial_cells(Path(intervals_csv).with_name("comparison.csv"))
+    if initial is not None:
+        lines.append(f"| {_INITIAL[1]} | {initial[0]} | " + " | ".join(initial[1]) + " | – / – | – / – | – / – |")
     for key, label in _HEADLINE_ROWS:
         if (key, "a2v", "A") not in rows:
             continue
         cells: list[str] = []
-        diffs: dict[str, list[str]] = {"A": [], "F": []}
         for d in ("a2v", "v2a"):
             for m in ("A", "F"):
                 r = rows.get((key, d, m))
                 mean = None if r is None else _num(r["mean"])
                 cells.append("–" if mean is None else f"{mean:.2f} ± {float(r['std']):.2f}")
-                diff = None if r is None else _num(r.get("diff_derpp", ""))
-                if diff is None:
-                    diffs[m].append("–")
-                else:
-                    lo, hi = float(r["diff_derpp_lo"]), float(r["diff_derpp_hi"])
-                    diffs[m].append(f"{_signed(diff)} [{_signed(lo)}, {_signed(hi)}]" + (" ≈0" if lo <= 0 <= hi else ""))
+        diffs = [" / ".join(_diff_cell(rows.get((key, d, m)), ref) for d in ("a2v", "v2a"))
+                 for m, ref in (("A", "finetune"), ("A", "derpp"), ("F", "derpp"))]
         seeds = rows[(key, "a2v", "A")]["seeds"]
-        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " | " + " / ".join(diffs["A"]) + " | "
-                     + " / ".join(diffs["F"]) + " |")
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
     return "\n".join(lines) + "\n"
 
 
