@@ -178,3 +178,39 @@ def test_the_avm_is_the_same_whether_stage_1_ran_in_the_process_or_was_cached(tm
     assert again["avm"] == first["avm"]
     alone = torch.load(again["avm"], weights_only=False)["avm"]
     assert all(torch.equal(built_with_stage1[k], alone[k]) for k in alone)
+
+
+def test_contrastive_input_is_not_part_of_the_init_keys() -> None:
+    """Neither stage reads the model's ``contrastive_input`` (stage 1 takes the schedule's), so runs
+    with the masked and the unmasked InfoNCE share one initialisation."""
+    import dataclasses
+
+    from stella_avalanche.training.pretrain import InitSchedule, _init_keys
+
+    cfg = model_config_for("tiny", default_features("tiny"))
+    kept = dataclasses.replace(cfg, contrastive_input="kept")
+    visible = dataclasses.replace(cfg, contrastive_input="visible")
+    assert _init_keys(kept, "tiny", 0, InitSchedule()) == _init_keys(visible, "tiny", 0, InitSchedule())
+
+
+def test_a_train_seed_builds_another_initialisation_from_the_same_clips(tmp_path, monkeypatch) -> None:
+    """``train_seed`` changes the weights (and the cache directory) but not the init stream's clips."""
+    import dataclasses
+
+    seen_seeds: list[int] = []
+    real = P.pretrain_backbone
+
+    def spy(model, loader, **kw):
+        seen_seeds.append(loader.dataset.seed)
+        return real(model, loader, **kw)
+
+    monkeypatch.setattr(P, "pretrain_backbone", spy)
+    cfg = model_config_for("tiny", default_features("tiny"))
+    runs = [P.synthetic_initialisation(cfg, preset="tiny", schedule=dataclasses.replace(_TINY_SCHEDULE, train_seed=s),
+                                       cache_dir=tmp_path, num_workers=0, progress=False) for s in (None, 0, 1)]
+    assert seen_seeds == [0, 0, 0]  # the data seed's clips every time
+    weights = [torch.load(r["backbone"], weights_only=False)["model"] for r in runs]
+    name = next(k for k in weights[0] if k.endswith("weight") and weights[0][k].dim() == 2)
+    assert torch.equal(weights[0][name], weights[1][name])  # train_seed 0 = the data seed 0
+    assert not torch.equal(weights[0][name], weights[2][name])
+    assert runs[2]["backbone"].parent != runs[0]["backbone"].parent

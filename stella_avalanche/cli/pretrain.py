@@ -39,7 +39,9 @@ __all__ = ["build_parser", "main"]
 def _init_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("tiny", "base"), default="tiny")
     p.add_argument("--preset", default="default", help="synthetic preset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data seed (the stream's and the init stream's clips)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="synthetic: seed of the training of both stages (default: the data seed)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -81,8 +83,8 @@ def _stage1(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.steps is not None:  # keep the recipe's share of contrastive-only steps
             sched = dataclasses.replace(sched, backbone_steps=args.steps, contrastive_only_steps=args.steps
                                         * sched.contrastive_only_steps // sched.backbone_steps)
-        sched = dataclasses.replace(sched, **{k: v for k, v in (("batch_size", args.batch_size),
-                                                                 ("lr", args.lr)) if v is not None})
+        sched = dataclasses.replace(sched, **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                                                 ("train_seed", args.train_seed)) if v is not None})
         paths = synthetic_initialisation(cfg, preset=args.preset, seed=args.seed, schedule=sched,
                                          device=device, force=args.force)
         print(f"backbone: {paths['backbone']}\nAVM: {paths['avm']}")

@@ -67,6 +67,9 @@ class InitSchedule:
         trainable, the pair AUC stays at 0.89 (docs/synthetic.md).
     :param avm_target_accuracy: held-out matching accuracy at which stage 2 stops.
     :param avm_eval_every: stage-2 steps between held-out evaluations.
+    :param train_seed: seed of both stages' weights, masks and AVM pairings (``None``: the data seed).
+        The init stream's clips stay those of the data seed, so builds with several train seeds differ
+        only in training, like repeated pre-trainings of one model on one data set.
     """
 
     backbone_steps: int = 500
@@ -80,6 +83,7 @@ class InitSchedule:
     decoder_only_after_contrastive: bool = False
     avm_target_accuracy: float = 0.85
     avm_eval_every: int = 50
+    train_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.contrastive_only_steps <= self.backbone_steps:
@@ -332,7 +336,8 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
     from stella_avalanche.models.cav import CAVMAE
 
     log.info("building the synthetic initialisation in %s (cached for later runs)", paths["backbone"].parent)
-    torch.manual_seed(seed)
+    train_seed = seed if schedule.train_seed is None else schedule.train_seed
+    torch.manual_seed(train_seed)
     # the stage-1 objective may differ from the run's (e.g. the InfoNCE on an unmasked pass); the
     # weights are the same either way
     model = CAVMAE(dataclasses.replace(model_cfg, contrastive_input=schedule.contrastive_input))
@@ -358,7 +363,7 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
     avm = build_avm(model)
     record: dict = {}
     hist = pretrain_avm(model, avm, loader, steps=schedule.avm_steps, lr=schedule.avm_lr, device=device,
-                        progress=progress, generator=torch.Generator().manual_seed(seed), heldout=heldout,
+                        progress=progress, generator=torch.Generator().manual_seed(train_seed), heldout=heldout,
                         target_accuracy=schedule.avm_target_accuracy, eval_every=schedule.avm_eval_every,
                         record=record)
     last = record["heldout"][-1]["accuracy"] if record.get("heldout") else float("nan")
