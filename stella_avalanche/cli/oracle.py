@@ -1,7 +1,7 @@
 """Retrieval oracles of a synthetic preset from the generator's ground truth (no model, no training).
 
     python -m stella_avalanche.cli.oracle                       # the default preset, printed
-    python -m stella_avalanche.cli.oracle --preset default half_sounding --out docs/results/synthetic_oracle
+    python -m stella_avalanche.cli.oracle --preset default instance_cues half_sounding --out docs/results/synthetic_oracle
 
 Prints, per preset, the expected R@1/5/10 and their mean (Avg 𝒜 of a model that never changes) of a
 ranker that knows only the instance cues and of one that also knows each clip's class, on the
