@@ -254,3 +254,20 @@ def test_the_initialisation_row_comes_first_from_the_runs_zero_shot_recall(tmp_p
             _put_res(tmp_path, s, k, _results_with_ranks(s, k, 0))
     runs = comparison.load_runs(tmp_path)
     assert comparison.INITIAL not in [r["strategy"] for r in comparison.aggregate(runs)]
+
+
+def test_gain_over_the_initialisation_is_each_runs_own_difference(tmp_path):
+    """intervals.md's "Over the initialisation": final Avg 𝒜 minus the same run's zero-shot Avg."""
+    for s, shift in (("finetune", 0), ("multitask", 5)):
+        for k in (0, 1):
+            res = _results_with_ranks(s, k, shift)
+            res["recall_initial"] = {d: {c: [float(k)] * len(res["tasks"]) for c in ("R@1", "R@5", "R@10")}
+                                     for d in ("a2v", "v2a")}
+            _put_res(tmp_path, s, k, res)
+    runs = comparison.load_runs(tmp_path)
+    md = comparison.initial_gain_markdown(runs, ["finetune", "multitask"])
+    for s in ("finetune", "multitask"):
+        gains = [r["summary"]["a2v"]["Avg"]["A"] - k for k, r in enumerate(runs[s])]
+        line = next(x for x in md.splitlines() if x.startswith(f"| {comparison.PRETTY[s]} | 2 |"))
+        assert f"{np.mean(gains):.2f} ± {np.std(gains):.2f} (min {min(gains):.2f})" in line
+    assert comparison.initial_gain_markdown({"finetune": [_results_with_ranks("finetune", 0, 0)]}, ["finetune"]) == ""
