@@ -271,3 +271,16 @@ def test_gain_over_the_initialisation_is_each_runs_own_difference(tmp_path):
         line = next(x for x in md.splitlines() if x.startswith(f"| {comparison.PRETTY[s]} | 2 |"))
         assert f"{np.mean(gains):.2f} ± {np.std(gains):.2f} (min {min(gains):.2f})" in line
     assert comparison.initial_gain_markdown({"finetune": [_results_with_ranks("finetune", 0, 0)]}, ["finetune"]) == ""
+
+
+def test_guide_diagnostics_count_the_entries_that_meet_each_target():
+    entries = [{"after": "init", "avm_accuracy": 0.9, "video_object_lift": 1.0, "rca_twin_auc": 0.5},
+               {"after": "task0", "avm_accuracy": 0.7, "video_object_lift": 2.0, "rca_twin_auc": 0.9},
+               {"after": "task1", "avm_accuracy": 0.85, "video_object_lift": 1.6, "rca_twin_auc": 0.8}]
+    md = comparison.guide_diagnostics_markdown({"stella": [{"seed": 3, "diagnostics": entries}],
+                                                "derpp": [{"seed": 0}]})
+    assert "## STELLA" in md and "DER++" not in md
+    assert "| 3 | task1 | 0.85 | 1.60 |" in md
+    assert "AVM acc ≥ 0.8: 2 of 3" in md and "video lift ≥ 1.5: 2 of 3" in md
+    assert "RCA twin AUC ≥ 0.7: 1 of 1 (from task1 on)" in md  # init and task0 do not count
+    assert comparison.guide_diagnostics_markdown({"derpp": [{"seed": 0}]}) == ""

@@ -32,7 +32,8 @@ __all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATIO
            "INITIAL", "initial_row", "mem_key", "item_bytes", "equal_bytes_items", "load_runs", "main_table_keys", "aggregate",
            "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
            "task_gallery_markdown", "initial_gain_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
-           "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "write_statistics"]
+           "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "GUIDE_TARGETS", "guide_diagnostics_markdown",
+           "write_statistics"]
 
 DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
 COLS = ("R@1", "R@5", "R@10", "Avg")
@@ -615,6 +616,48 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+#: per-task targets of STELLA's guide in a run (docs/diagnostics.md): key, display name, threshold,
+#: whether it applies from the start (False: from the entry after task 1 on, since the class relations
+#: need stream classes in the buffer and the AVM first)
+GUIDE_TARGETS = (("avm_accuracy", "AVM acc", 0.8, True), ("video_object_lift", "video lift", 1.5, True),
+                 ("video_object_recall_selected_no_twin", "video sel. recall, no twin", 0.6, True),
+                 ("audio_sounding_lift", "audio lift", 1.5, True),
+                 ("audio_sounding_recall_kept_no_twin", "audio kept recall, no twin", 0.7, True),
+                 ("rca_twin_auc", "RCA twin AUC", 0.7, False), ("avm_class_auc", "AVM class AUC", 0.7, False))
+
+
+def guide_diagnostics_markdown(runs: dict[str, list[dict]]) -> str:
+    """The selection diagnostics of every run that recorded them (STELLA's family on the synthetic
+    benchmark): one row per seed and evaluation point, and per run key how many entries meet each of
+    :data:`GUIDE_TARGETS`; empty when no run has them."""
+    cols = [k for k, *_ in GUIDE_TARGETS] + ["video_object_recall_candidates"]
+    names = [n for _, n, *_ in GUIDE_TARGETS] + ["video cand. recall"]
+    out: list[str] = []
+    for key in sorted(runs):
+        group = [r for r in runs[key] if r.get("diagnostics")]
+        if not group:
+            continue
+        out += ["", f"## {PRETTY.get(key, key)}", "", "| seed | after | " + " | ".join(names) + " |",
+                "|---|---|" + "---|" * len(names)]
+        met = {k: [0, 0] for k, *_ in GUIDE_TARGETS}
+        for r in group:
+            for e in r["diagnostics"]:
+                cells = ["–" if e.get(c) is None else f"{float(e[c]):.2f}" for c in cols]
+                out.append(f"| {r.get('seed', '?')} | {e.get('after', '?')} | " + " | ".join(cells) + " |")
+                for k, _, thr, at_init in GUIDE_TARGETS:
+                    if e.get(k) is not None and (at_init or e.get("after") not in ("init", "task0")):
+                        met[k][0] += float(e[k]) >= thr
+                        met[k][1] += 1
+        out += ["", "Entries meeting each target: " + "; ".join(
+            f"{n} ≥ {thr:g}: {met[k][0]} of {met[k][1]}" + ("" if at_init else " (from task1 on)")
+            for k, n, thr, at_init in GUIDE_TARGETS if met[k][1]) + "."]
+    if not out:
+        return ""
+    return ("# STELLA's guide, per evaluation point\n\nSelection diagnostics measured by each run on the "
+            "stream's retrieval clips (generator ground truth; docs/diagnostics.md) before the stream "
+            "(`init`) and after every task.\n" + "\n".join(out) + "\n")
+
+
 def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *, n_boot: int, default_mem: int,
                      mem_sizes: list[int] | None = None, queries_per_task: int | None = None) -> None:
     """intervals.md/.csv, power.md and, when their runs exist, ablation.md and the memory sweep.
@@ -633,6 +676,10 @@ def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *,
     with atomic_write(out / "power.md") as fh:
         fh.write(power)
     print(power)
+    guide = guide_diagnostics_markdown(runs)
+    if guide:
+        with atomic_write(out / "guide_diagnostics.md") as fh:
+            fh.write(guide)
     ablation = ablation_markdown(boot)
     if ablation is not None:
         with atomic_write(out / "ablation.md") as fh:
