@@ -73,7 +73,7 @@ def test_headline_puts_the_initialisation_first_when_the_comparison_has_it(tmp_p
         "strategy,seeds,a2v/Avg/A/mean,a2v/Avg/A/std,v2a/Avg/A/mean,v2a/Avg/A/std\n"
         "initial,4,13.02,0.0,13.09,0.0\nfinetune,2,10,1,10,1\n")
     lines = headline_table(tmp_path / "intervals.csv").splitlines()
-    assert lines[2].startswith("| Initialisation (no training) | 4 | 13.02 ± 0.00 | – | 13.09 ± 0.00 | – |")
+    assert lines[2].startswith("| Initialisation (no training) | 4 runs | 13.02 ± 0.00 | – | 13.09 ± 0.00 | – |")
     assert lines[3].startswith("| Finetune (lower bound) | 2 |")
 
 

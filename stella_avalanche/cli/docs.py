@@ -1,7 +1,7 @@
 """``python -m stella_avalanche.cli.docs``: rewrite the generated figure blocks of the README (and any
 other document given) from the published result files they name; ``--check`` only reports stale ones.
 
-    python -m stella_avalanche.cli.docs            # rewrite the blocks of README.md and docs/results/README.md
+    python -m stella_avalanche.cli.docs            # rewrite the blocks of README.md and docs/results/
     python -m stella_avalanche.cli.docs --check    # exit 1 when a block differs from its source
 
 The blocks and their sources: :mod:`stella_avalanche.evaluation.published`.
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from stella_avalanche.evaluation.published import update_blocks
 
 #: the documents with generated blocks (paths relative to the repository root)
-DOCUMENTS = ("README.md", "docs/results/README.md")
+DOCUMENTS = ("README.md", "docs/results/README.md", "docs/results/synthetic_v4/README.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -47,13 +47,14 @@ def _diff_cell(r: Mapping[str, str] | None, ref: str) -> str:
 
 
 def _initial_cells(comparison_csv: Path) -> tuple[str, list[str]] | None:
-    """(seeds, [A→V 𝒜, A→V ℱ, V→A 𝒜, V→A ℱ]) of the zero-shot row of ``comparison.csv``, if it has one."""
+    """("<n> runs", [A→V 𝒜, A→V ℱ, V→A 𝒜, V→A ℱ]) of the zero-shot row of ``comparison.csv``, if it has
+    one: the number of runs that evaluated their initialisation (one build when a comparison shares it)."""
     if not comparison_csv.is_file():
         return None
     with open(comparison_csv, newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             if r["strategy"] == _INITIAL[0]:
-                return r["seeds"], [f"{float(r[f'{d}/Avg/A/mean']):.2f} ± {float(r[f'{d}/Avg/A/std']):.2f}"
+                return f"{r['seeds']} runs", [f"{float(r[f'{d}/Avg/A/mean']):.2f} ± {float(r[f'{d}/Avg/A/std']):.2f}"
                                     if m == "A" else "–" for d in ("a2v", "v2a") for m in ("A", "F")]
     return None
 
