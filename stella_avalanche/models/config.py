@@ -261,7 +261,7 @@ MODEL_PRESETS: dict[str, CAVConfig] = {
         avm_pooling="product",
         # a global token mean loses *which* segments show the object; pooling each segment (a learned
         # map over the 4 segment means, starting as their average) keeps it; the pair AUC stage 1 then
-        # reaches: docs/synthetic.md, "The current default, measured" (the mean pooling saturated lower)
+        # reaches: docs/synthetic.md, "Generator v2's default, measured" (the mean pooling saturated lower)
         embed_segments=4,
         # without it the stage-2 AVM sat at ln 2: uniform attention reads no synchrony, so nothing pulls
         # it towards time-aligned attention (docs/synthetic.md)
