@@ -149,6 +149,10 @@ def test_planted_model_gives_the_known_answers() -> None:
     assert out["video_object_recall_candidates"] == pytest.approx(1.0)
     assert out["audio_sounding_lift"] > 1.5
     assert out["audio_sounding_recall_candidates"] == pytest.approx(1.0)
+    # without RCA the importance sampling keeps what the planted map points at (the object's patches,
+    # a minority of the tokens, are drawn first); with RCA its coin costs part of them
+    assert out["video_object_recall_selected_no_rca"] > 0.9
+    assert out["video_object_recall_selected_no_rca"] > out["video_object_recall_selected_no_twin"]
 
 
 @pytest.mark.parametrize("preset,identified", [("instance_cues", False), ("half_sounding", True), ("default", True)])

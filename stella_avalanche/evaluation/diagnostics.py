@@ -418,6 +418,16 @@ def selection_diagnostics(model: torch.nn.Module, avm: torch.nn.Module, clips: M
                               select_replay=False, generator=g)
     out["video_object_recall_selected_no_twin"] = recall_in(sel_far.video_ids, gt["video"])
     out["audio_sounding_recall_kept_no_twin"] = recall_in(sel_far.audio_ids, gt["audio"])
+    # the same draw without RCA's exclusion (C = 0): what the importance sampling alone keeps, so that
+    # the cost of an exclusion coin near 0.5 on every candidate can be read off against the above
+    no_rca = PatchSelector(keep_ratio_video=keep_ratio_video, keep_ratio_audio=keep_ratio_audio, chunk=chunk,
+                           tau=tau_att, video_tokens=cfg.num_video_tokens, audio_time_tokens=cfg.audio_time_tokens,
+                           audio_freq_tokens=cfg.audio_freq_tokens, rca=False)
+    sel_no_rca = no_rca.select(proj={k: proj[k] for k in ("q_a", "k_a", "q_v", "k_v")},
+                               replay={"qbar_a": qbar_a[far], "qbar_v": qbar_v[far]},
+                               select_replay=False, generator=g)
+    out["video_object_recall_selected_no_rca"] = recall_in(sel_no_rca.video_ids, gt["video"])
+    out["audio_sounding_recall_kept_no_rca"] = recall_in(sel_no_rca.audio_ids, gt["audio"])
     out["video_object_lift"] = importance_lift(I_v, gt["video"])
     out["video_object_recall_candidates"] = recall_in(cand_v, gt["video"])
     out["video_object_recall_selected"] = recall_in(sel.video_ids, gt["video"])
