@@ -2,7 +2,7 @@
 
 A document holds a generated block between two marker comments::
 
-    <!-- generated:headline from docs/results/synthetic_v3/intervals.csv -->
+    <!-- generated:headline from docs/results/synthetic_v4/intervals.csv -->
     ...
     <!-- /generated:headline -->
 
