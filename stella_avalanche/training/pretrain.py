@@ -47,8 +47,9 @@ class InitSchedule:
     and then MAE + InfoNCE with the encoder trainable, the objective the continual phase goes on with,
     so that the decoder it needs is trained too. The preset's init stream draws a fresh appearance
     and sound per clip, so only the instance cues (on/off synchrony, loudness by size) can be learned.
-    On the default preset the stage-1 InfoNCE levels off after about 250 steps, hence 250 + 250
-    (docs/synthetic.md, "initialisation"). Stage 2 trains the AVM until its held-out matching accuracy
+    On the default preset the InfoNCE-only phase reaches the on/off pattern's ceiling after 100-150
+    steps (docs/results/synthetic_v4/stage1_curve.json), so 250 leave a margin (docs/synthetic.md,
+    "The default (generator v3)"). Stage 2 trains the AVM until its held-out matching accuracy
     reaches ``avm_target_accuracy`` or ``avm_steps`` are spent.
 
     :param backbone_steps: stage-1 optimizer steps.
