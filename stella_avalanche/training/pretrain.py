@@ -294,7 +294,10 @@ def _init_keys(model_cfg: object, preset: str, seed: int, schedule: InitSchedule
               if k not in _STREAM_COUNT_FIELDS}
     payload = {"generator": synthetic.SYNTHETIC_VERSION, "preset": preset, "preset_fields": fields,
                "features": dataclasses.asdict(synthetic.default_features(preset)),
-               "seed": seed, "schedule": dataclasses.asdict(schedule),
+               "seed": seed,
+               # a train seed equal to the data seed is the default build: one key, one cache
+               "schedule": dataclasses.asdict(schedule if schedule.train_seed != seed
+                                              else dataclasses.replace(schedule, train_seed=None)),
                "model": {k: v for k, v in dataclasses.asdict(model_cfg).items()
                          if not (k in _MODEL_FIELDS_ADDED_LATER and v == _MODEL_FIELDS_ADDED_LATER[k])
                          and k not in _CONTINUAL_ONLY_MODEL_FIELDS}}

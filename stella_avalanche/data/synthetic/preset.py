@@ -1,9 +1,7 @@
 """Generator presets: every size and difficulty knob of the synthetic benchmark, and the named presets."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import dataclasses
+from dataclasses import dataclass, replace
 
 __all__ = ["SYNTHETIC_VERSION", "SyntheticPreset", "PRESETS", "get_preset"]
 
@@ -180,7 +178,7 @@ PRESETS: dict[str, SyntheticPreset] = {
     # History: v2's default; reproduce its runs with the overrides in docs/results/synthetic_v3/README.md.
     "instance_cues": _INSTANCE_CUES,
     # v2's default with at most half of the segments sounding (docs/synthetic.md, "geometry").
-    "half_sounding": dataclasses.replace(_INSTANCE_CUES, name="half_sounding", max_on_segments=2),
+    "half_sounding": replace(_INSTANCE_CUES, name="half_sounding", max_on_segments=2),
     # The probe that became the default (docs/results/synthetic_classes_probe): the default's clips
     # under the probe's name, so the probe's recorded commands still run.
     "classes": SyntheticPreset(name="classes"),
