@@ -21,7 +21,7 @@ from stella_avalanche.models.config import model_config_for
 from stella_avalanche.paths import portable_path
 from stella_avalanche.utils import atomic_write_json, progress_enabled, resolve_device, seed_everything
 
-__all__ = ["load_config", "run_experiment", "default_preset"]
+__all__ = ["load_config", "run_experiment", "default_preset", "train_epochs"]
 
 log = logging.getLogger("stella_avalanche")
 
@@ -251,9 +251,18 @@ def _build_strategy(cfg: dict, spec: Any, *, model: Any, avm: Any, plugin_kwargs
     return make_strategy(
         spec.name, model=model, avm=avm, plugin_kwargs=plugin_kwargs, rank=ctx.rank, world_size=ctx.world_size,
         plugins=[ckpt_plugin], optimizer=optimizer, train_mb_size=int(tr["batch_size"]),
-        train_epochs=int(tr["epochs"]), eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev,
+        train_epochs=train_epochs(tr, spec), eval_mb_size=int(tr.get("eval_batch_size", 64)), device=dev,
         evaluator=evaluator, amp=tr.get("amp", "auto"), grad_clip=tr.get("grad_clip"), seed=seed,
         num_workers=int(tr.get("num_workers", 0)), loss_log_every=int(tr.get("loss_log_every", 25)))
+
+
+def train_epochs(train_cfg: dict, spec: Any) -> int:
+    """Epochs per experience: ``train.epochs``, or for the joint (multitask) strategy ``train.joint_epochs``
+    when set. A replay step trains on the current batch and an equal replay batch, so at equal epochs a
+    replay method sees twice the rows of the joint run; ``joint_epochs = 2 x epochs`` gives the upper bound
+    the same rows (the synthetic preset does: docs/benchmarks.md §7)."""
+    joint = train_cfg.get("joint_epochs")
+    return int(joint) if spec.joint and joint is not None else int(train_cfg["epochs"])
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -349,14 +358,36 @@ def _write_results(run: _Run, *, done: bool) -> dict:
 
 
 def run_environment(device: torch.device | str) -> dict[str, Any]:
-    """Where a run was trained: device, its name, torch and Python versions, threads. Runs of one
-    comparison may come from different machines; their numbers then differ by more than rounding."""
+    """Where a run was trained: device, its name, torch build and Python version, threads, and the CPU's
+    model and vector extensions. Runs of one comparison may come from different machines; their numbers
+    then differ by more than rounding, and a bit-exact rerun needs the same thread count, torch build
+    and kernel path (``cpu_capability``: the vector ISA torch dispatches its CPU kernels to)."""
     import platform
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(dev), "device_name": name, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+    env = {"device": str(dev), "device_name": name, "torch": torch.__version__,
+           "torch_git": torch.version.git_version, "torch_cuda": torch.version.cuda,
+           "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), **_cpu_info()}
+    return env
+
+
+#: the CPU flags that change which kernels (and so which rounding) torch and oneDNN use
+_KERNEL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                 "amx_bf16", "amx_tile")
+
+
+def _cpu_info() -> dict[str, Any]:
+    """``cpu_model`` and the kernel-relevant ``cpu_flags`` from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines()[:64] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", ""), "cpu_flags": [f for f in _KERNEL_FLAGS if f in flags]}
 
 
 def _write_outputs(run: _Run, results: dict, *, progress: bool) -> dict:

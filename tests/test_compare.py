@@ -52,6 +52,22 @@ def test_pending_runs_skip_complete_and_split_threads(tmp_path):
     assert all([c for c in cmd if c.startswith("train.threads=")] == ["train.threads=3"] for _, _, cmd in mine)
 
 
+def test_per_seed_initialisation_adds_the_train_seed_of_each_seed(tmp_path):
+    key = compare.TRAIN_SEED_KEY
+    todo = compare.pending_runs(_args(tmp_path, init="per-seed"))
+    # seed s of every strategy asks for the initialisation trained with seed s (one build per seed)
+    assert {(k, s): [c for c in cmd if c.startswith(key)] for k, s, cmd in todo} == {
+        ("finetune", 0): [f"{key}=0"], ("finetune", 1): [f"{key}=1"],
+        ("stella", 0): [f"{key}=0"], ("stella", 1): [f"{key}=1"]}
+    shared = compare.pending_runs(_args(tmp_path, init="shared"))
+    assert not any(c.startswith(key) for _, _, cmd in shared for c in cmd)
+    real = compare.pending_runs(_args(tmp_path, init="per-seed", benchmark="vggsound"))
+    assert not any(c.startswith(key) for _, _, cmd in real for c in cmd)     # a given checkpoint: no build
+    mine = compare.pending_runs(_args(tmp_path, init="per-seed", overrides=[f"{key}=7"]))
+    assert all([c for c in cmd if c.startswith(key)] == [f"{key}=7"] for _, _, cmd in mine)
+    assert compare.build_parser().parse_args([]).init == "per-seed"
+
+
 def test_run_missing_runs_jobs_side_by_side_and_reports_failures(tmp_path):
     barrier = threading.Barrier(2, timeout=20)   # passes only if two launches are in flight together
     seen = []

@@ -43,6 +43,9 @@ def test_stella_run_writes_diagnostics_and_epoch_logs(cache, tmp_path: Path, mon
     assert len(on_disk["diagnostics"]) == len(diag)
     env = on_disk["environment"]   # where the run was trained (compare.py marks GPU-trained sweep cells)
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["threads"] >= 1
+    # what a bit-exact rerun elsewhere needs to match: the torch build and the kernels' vector ISA
+    assert env["torch_git"] == torch.version.git_version
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert "Selection diagnostics" in (tmp_path / "run" / "summary.md").read_text()
     names = {json.loads(line).get("name") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
     assert {"stella/loss_vam", "stella/avm_accuracy", "stella/mean_C_v", "stella/penalty"} <= names

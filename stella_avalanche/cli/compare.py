@@ -8,6 +8,10 @@ The command line and run scheduler of :mod:`stella_avalanche.evaluation.comparis
     python experiments/compare.py --out runs/cmp --ablation --mem-sizes 100 200 400   # + ablation, memory sweep
     python experiments/compare.py --out runs/cmp --seeds-for finetune,derpp=0,1,2,3,4 # more seeds for some
 
+On the synthetic benchmark seed s of every strategy starts from the initialisation trained with seed s
+(``--init per-seed``, the default; each build is cached once and shared by the strategies of that
+seed); ``--init shared`` starts every seed from one build, as the comparisons before issue 24 did.
+
 Runs go to ``<out>/runs/<key>/seed<seed>/`` (one ``run_stella.py`` process each; ``--jobs N`` runs
 N of them side by side, splitting the CPU threads between them). The key is the strategy name, or
 ``<strategy>-mem<M>`` for a memory-sweep run whose memory differs from the preset's.
@@ -37,7 +41,7 @@ from stella_avalanche.evaluation.comparison import (ABLATION_TABLE, SWEEP_STRATE
 from stella_avalanche.training.strategies import MAIN_STRATEGIES, REGISTRY, STRATEGY_NAMES
 
 __all__ = ["main", "build_parser", "parse_seeds_for", "default_mem_size", "planned_runs", "pending_runs",
-           "run_missing"]
+           "run_missing", "per_seed_initialisation", "TRAIN_SEED_KEY"]
 
 #: the run script each scheduled run executes (this package lives in the repository beside experiments/)
 RUN_SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "run_stella.py"
@@ -112,6 +116,24 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int, list[str
                     [] if eq == default_mem else [f"strategy.params.mem_size={eq}"])
     return plan
 
+#: the override that picks the synthetic initialisation's training seed (stage 1 and stage 2)
+TRAIN_SEED_KEY = "init.schedule.train_seed"
+
+
+def per_seed_initialisation(args: argparse.Namespace) -> bool:
+    """Whether seed s of every strategy starts from the initialisation trained with seed s.
+
+    On the synthetic benchmark with ``--init per-seed`` (the default) a comparison's seeds also cover
+    the initialisation: the same configuration built on another machine moves a run by more than the
+    seed spread of runs sharing one build. Each build is cached once and shared by all strategies of
+    that seed, so differences between strategies stay paired. Left off with ``--init shared``, on real
+    data (the initialisation is a given checkpoint) and when an override already sets the training seed.
+    """
+    if getattr(args, "init", "per-seed") != "per-seed" or args.benchmark != "synthetic":
+        return False
+    return not any(o.startswith(f"{TRAIN_SEED_KEY}=") for o in args.overrides)
+
+
 def pending_runs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     """``(key, seed, command)`` for every planned run whose results.json is missing or incomplete.
 
@@ -122,8 +144,11 @@ def pending_runs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     jobs = max(1, args.jobs)
     if jobs > 1 and not any(o.startswith("train.threads=") for o in overrides):
         overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
+    per_seed_init = per_seed_initialisation(args)
     todo = []
     for key, strategy, seed, extra in planned_runs(args):
+        if per_seed_init:
+            extra = [*extra, f"{TRAIN_SEED_KEY}={seed}"]
         out = args.out / "runs" / key / f"seed{seed}"
         if _complete(out / "results.json"):
             print(f"[skip] {key} seed {seed}: complete", flush=True)
@@ -192,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory sweep of DER++, STELLA and STELLA+ (and STELLA+ at DER++'s byte budget)")
     p.add_argument("--sweep-seeds", nargs="*", type=int, default=None, help="seeds of the memory sweep "
                    "(default: --seeds)")
+    p.add_argument("--init", choices=("per-seed", "shared"), default="per-seed",
+                   help="synthetic benchmark: seed s starts from the initialisation trained with seed s "
+                        "(per-seed, default: the intervals then cover the initialisation's variance), or every "
+                        "seed from the data seed's build (shared)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of the intervals")
     p.add_argument("--queries-per-task", type=int, default=None,
                    help="retrieval queries per task of runs without ranks (power.md estimate; default: from the "
