@@ -21,7 +21,9 @@ so an interrupted comparison continues where it stopped. Outputs in ``<out>``: `
 ``bars_<dir>.png`` (𝒜 / ℱ per strategy) and ``task_recall_<dir>.png`` (final per-task recall);
 ``intervals.md`` / ``intervals.csv`` (95 % bootstrap intervals of Avg 𝒜 and ℱ, paired differences to
 DER++ and to finetune, see ``stella_avalanche/evaluation/bootstrap.py``); ``power.md`` (interval widths
-against the target of a quarter of the multitask − finetune gap); with ``--ablation`` ``ablation.md``;
+against the target of a quarter of the multitask − finetune gap); ``verdicts.md`` / ``verdicts.csv`` (each
+claim of the paper decided by its paired interval: supported, contradicted or not distinguishable, or the
+runs it misses); with ``--ablation`` ``ablation.md``;
 with ``--mem-sizes`` ``mem_sweep.md`` and ``mem_sweep.png``.
 """
 from __future__ import annotations

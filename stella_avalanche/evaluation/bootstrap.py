@@ -28,7 +28,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["RunRanks", "query_weights", "run_replicates", "BootstrapResult", "bootstrap", "interval",
-           "contains_zero", "run_from_results", "query_sd_from_recall"]
+           "contains_zero", "run_from_results", "query_sd_from_recall", "SUPPORTED", "CONTRADICTED",
+           "NOT_DISTINGUISHABLE", "MISSING_RUNS", "VERDICTS", "decide", "verdict_summary"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
@@ -215,6 +216,35 @@ def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 def contains_zero(ci: tuple[float, float]) -> bool:
     """Whether an interval does not exclude zero (the difference is not distinguishable from zero)."""
     return ci[0] <= 0.0 <= ci[1]
+
+
+#: the verdicts of a claim about a paired difference (:func:`decide`), and of one whose runs are missing
+SUPPORTED, CONTRADICTED, NOT_DISTINGUISHABLE = "supported", "contradicted", "not distinguishable"
+MISSING_RUNS = "missing runs"
+VERDICTS = (SUPPORTED, CONTRADICTED, NOT_DISTINGUISHABLE)
+
+
+def decide(ci: tuple[float, float], side: int) -> str:
+    """The verdict on "difference > 0" (``side`` +1) or "< 0" (``side`` −1) from its interval ``ci``.
+
+    Entirely on the claimed side of 0: supported; entirely on the other side: contradicted; an
+    interval that contains 0 (bounds included, as :func:`contains_zero`): not distinguishable.
+    """
+    if side not in (1, -1):
+        raise ValueError(f"side must be +1 or -1, got {side}")
+    if contains_zero(ci):
+        return NOT_DISTINGUISHABLE
+    return SUPPORTED if ci[0] * side > 0 else CONTRADICTED
+
+
+def verdict_summary(verdicts: Sequence[str]) -> str:
+    """One line counting ``verdicts``: every decided kind (zeros too), then each undecided kind if any,
+    e.g. "1 supported, 2 contradicted, 0 not distinguishable; not decided: 3 (missing runs)"."""
+    line = ", ".join(f"{sum(v == kind for v in verdicts)} {kind}" for kind in VERDICTS)
+    other = [kind for kind in dict.fromkeys(verdicts) if kind not in VERDICTS]
+    if other:
+        line += "; not decided: " + ", ".join(f"{sum(v == kind for v in verdicts)} ({kind})" for kind in other)
+    return line
 
 
 def query_sd_from_recall(last_row: Mapping[str, Sequence[float]], queries_per_task: int | Sequence[int]) -> float:

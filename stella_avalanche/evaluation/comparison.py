@@ -5,7 +5,8 @@ in :mod:`stella_avalanche.cli.compare`).
 Inputs are the ``results.json`` files of complete runs under ``<out>/runs/<key>/seed<seed>/``; a run key
 is a strategy name or ``<strategy>-mem<M>`` for a memory-sweep run. Outputs (written atomically into
 ``<out>``): ``comparison.md`` / ``.csv``, ``cost.md``, ``bars_<dir>.png``, ``task_recall_<dir>.png``,
-``intervals.md`` / ``.csv``, ``power.md`` and, when their runs exist, ``ablation.md``, ``mem_sweep.md`` and
+``intervals.md`` / ``.csv``, ``power.md``, ``verdicts.md`` / ``.csv`` (the paper's claims decided by the
+paired intervals) and, when their runs exist, ``ablation.md``, ``mem_sweep.md`` and
 ``mem_sweep.png`` (``docs/comparison-statistics.md``).
 
 Missing values - one rule, :func:`~stella_avalanche.evaluation.report.mean_std_over_seeds`, shared with
@@ -17,9 +18,11 @@ prints ``nan``.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,7 +36,8 @@ __all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATIO
            "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
            "task_gallery_markdown", "initial_gain_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
            "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "GUIDE_TARGETS", "guide_diagnostics_markdown",
-           "write_statistics"]
+           "Comparison", "CLAIMS", "NO_VALUE", "VERDICT_RULE", "paired_diff", "claim_comparisons", "verdict_rows",
+           "write_verdicts", "write_statistics"]
 
 DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
 COLS = ("R@1", "R@5", "R@10", "Avg")
@@ -301,12 +305,15 @@ def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0) ->
 def _ci_text(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
-def _diff(boot: BS.BootstrapResult, a: str, b: str, m: str) -> tuple[float, tuple[float, float]] | None:
-    """Point difference a − b of statistic ``m`` and its paired 95 % bootstrap interval."""
+def paired_diff(boot: BS.BootstrapResult, a: str, b: str, m: str, level: float = 0.95
+                ) -> tuple[float, tuple[float, float]] | None:
+    """Point difference a − b of statistic ``m`` ("A" or "F") between any two run keys of ``boot`` and
+    its bootstrap interval at ``level``: the replicates share the query draws, so the difference is
+    paired over queries. None when a key or its statistic is missing (or ``a == b``)."""
     pa, pb = boot.point.get(a, {}).get(m), boot.point.get(b, {}).get(m)
     if a == b or pa is None or pb is None:
         return None
-    return pa - pb, BS.interval(boot.samples[a][m] - boot.samples[b][m])
+    return pa - pb, BS.interval(boot.samples[a][m] - boot.samples[b][m], level)
 
 def _diff_text(d: tuple[float, tuple[float, float]] | None) -> str:
     if d is None:
@@ -328,7 +335,7 @@ def interval_rows(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> list[
                 p = b.point[k][m]
                 row[f"{d}/{m}"] = None if p is None else (p, b.std[k][m], BS.interval(b.samples[k][m]))
                 for ref in ("derpp", "finetune"):
-                    row[f"{d}/{m}-{ref}"] = _diff(b, k, ref, m)
+                    row[f"{d}/{m}-{ref}"] = paired_diff(b, k, ref, m)
         rows.append(row)
     return rows
 
@@ -465,7 +472,7 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
         widths = []
         for k in keys:
             for ref in ("derpp", "finetune"):
-                x = _diff(b, k, ref, "A")
+                x = paired_diff(b, k, ref, "A")
                 if x is not None and k != "multitask":
                     widths.append((x[1][1] - x[1][0], k, ref))
         lines.append(f"multitask − finetune gap {gap:.2f}, target width ≤ {target:.2f}")
@@ -526,7 +533,7 @@ def _against_random(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str
              "add over keeping the same number of tokens chosen at random.", "",
              "| method | Δ𝒜 A→V | Δℱ A→V | Δ𝒜 V→A | Δℱ V→A |", "|---|---|---|---|---|"]
     for k in others:
-        cells = [_diff_text(_diff(boot[d], k, ref, m)) for d, _ in DIRS for m in ("A", "F")]
+        cells = [_diff_text(paired_diff(boot[d], k, ref, m)) for d, _ in DIRS for m in ("A", "F")]
         lines.append(f"| {PRETTY.get(k, k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
@@ -658,9 +665,135 @@ def guide_diagnostics_markdown(runs: dict[str, list[dict]]) -> str:
             "(`init`) and after every task.\n" + "\n".join(out) + "\n")
 
 
+# ------------------------------------------------------------------ verdicts on the paper's claims
+class Comparison(NamedTuple):
+    """One paired difference a claim is decided by: ``a − b`` of Avg ``metric`` ("A" or "F") between two
+    run keys, claimed ``> 0`` (``side`` +1) or ``< 0`` (``side`` −1); ``label`` names it in the tables."""
+
+    claim: int
+    a: str
+    b: str
+    metric: str
+    side: int
+    label: str
+
+
+#: the STELLA paper's claims that the comparison decides, by number (their comparisons: :func:`claim_comparisons`)
+CLAIMS: dict[int, str] = {
+    1: "STELLA's 𝒜 above each baseline", 2: "STELLA forgets least (ℱ below each baseline)",
+    3: "STELLA+ above STELLA", 4: "LPIS and RCA each add over random patches, both together most",
+    5: "STELLA ahead of DER++ at every memory size", 6: "STELLA+'s smaller items pay off at equal bytes"}
+#: main-table keys that are no baseline of claims 1 and 2: STELLA, its variant, the upper bound, zero-shot
+_NOT_BASELINES = ("stella", "stella_plus", "multitask", INITIAL)
+#: short names of the ablation variants (their PRETTY names are too long for a difference's label)
+_SHORT = {"stella_random": "random patches", "stella_lpis": "LPIS only", "stella_rca": "RCA only"}
+_SYMBOL = {"A": "𝒜", "F": "ℱ"}
+#: the verdict of a comparison whose runs exist but lack the statistic (e.g. ℱ of a single-row run)
+NO_VALUE = "no value"
+VERDICT_RULE = ("Rule, the same for every row: the claim's paired difference (Avg of R@1/5/10, percentage "
+                "points) and its 95 % bootstrap interval, from the replicates of intervals.md (queries "
+                "resampled within each task and shared by all methods, so differences are paired over "
+                "queries; each method's seeds resampled). Interval entirely on the claimed side of 0 → "
+                "**supported**; entirely on the other side → **contradicted**; contains 0 → **not "
+                "distinguishable**. A comparison without its runs is not decided (missing runs named).")
+
+
+def _short(key: str) -> str:
+    return _SHORT.get(key, PRETTY.get(key, key))
+
+
+def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], sizes: dict[str, int]
+                      ) -> tuple[list[Comparison], dict[int, str]]:
+    """The comparisons of :data:`CLAIMS`, and per claim whose comparisons cannot be named what it needs.
+
+    :param keys: main-table keys (:func:`main_table_keys`): the baselines of claims 1-2 are those other
+        than :data:`_NOT_BASELINES`, DER++ always first (the paper's reference, listed even when missing).
+    :param default_mem: the preset's memory. :param mems: the sweep's sizes (claim 5; none: left out).
+    :param sizes: buffer bytes per item (:func:`item_bytes`; claim 6 needs DER++'s and STELLA+'s).
+    """
+    base = ["derpp", *(k for k in keys if k not in (*_NOT_BASELINES, "derpp"))]
+    comps = [Comparison(n, "stella", x, m, side, f"STELLA − {_short(x)}")
+             for n, m, side in ((1, "A", 1), (2, "F", -1)) for x in base]
+    comps.append(Comparison(3, "stella_plus", "stella", "A", 1, "STELLA+ − STELLA"))
+    comps += [Comparison(4, a, b, "A", 1, f"{_short(a)} − {_short(b)}") for a, b in
+              (("stella_lpis", "stella_random"), ("stella_rca", "stella_random"), ("stella", "stella_lpis"),
+               ("stella", "stella_rca"))]
+    comps += [Comparison(5, mem_key("stella", m, default_mem), mem_key("derpp", m, default_mem), "A", 1,
+                         f"STELLA − DER++ (M = {m})") for m in mems]
+    eq = equal_bytes_items(default_mem, sizes)
+    if eq is not None:
+        comps.append(Comparison(6, mem_key("stella_plus", eq, default_mem), "derpp", "A", 1,
+                                f"STELLA+ at DER++ bytes ({eq} items) − DER++ (M = {default_mem})"))
+    # no angle brackets in these texts: markdown would take "<M>" for an HTML tag
+    left_out = {} if mems else {5: "memory-sweep runs (keys such as derpp-mem100, stella-mem100; compare.py "
+                                   "--mem-sizes)"}
+    if eq is None:   # the equal-bytes run key needs both item sizes, read from complete runs
+        need = " and ".join(k for k in ("derpp", "stella_plus") if k not in sizes)
+        left_out[6] = (f"{need} runs (their bytes per item give the equal-bytes run key, whose runs compare.py "
+                       "--mem-sizes then plans)")
+    return comps, left_out
+
+
+def verdict_rows(boot: dict[str, BS.BootstrapResult], comps: list[Comparison], left_out: dict[int, str],
+                 present: set[str]) -> list[dict]:
+    """Rows of verdicts.md / .csv in claim order: one per comparison and direction; one per comparison
+    whose runs (keys not in ``present``) are missing, and one per claim left out (``comparison`` None).
+
+    Each row: ``claim``, ``comparison`` (or None), ``direction`` (or None), ``diff`` (point, interval) or
+    None, ``verdict`` and ``missing`` (what is missing, "" when decided).
+    """
+    rows = [{"claim": n, "comparison": None, "direction": None, "diff": None, "verdict": BS.MISSING_RUNS,
+             "missing": why} for n, why in left_out.items()]
+    for c in comps:
+        missing = [k for k in dict.fromkeys((c.a, c.b)) if k not in present]
+        if missing:
+            rows.append({"claim": c.claim, "comparison": c, "direction": None, "diff": None,
+                         "verdict": BS.MISSING_RUNS, "missing": " ".join(missing)})
+            continue
+        for d, _ in DIRS:
+            x = paired_diff(boot[d], c.a, c.b, c.metric)
+            rows.append({"claim": c.claim, "comparison": c, "direction": d, "diff": x,
+                         "verdict": NO_VALUE if x is None else BS.decide(x[1], c.side), "missing": ""})
+    return sorted(rows, key=lambda r: r["claim"])   # stable: comparisons keep their order within a claim
+
+
+def _verdict_cells(r: dict) -> list[str]:
+    """claim, difference, direction, claimed, Δ [interval], verdict of a row, as verdicts.md prints them."""
+    c: Comparison | None = r["comparison"]
+    x = r["diff"]
+    verdict = r["verdict"] + (f": {r['missing']}" if r["missing"] else "")
+    return [f"{r['claim']}. {CLAIMS[r['claim']]}", "–" if c is None else f"{_SYMBOL[c.metric]} {c.label}",
+            "–" if r["direction"] is None else dict(DIRS)[r["direction"]],
+            "–" if c is None else ("> 0" if c.side > 0 else "< 0"),
+            "–" if x is None else f"{x[0]:+.2f} {_ci_text(x[1])}", verdict]
+
+
+def write_verdicts(rows: list[dict], out: Path) -> str:
+    """verdicts.md (summary count, the rule, one table) and verdicts.csv (the same rows) in ``out``."""
+    lines = ["# Verdicts on the paper's claims", "", BS.verdict_summary([r["verdict"] for r in rows]) + ".", "",
+             VERDICT_RULE, "", "| claim | difference | direction | claimed | Δ [95 % interval] | verdict |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(_verdict_cells(r)) + " |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    with atomic_write(out / "verdicts.md") as fh:
+        fh.write(md)
+    with atomic_write(out / "verdicts.csv") as fh:
+        w = csv.writer(fh, lineterminator="\n")   # claim texts hold commas and quotes
+        w.writerow(["claim", "claim_text", "comparison", "a", "b", "metric", "claimed", "direction", "diff",
+                    "ci_lo", "ci_hi", "verdict", "missing"])
+        for r in rows:
+            c, x = r["comparison"], r["diff"]
+            w.writerow([r["claim"], CLAIMS[r["claim"]], *(("",) * 5 if c is None else
+                        (c.label, c.a, c.b, c.metric, "> 0" if c.side > 0 else "< 0")), r["direction"] or "",
+                        *(("",) * 3 if x is None else (f"{x[0]:.4f}", f"{x[1][0]:.4f}", f"{x[1][1]:.4f}")),
+                        r["verdict"], r["missing"]])
+    return md
+
+
 def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *, n_boot: int, default_mem: int,
                      mem_sizes: list[int] | None = None, queries_per_task: int | None = None) -> None:
-    """intervals.md/.csv, power.md and, when their runs exist, ablation.md and the memory sweep.
+    """intervals.md/.csv, power.md, verdicts.md/.csv and, when their runs exist, ablation.md and the memory
+    sweep.
 
     :param out: the comparison directory.
     :param runs: complete results per run key (:func:`load_runs`).
@@ -686,8 +819,10 @@ def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *,
             fh.write(ablation)
         print(ablation)
     mems = list(mem_sizes or []) or sweep_sizes(runs, default_mem)   # re-aggregation finds the sweep itself
+    sizes = item_bytes(out)
     if mems:
-        sizes = item_bytes(out)
         srows = sweep_rows(runs, boot, mems, default_mem, sizes)
         print(write_sweep(srows, mems, sizes, out))
         plot_sweep(srows, out)
+    comps, left_out = claim_comparisons(keys, default_mem=default_mem, mems=mems, sizes=sizes)
+    print(write_verdicts(verdict_rows(boot, comps, left_out, set(runs)), out))

@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["headline_table", "render_block", "update_blocks", "BLOCK_RE", "RENDERERS"]
+from stella_avalanche.evaluation.bootstrap import verdict_summary
+
+__all__ = ["headline_table", "verdicts_table", "render_block", "update_blocks", "BLOCK_RE", "RENDERERS"]
 
 #: an opening marker, the body, the closing marker (``name`` and the source path are captured)
 BLOCK_RE = re.compile(r"(<!-- generated:(?P<name>[\w-]+) from (?P<source>\S+) -->\n)(?P<body>.*?)"
@@ -91,8 +93,35 @@ def headline_table(intervals_csv: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+_DIRECTIONS = {"a2v": "A→V", "v2a": "V→A"}
+_SYMBOLS = {"A": "𝒜", "F": "ℱ"}
+
+
+def _verdict_row(r: Mapping[str, str]) -> str:
+    """One compact row of :func:`verdicts_table` from a verdicts.csv row."""
+    if r["comparison"]:   # e.g. "1. 𝒜 STELLA − DER++ > 0"
+        claim = f"{r['claim']}. {_SYMBOLS.get(r['metric'], r['metric'])} {r['comparison']} {r['claimed']}"
+    else:                 # a claim left out: no comparison could be named
+        claim = f"{r['claim']}. {r['claim_text']}"
+    diff = _num(r["diff"])
+    delta = "–" if diff is None else f"{_signed(diff)} [{_signed(float(r['ci_lo']))}, {_signed(float(r['ci_hi']))}]"
+    verdict = r["verdict"] + (f": {r['missing']}" if r["missing"] else "")
+    return f"| {claim} | {_DIRECTIONS.get(r['direction'], '–')} | {delta} | {verdict} |"
+
+
+def verdicts_table(verdicts_csv: str | Path) -> str:
+    """The paper's claims and their verdicts from a comparison's ``verdicts.csv`` (``compare.py`` writes
+    it): the summary count, then per claim and direction the claimed difference, Δ [95 % interval] and
+    the verdict (or the runs it misses). The rule is verdicts.md's; a quoting document links to it."""
+    with open(verdicts_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    lines = [verdict_summary([r["verdict"] for r in rows]) + ".", "",
+             "| claim | direction | Δ [95 % interval] | verdict |", "|---|---|---|---|"]
+    return "\n".join(lines + [_verdict_row(r) for r in rows]) + "\n"
+
+
 #: block name -> function of the source path that writes the block's body
-RENDERERS: dict[str, Callable[[Path], str]] = {"headline": headline_table}
+RENDERERS: dict[str, Callable[[Path], str]] = {"headline": headline_table, "verdicts": verdicts_table}
 
 
 def render_block(name: str, source: str | Path) -> str:
