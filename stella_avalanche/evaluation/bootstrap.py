@@ -6,8 +6,11 @@ What is resampled (one bootstrap replicate ``b``):
   giving a weight (a count) per query. The same weights are used for every row of a run's recall matrix
   (the same clips are evaluated after every task), for every seed and for every strategy, so the
   difference of two strategies is *paired* over queries: the clips that are hard for both cancel.
-* **seeds**, per strategy: its ``S`` runs are drawn ``S`` times with replacement and the statistic is
-  the mean over the drawn runs (strategies are not paired over seeds: their seed counts may differ).
+* **seeds**: a strategy's ``S`` runs are drawn ``S`` times with replacement and the statistic is the
+  mean over the drawn runs. With seed labels, strategies that ran the same seeds draw the same seeds
+  (one draw per seed set), so their difference is *paired* over seeds too: seed s of every strategy
+  shares its initialisation and data order, and what the seed changes for all of them cancels.
+  Strategies with other seed sets (e.g. 5 seeds against 3) are resampled independently of them.
 
 The statistic of one run under query weights ``w`` is computed exactly as in
 ``stella_avalanche/evaluation/metrics.py``: per-task recall ``a[l, t] = 100 Σ_{q∈t} w_q 1[r_lq ≤ K] / n_t``,
@@ -161,16 +164,30 @@ def _check_same_queries(runs: Mapping[str, Sequence[RunRanks]]) -> Optional[tupl
     return None if ref is None else (ref[0], ref[1])
 
 
+def _seed_draws(name: str, labels: Optional[Sequence[int]], n_runs: int, n_boot: int, seed: int) -> np.ndarray:
+    """(B, S) run positions drawn with replacement. Without labels the stream is keyed by the strategy's
+    name (adding or removing another strategy must not move this one's interval); with labels by the
+    seed set, so every strategy with the same seeds draws the same ones (paired over seeds)."""
+    key = (zlib.crc32(name.encode()) if labels is None
+           else zlib.crc32(("seeds:" + ",".join(str(int(x)) for x in labels)).encode()))
+    return np.random.default_rng([seed, key]).integers(0, n_runs, size=(n_boot, n_runs))
+
+
 def bootstrap(runs: Mapping[str, Sequence[RunRanks]], *, n_boot: int = 2000, seed: int = 0,
               ks: Sequence[int] = DEFAULT_KS, resample_queries: bool = True,
-              resample_seeds: bool = True) -> BootstrapResult:
-    """Joint bootstrap of all strategies (queries shared and paired, seeds per strategy).
+              resample_seeds: bool = True, seed_labels: Optional[Mapping[str, Sequence[int]]] = None
+              ) -> BootstrapResult:
+    """Joint bootstrap of all strategies (queries shared and paired; seeds paired where labelled).
 
     :param runs: strategy -> its runs (one direction). All runs with ranks must share the queries.
     :param n_boot: replicates B. :param seed: numpy seed (the result is reproducible).
     :param ks: the K values averaged into "Avg".
     :param resample_queries: resample queries (stratified by task).
     :param resample_seeds: resample each strategy's runs.
+    :param seed_labels: strategy -> the seed of each of its runs (same order as ``runs``); strategies
+        with the same set of seeds are then resampled over seeds together. Unlabelled strategies (or
+        ``None``) draw their own seeds.
+    :raises ValueError: when a strategy's labels do not match its runs or repeat a seed.
     """
     rng = np.random.default_rng(seed)
     queries = _check_same_queries(runs)
@@ -186,10 +203,14 @@ def bootstrap(runs: Mapping[str, Sequence[RunRanks]], *, n_boot: int = 2000, see
             reps = [tuple(None if x is None else np.repeat(x, n_boot) for x in p) for p in pts]
         else:
             reps = [run_replicates(r, weights, ks=ks) for r in group]
-        # each strategy's seed draws come from its own stream, keyed by its name: adding or removing
-        # another strategy must not move this one's interval
-        own = np.random.default_rng([seed, zlib.crc32(s.encode())])
-        idx = (own.integers(0, len(group), size=(n_boot, len(group))) if resample_seeds
+        labels = None if seed_labels is None else seed_labels.get(s)
+        if labels is not None:
+            if len(labels) != len(group) or len(set(labels)) != len(labels):
+                raise ValueError(f"seed labels of {s!r} {list(labels)} do not name its {len(group)} runs once each")
+            order = np.argsort(np.asarray(labels), kind="stable")   # draw positions refer to sorted seeds
+            reps, pts = [reps[i] for i in order], [pts[i] for i in order]
+            labels = sorted(labels)
+        idx = (_seed_draws(s, labels, len(group), n_boot, seed) if resample_seeds
                else np.broadcast_to(np.arange(len(group)), (n_boot, len(group))))
         cols = np.arange(n_boot)[:, None]
         point[s], samples[s], std[s] = {}, {}, {}

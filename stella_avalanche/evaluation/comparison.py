@@ -298,9 +298,12 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
 
 # ------------------------------------------------------------------ bootstrap intervals and power
 def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0) -> dict[str, BS.BootstrapResult]:
-    """One joint bootstrap per direction over every run key (queries shared, so differences are paired)."""
+    """One joint bootstrap per direction over every run key: queries shared, and seeds shared by the keys
+    that ran the same seeds (each run's ``seed``), so differences are paired over both."""
+    labels = {k: [int(r["seed"]) for r in group] for k, group in runs.items()
+              if all("seed" in r for r in group)}
     return {d: BS.bootstrap({k: [BS.run_from_results(r, d) for r in group] for k, group in runs.items()},
-                            n_boot=n_boot, seed=seed) for d, _ in DIRS}
+                            n_boot=n_boot, seed=seed, seed_labels=labels) for d, _ in DIRS}
 
 def _ci_text(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
