@@ -695,8 +695,8 @@ _SYMBOL = {"A": "𝒜", "F": "ℱ"}
 NO_VALUE = "no value"
 VERDICT_RULE = ("Rule, the same for every row: the claim's paired difference (Avg of R@1/5/10, percentage "
                 "points) and its 95 % bootstrap interval, from the replicates of intervals.md (queries "
-                "resampled within each task and shared by all methods, so differences are paired over "
-                "queries; each method's seeds resampled). Interval entirely on the claimed side of 0 → "
+                "resampled within each task and shared by all methods; seeds shared by the methods that ran "
+                "the same seeds; so differences are paired over queries and seeds). Interval entirely on the claimed side of 0 → "
                 "**supported**; entirely on the other side → **contradicted**; contains 0 → **not "
                 "distinguishable**. A comparison without its runs is not decided (missing runs named).")
 
