@@ -77,7 +77,7 @@ def train_avm(model: torch.nn.Module, avm: torch.nn.Module, clips: dict, *, kind
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -181,6 +181,9 @@ def test_the_verdicts_block_renders_from_a_csv(tmp_path):
         "| 5. STELLA ahead of DER++ at every memory size | – | – | missing runs: memory-sweep runs (a, b) |"]
     doc = "x\n<!-- generated:verdicts from verdicts.csv -->\nold\n<!-- /generated:verdicts -->\n"
     assert update_blocks(doc, root=tmp_path) == doc.replace("old\n", render_block("verdicts", path))
+    short = "x\n<!-- generated:verdicts-summary from verdicts.csv -->\nold\n<!-- /generated:verdicts-summary -->\n"
+    assert update_blocks(short, root=tmp_path) == short.replace(
+        "old\n", "1 supported, 0 contradicted, 1 not distinguishable; not decided: 2 (missing runs).\n")
 
 
 def test_the_generated_csv_renders(written):

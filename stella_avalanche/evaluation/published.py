@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 from stella_avalanche.evaluation.bootstrap import verdict_summary
 
-__all__ = ["headline_table", "verdicts_table", "render_block", "update_blocks", "BLOCK_RE", "RENDERERS"]
+__all__ = ["headline_table", "verdicts_summary_line", "verdicts_table", "render_block", "update_blocks", "BLOCK_RE", "RENDERERS"]
 
 #: an opening marker, the body, the closing marker (``name`` and the source path are captured)
 BLOCK_RE = re.compile(r"(<!-- generated:(?P<name>[\w-]+) from (?P<source>\S+) -->\n)(?P<body>.*?)"
@@ -120,8 +120,16 @@ def verdicts_table(verdicts_csv: str | Path) -> str:
     return "\n".join(lines + [_verdict_row(r) for r in rows]) + "\n"
 
 
+def verdicts_summary_line(verdicts_csv: str | Path) -> str:
+    """One line for a short document: the summary count of ``verdicts.csv`` (what :func:`verdicts_table`
+    opens with)."""
+    with open(verdicts_csv, newline="", encoding="utf-8") as fh:
+        return verdict_summary([r["verdict"] for r in csv.DictReader(fh)]) + ".\n"
+
+
 #: block name -> function of the source path that writes the block's body
-RENDERERS: dict[str, Callable[[Path], str]] = {"headline": headline_table, "verdicts": verdicts_table}
+RENDERERS: dict[str, Callable[[Path], str]] = {"headline": headline_table, "verdicts": verdicts_table,
+                                               "verdicts-summary": verdicts_summary_line}
 
 
 def render_block(name: str, source: str | Path) -> str:
