@@ -42,7 +42,9 @@ KEYS = ("avm_accuracy", "avm_auc", "avm_class_auc", "rca_twin_auc", "rca_twin_c"
 
 def negative_partners(labels: torch.Tensor, patterns: torch.Tensor, kind: str, generator: torch.Generator
                       ) -> torch.Tensor:
-    """(N,) the pool row whose video is each clip's negative (-1 where the kind has none)."""
+    """(N,) the pool row whose video is each clip's negative (-1 where the kind has none: for
+    ``same_pattern`` the clips that have a same-pattern partner of their own class and of another, as
+    ``avm_class_auc`` measures them; in a pool of 20 clips per class nearly all)."""
     n = labels.numel()
     if kind == "random":
         shift = torch.randint(1, n, (n,), generator=generator)
