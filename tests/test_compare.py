@@ -204,7 +204,8 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert "≈0" not in ft_vs_mt.split(" | ")[-2]               # multitask beats finetune clearly
     csv = (tmp_path / "intervals.csv").read_text().splitlines()
     assert csv[0].startswith("key,direction,metric") and any(line.startswith("stella,a2v,A,2,") for line in csv)
-    assert "target width" in (tmp_path / "power.md").read_text()
+    power = (tmp_path / "power.md").read_text()
+    assert "target width" in power and power.count("Parts of the width") == 2   # seed and query parts
     ab = (tmp_path / "ablation.md").read_text()
     assert all(comparison.PRETTY[k] in ab for k in comparison.ABLATION_TABLE)
     vs_random = ab.split("## Against random patches")[1].splitlines()
@@ -300,3 +301,24 @@ def test_guide_diagnostics_count_the_entries_that_meet_each_target():
     assert "AVM acc ≥ 0.8: 2 of 3" in md and "video lift ≥ 1.5: 2 of 3" in md
     assert "RCA twin AUC ≥ 0.7: 1 of 1 (from task1 on)" in md  # init and task0 do not count
     assert comparison.guide_diagnostics_markdown({"derpp": [{"seed": 0}]}) == ""
+
+
+def _fake_boot(width: float) -> "comparison.BS.BootstrapResult":
+    """finetune and DER++ fixed at 0; STELLA's replicates spread evenly over ``width`` (so every Δ to
+    either reference has an interval of 0.95 × width)."""
+    samples = {"finetune": np.zeros(2001), "derpp": np.zeros(2001), "stella": np.linspace(0.0, width, 2001)}
+    return comparison.BS.BootstrapResult(point={k: {"A": float(v.mean())} for k, v in samples.items()},
+                                         samples={k: {"A": v} for k, v in samples.items()}, std={},
+                                         seeds={k: 3 for k in samples}, without_ranks=[], n_boot=2001)
+
+
+def test_power_splits_the_width_into_seed_and_query_parts():
+    keys = ["stella"]            # its Δ to DER++ and to finetune
+    lines = comparison._width_parts({"seeds": {"a2v": _fake_boot(2.0)}, "queries": {"a2v": _fake_boot(1.0)}},
+                                    "a2v", keys, target=2.0, seeds=3)
+    assert "seeds only, median 1.90; queries only, median 0.95" in lines[0]
+    # seed part 1.9 at 3 seeds must shrink to sqrt(2² − 0.95²) = 1.76: 3 × 1.9² / (4 − 0.95²) = 3.49 -> 4 seeds
+    assert "about 4 seeds per strategy" in lines[1]
+    lines = comparison._width_parts({"seeds": {"a2v": _fake_boot(1.0)}, "queries": {"a2v": _fake_boot(3.0)}},
+                                    "a2v", keys, target=2.0, seeds=3)
+    assert "more seeds cannot reach it" in lines[1]

@@ -22,7 +22,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -297,13 +297,16 @@ def plot(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
 
 
 # ------------------------------------------------------------------ bootstrap intervals and power
-def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0) -> dict[str, BS.BootstrapResult]:
+def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0, resample_queries: bool = True,
+                  resample_seeds: bool = True) -> dict[str, BS.BootstrapResult]:
     """One joint bootstrap per direction over every run key: queries shared, and seeds shared by the keys
-    that ran the same seeds (each run's ``seed``), so differences are paired over both."""
+    that ran the same seeds (each run's ``seed``), so differences are paired over both. The two flags
+    switch one source off (``power.md`` splits a width into its seed and query parts with them)."""
     labels = {k: [int(r["seed"]) for r in group] for k, group in runs.items()
               if all("seed" in r for r in group)}
     return {d: BS.bootstrap({k: [BS.run_from_results(r, d) for r in group] for k, group in runs.items()},
-                            n_boot=n_boot, seed=seed, seed_labels=labels) for d, _ in DIRS}
+                            n_boot=n_boot, seed=seed, seed_labels=labels, resample_queries=resample_queries,
+                            resample_seeds=resample_seeds) for d, _ in DIRS}
 
 def _ci_text(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
@@ -453,13 +456,46 @@ def queries_per_task(results: dict) -> int | None:
     except (ImportError, ValueError, AttributeError):
         return None
 
+def _delta_widths(b: BS.BootstrapResult, keys: list[str]) -> list[tuple[float, str, str]]:
+    """(width, key, reference) of every paired Δ𝒜 interval to DER++ and to finetune (multitask left out)."""
+    widths = []
+    for k in keys:
+        for ref in ("derpp", "finetune"):
+            x = paired_diff(b, k, ref, "A")
+            if x is not None and k != "multitask":
+                widths.append((x[1][1] - x[1][0], k, ref))
+    return widths
+
+
+def _width_parts(parts: Mapping[str, Mapping[str, BS.BootstrapResult]], d: str, keys: list[str], target: float,
+                 seeds: float) -> list[str]:
+    """Lines of power.md that split the median width into its seed and query parts and say what reaching
+    the target takes: the seed part shrinks as 1/sqrt(seeds), the query part only with more queries."""
+    ws = float(np.median([w for w, _, _ in _delta_widths(parts["seeds"][d], keys)]))
+    wq = float(np.median([w for w, _, _ in _delta_widths(parts["queries"][d], keys)]))
+    lines = [f"Parts of the width (bootstrap with one source fixed): seeds only, median {ws:.2f}; queries only, "
+             f"median {wq:.2f} (widths add roughly in quadrature: √(s² + q²) = {math.hypot(ws, wq):.2f})."]
+    if wq >= target:
+        lines.append(f"The query part alone is at or above the target ({target:.2f}): more seeds cannot reach it; "
+                     f"about {int(np.ceil((wq / target) ** 2 * 1.5))}× the queries per task would be needed "
+                     "(the query part shrinks as 1/sqrt(queries); the factor leaves room for the seed part).")
+    else:
+        need = seeds * ws ** 2 / (target ** 2 - wq ** 2)
+        lines.append(f"With the query part as it is, the seed part fits the target at about {int(np.ceil(need))} "
+                     f"seeds per strategy (now {seeds:g}).")
+    return lines
+
+
 def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
-                 runs: dict[str, list[dict]] | None = None, n_queries: int | None = None) -> str:
+                 runs: dict[str, list[dict]] | None = None, n_queries: int | None = None,
+                 parts: Mapping[str, Mapping[str, BS.BootstrapResult]] | None = None) -> str:
     """Widths of the paired Δ𝒜 intervals against the target: a quarter of the multitask − finetune gap.
 
     Uses the per-query ranks where the runs have them; says which strategies lacked them (then only
     their seeds are resampled and the width is an underestimate of the full one) and, for those, gives
     the binomial estimate of the query part (:func:`~stella_avalanche.evaluation.bootstrap.query_sd_from_recall`).
+    With ``parts`` (``{"seeds": ..., "queries": ...}``: :func:`bootstrap_all` with one source fixed) it
+    splits the median width into the two sources and says what reaching the target takes.
     """
     lines = ["# Statistical power of the comparison", "",
              "Target: the 95 % interval of a difference of two strategies' Avg 𝒜 is at most a quarter of the "
@@ -472,12 +508,7 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
             continue
         gap = b.point["multitask"]["A"] - b.point["finetune"]["A"]
         target = gap / 4
-        widths = []
-        for k in keys:
-            for ref in ("derpp", "finetune"):
-                x = paired_diff(b, k, ref, "A")
-                if x is not None and k != "multitask":
-                    widths.append((x[1][1] - x[1][0], k, ref))
+        widths = _delta_widths(b, keys)
         lines.append(f"multitask − finetune gap {gap:.2f}, target width ≤ {target:.2f}")
         if gap <= 0:
             lines[-1] = f"multitask − finetune gap {gap:.2f}: multitask does not exceed finetune, no target"
@@ -510,6 +541,8 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
                              "difference, ρ = the two strategies' per-query correlation, which only ranks can measure.")
         else:
             lines.append("All runs have per-query ranks: queries and seeds are resampled.")
+            if parts is not None:
+                lines += _width_parts(parts, d, keys, target, float(np.median(seeds)))
     md = "\n".join(lines) + "\n"
     return md
 
@@ -808,7 +841,9 @@ def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *,
     """
     boot = bootstrap_all(runs, n_boot=n_boot)
     print(write_intervals(interval_rows(boot, keys), boot, out, runs))
-    power = power_report(boot, keys, runs, queries_per_task)
+    parts = {"seeds": bootstrap_all(runs, n_boot=n_boot, resample_queries=False),
+             "queries": bootstrap_all(runs, n_boot=n_boot, resample_seeds=False)}
+    power = power_report(boot, keys, runs, queries_per_task, parts=parts)
     with atomic_write(out / "power.md") as fh:
         fh.write(power)
     print(power)
