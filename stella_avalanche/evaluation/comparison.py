@@ -36,7 +36,7 @@ __all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATIO
            "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
            "task_gallery_markdown", "initial_gain_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
            "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "GUIDE_TARGETS", "guide_diagnostics_markdown",
-           "Comparison", "CLAIMS", "NO_VALUE", "VERDICT_RULE", "paired_diff", "claim_comparisons", "verdict_rows",
+           "seed_effect", "seed_effect_markdown", "Comparison", "CLAIMS", "NO_VALUE", "VERDICT_RULE", "paired_diff", "claim_comparisons", "verdict_rows",
            "write_verdicts", "write_statistics"]
 
 DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
@@ -486,6 +486,53 @@ def _width_parts(parts: Mapping[str, Mapping[str, BS.BootstrapResult]], d: str, 
     return lines
 
 
+def seed_effect(values: np.ndarray) -> dict[str, float]:
+    """Two-way split (strategy × seed, one run per cell) of a (K strategies, S seeds) table of Avg 𝒜.
+
+    After removing each strategy's mean, a seed's mean residual over the K strategies is what that seed
+    does to all of them alike (its initialisation, with ``--init per-seed``, and its data order); the
+    rest is each run's own. Mean squares: ``MS_seed = K Σ_s ē_s² / (S − 1)``, ``MS_run`` the residual
+    mean square with (K − 1)(S − 1) degrees of freedom; ``sd_shared = sqrt(max(0, (MS_seed − MS_run) / K))``,
+    ``sd_run = sqrt(MS_run)``; ``p`` of F = MS_seed / MS_run (a shared seed effect against none).
+    """
+    from scipy.stats import f as f_dist
+
+    k, n = values.shape
+    res = values - values.mean(axis=1, keepdims=True)
+    seed_mean = res.mean(axis=0)                                           # (S,)
+    ms_seed = k * float((seed_mean ** 2).sum()) / (n - 1)
+    ms_run = float(((res - seed_mean) ** 2).sum()) / ((k - 1) * (n - 1))
+    stat = ms_seed / ms_run if ms_run > 0 else math.inf
+    return {"sd_shared": math.sqrt(max(0.0, (ms_seed - ms_run) / k)), "sd_run": math.sqrt(ms_run),
+            "F": stat, "p": float(f_dist.sf(stat, n - 1, (k - 1) * (n - 1))), "strategies": k, "seeds": n}
+
+
+def seed_effect_markdown(runs: dict[str, list[dict]], keys: list[str]) -> list[str]:
+    """power.md's section on where the seed spread comes from (:func:`seed_effect`), over the main-table
+    strategies that ran the most common set of seeds (at least 2 strategies and 2 seeds)."""
+    sets: dict[tuple[int, ...], list[str]] = {}
+    for k in keys:
+        if k in runs and all("seed" in r for r in runs[k]):
+            sets.setdefault(tuple(sorted(int(r["seed"]) for r in runs[k])), []).append(k)
+    seeds, members = max(sets.items(), key=lambda kv: (len(kv[1]) * (len(kv[0]) - 1), len(kv[0])),
+                         default=((), []))
+    if len(members) < 2 or len(seeds) < 2:
+        return []
+    inits = {str((r.get("init") or {}).get("backbone")) for k in members for r in runs[k]}
+    lines = ["", "## Where the seed spread comes from", "",
+             f"Strategies {', '.join(PRETTY.get(k, k) for k in members)}, seeds {', '.join(map(str, seeds))}; "
+             f"{len(inits)} initialisation build(s) among their runs. Avg 𝒜 split into what a seed does to every "
+             "strategy alike (its initialisation and data order: SD shared) and what is each run's own (SD run); "
+             "p: F test of a shared seed effect against none. The paired differences cancel the shared part.", "",
+             "| direction | SD shared | SD run | F | p |", "|---|---|---|---|---|"]
+    for d, dn in DIRS:
+        table = np.array([[next(r for r in runs[k] if int(r["seed"]) == s)["summary"][d]["Avg"]["A"]
+                           for s in seeds] for k in members])
+        e = seed_effect(table)
+        lines.append(f"| {dn} | {e['sd_shared']:.2f} | {e['sd_run']:.2f} | {e['F']:.2f} | {e['p']:.3f} |")
+    return lines
+
+
 def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
                  runs: dict[str, list[dict]] | None = None, n_queries: int | None = None,
                  parts: Mapping[str, Mapping[str, BS.BootstrapResult]] | None = None) -> str:
@@ -543,6 +590,7 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
             lines.append("All runs have per-query ranks: queries and seeds are resampled.")
             if parts is not None:
                 lines += _width_parts(parts, d, keys, target, float(np.median(seeds)))
+    lines += seed_effect_markdown(runs or {}, keys)
     md = "\n".join(lines) + "\n"
     return md
 
