@@ -171,7 +171,8 @@ def test_projection_reproduces_the_hand_computation(tmp_path: Path) -> None:
     suite.write_text(json.dumps({"runs": [
         {"setting": "b24", "strategy": "stella", "batch": 24, "in_step_seconds": {"mean": 0.2}},   # 120 samples/s
         {"setting": "b48", "strategy": "stella", "batch": 48, "samples_per_second": {"mean": 180.0}},
-        {"setting": "b48_buffer_pinned_host", "strategy": "stella", "batch": 48, "samples_per_second": {"mean": 1.0}}]}))
+        {"setting": "b48_buffer_pinned_host", "strategy": "stella", "batch": 48,          # left out
+         "samples_per_second": {"mean": 1.0}}]}))
     out = tmp_path / "proj.json"
     assert pr.main([str(_fake_e2e(tmp_path / "e2e.json")), "--out", str(out), "--suite", str(suite),
                     "--strategies", "derpp", "stella", "--as-train-clips", "3600"]) == 0

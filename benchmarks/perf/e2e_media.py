@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import shutil
@@ -325,8 +326,9 @@ def measure_strategy(name: str, ctx: dict, batch: int, args: argparse.Namespace,
     strategy.train(one_experience(DevicePool(pool, args.warmup * batch, device)), eval_streams=[], **on_device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out["device_resident"] = run_experience(strategy, one_experience(DevicePool(pool, args.device_steps * batch, device)),
-                                            window, timer, batch=batch, skip=0, steps=args.device_steps, **on_device)
+    resident = one_experience(DevicePool(pool, args.device_steps * batch, device))
+    out["device_resident"] = run_experience(strategy, resident, window, timer, batch=batch, skip=0,
+                                            steps=args.device_steps, **on_device)
     n = (args.skip + args.steps) * batch
     out["end_to_end"] = run_experience(strategy, one_experience(subset(ctx["train"], n, seed=2 + batch)), window,
                                        timer, batch=batch, skip=args.skip, steps=args.steps)
@@ -335,7 +337,7 @@ def measure_strategy(name: str, ctx: dict, batch: int, args: argparse.Namespace,
     out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     out["buffer_device"] = _buffer_device(strategy)
     if args.eval_strategy == name and not result["eval"]:
-        for w in dict.fromkeys(args.eval_workers):
+        for w in args.eval_workers:
             result["eval"].append(measure_eval(strategy, bm.retrieval_stream, metrics, workers=w,
                                                ks=cfg["eval"]["ks"]) | {"strategy": name, "batch": batch})
     if args.checkpoint and batch == args.batch[0]:
@@ -428,8 +430,10 @@ def _table(result: dict) -> str:
         d, e = r["device_resident"], r["end_to_end"]
         peak = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] else "-"
         ck = f"{r['checkpoint']['seconds']:.1f}" if "checkpoint" in r else "-"
-        lines.append(f"| {r['batch']} | {r['strategy']} | {d['samples_per_second']:.1f} ({d['in_step_samples_per_second']:.1f}) | "
-                     f"{e['samples_per_second']:.1f} ({e['in_step_samples_per_second']:.1f}) | {r['e2e_over_device']:.2f} | "
+        lines.append(f"| {r['batch']} | {r['strategy']} | "
+                     f"{d['samples_per_second']:.1f} ({d['in_step_samples_per_second']:.1f}) | "
+                     f"{e['samples_per_second']:.1f} ({e['in_step_samples_per_second']:.1f}) | "
+                     f"{r['e2e_over_device']:.2f} | "
                      f"{e['loader_wait_seconds_per_step']:.3f} | {e['startup_seconds']:.2f} | {peak} | {ck} |")
     for a in result["loader"]:
         lines.append(f"\nloader only, batch {a['batch']}, {a['workers']} workers: {a['clips_per_second']:.1f} clips/s "
@@ -477,12 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     build_seconds = time.perf_counter() - t
     train = multitask_train_dataset(bm)
     stream_json = data / "stream.json"
-    import json
-
     stream = json.loads(stream_json.read_text()) if stream_json.is_file() else {}
     result: dict[str, Any] = {
         "meta": {"script": "benchmarks/perf/e2e_media.py", "torch": torch.__version__, "python": sys.version.split()[0],
-                 "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "device": str(device),
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "cpu_count": os.cpu_count(), "smoke": args.smoke, "stubbed": stubbed, **git_state(args.commit)},
         "inputs": {"data": portable(data, out_dir), "config": args.config, "model": args.model, "batch": args.batch,
                    "workers": args.workers, "mem_size": args.mem_size, "amp": cfg["train"].get("amp", "auto"),
@@ -490,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                    "cache": portable(args.cache, out_dir), "tasks": list(bm.task_names), "strategies": args.strategies,
                    "warmup": args.warmup, "device_steps": args.device_steps, "skip": args.skip, "steps": args.steps,
                    "loader_batches": args.loader_batches, "eval_workers": args.eval_workers,
+                   "eval_strategy": args.eval_strategy, "checkpoint": args.checkpoint,
+                   "budget_s": None if math.isinf(args.budget_s) else args.budget_s,  # JSON has no Infinity
                    "prefetch_factor": PREFETCH_FACTOR, "stream_spec": stream.get("spec"),
                    "features": bm.features.to_dict()},
         "scenario": {"build_seconds": build_seconds, "train_clips": len(train),

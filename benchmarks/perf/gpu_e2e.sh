@@ -60,7 +60,7 @@ cp "$MEDIA/stream.json" "$OUT/stream.json"
 
 echo "== 2. e2e_media.py, batches $BATCHES ($(left) s left)"
 # the JSON is rewritten after every measurement: a run stopped by the timeout keeps what it measured
-timeout --signal=TERM $(( $(left) - 40 )) $PY benchmarks/perf/e2e_media.py "${SITE[@]}" "${SMOKE_ARGS[@]}" \
+timeout --signal=TERM $(( $(left) > 60 ? $(left) - 40 : 20 )) $PY benchmarks/perf/e2e_media.py "${SITE[@]}" "${SMOKE_ARGS[@]}" \
     --data "$MEDIA" --out "$OUT/e2e.json" --batch $BATCHES --budget-s "$BUDGET" "${COMMIT_ARGS[@]}" --scratch /tmp
 echo "e2e_media.py exit status $?"
 
@@ -70,7 +70,7 @@ $PY benchmarks/perf/project_run.py --site .gpu_site "$OUT/e2e.json" \
 
 if [ "$(left)" -gt "$CACHE_NEEDS" ]; then
     echo "== 4. feature cache: build and loader alone, one task ($(left) s left)"
-    timeout --signal=TERM $(( $(left) - 10 )) $PY benchmarks/perf/e2e_media.py "${SITE[@]}" "${SMOKE_ARGS[@]}" \
+    timeout --signal=TERM $(( $(left) > 20 ? $(left) - 10 : 10 )) $PY benchmarks/perf/e2e_media.py "${SITE[@]}" "${SMOKE_ARGS[@]}" \
         --data "$MEDIA" --out "$OUT/e2e_cache.json" --cache /tmp/stella_cache --tasks others_part1 \
         --strategies --no-eval "${CACHE_ARGS[@]}" "${COMMIT_ARGS[@]}"
     echo "cache step exit status $?"

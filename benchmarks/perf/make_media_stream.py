@@ -154,7 +154,9 @@ def plan_clips(spec: StreamSpec, rows: Sequence[dict[str, str]]) -> list[ClipJob
     """Every clip of the stream, in a fixed order (split, then label-table row), with its content seed."""
     from stella_avalanche.benchmarks.splits import VGGSOUND_TASKS, vggsound_clip_key
 
-    trained = [i for t in VGGSOUND_TASKS for i in [j for j, r in enumerate(rows) if r["task"] == t][:spec.classes_per_task]]
+    # the prepare step's rule: the first classes_per_task rows of each task, in table order
+    trained = [i for t in VGGSOUND_TASKS
+               for i in [j for j, r in enumerate(rows) if r["task"] == t][:spec.classes_per_task]]
     retrieval = trained if spec.retrieval_classes == "trained" else list(range(len(rows)))
     per_split = [("train", sorted(trained), spec.train_per_class), ("test", sorted(trained), spec.test_per_class),
                  ("retrieval", sorted(retrieval), spec.retrieval_per_class)]
@@ -167,8 +169,9 @@ def plan_clips(spec: StreamSpec, rows: Sequence[dict[str, str]]) -> list[ClipJob
     for split, classes, per_class in per_split:
         for c in classes:
             for _ in range(per_class):
-                jobs.append(ClipJob(key=vggsound_clip_key(ids[k], int(starts[k])), video_id=f"{ids[k]}_{int(starts[k])}",
-                                    split=split, mid=rows[c]["mid"], class_row=c, seed=int(seeds[k])))
+                start = int(starts[k])
+                jobs.append(ClipJob(key=vggsound_clip_key(ids[k], start), video_id=f"{ids[k]}_{start}", split=split,
+                                    mid=rows[c]["mid"], class_row=c, seed=int(seeds[k])))
                 k += 1
     return jobs
 

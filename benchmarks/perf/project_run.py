@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,7 +134,8 @@ def vggsound_setting(report: str | None = None) -> Setting:
                               "defaults classes_per_task / max_per_class (docs/benchmarks.md §3.1); fewer where a "
                               "class has fewer clips: pass --vs-report for a real split")
         src["retrieval_clips"] = ("5 per class x every class of the task (vggsound_categories.csv: "
-                                  + ", ".join(f"{t} {c}" for t, c in zip(tasks, classes)) + "; docs/benchmarks.md §3.1)")
+                                  + ", ".join(f"{t} {c}" for t, c in zip(tasks, classes))
+                                  + "; docs/benchmarks.md §3.1)")
         src["test_clips"] = "not counted (read at build time only; the runner never evaluates them)"
     return Setting("continual_vs", tasks, int(cfg["train"]["epochs"]), int(cfg["train"]["batch_size"]), train, test,
                    retr, int(cfg["checkpoint"]["every_n_iterations"]), src)
@@ -192,7 +192,8 @@ def load_measurements(paths: Sequence[str]) -> dict[str, Any]:
     metas = []
     for p in paths:
         d = json.loads(Path(p).read_text())
-        metas.append({"file": Path(p).name, **{k: d["meta"].get(k) for k in ("device_name", "torch", "commit", "smoke")},
+        meta = {k: d["meta"].get(k) for k in ("device_name", "torch", "commit", "smoke")}
+        metas.append({"file": Path(p).name, **meta,
                       "model": d["inputs"].get("model"), "workers": d["inputs"].get("workers"),
                       "cache": d["inputs"].get("cache")})
         for r in d["runs"]:
@@ -314,8 +315,9 @@ def _hms(s: float) -> str:
 def markdown(result: dict) -> str:
     """Formula, inputs with sources, and the projection table."""
     lines = ["Formula:", "", *[f"    {f}" for f in FORMULA], "",
-             "| benchmark | strategy | B (rate at) | iterations | r_e2e / r_device (samples/s) | train | train at r_device |"
-             " train at the suite's step rate | eval | checkpoints | setup | total |", "|---" * 12 + "|"]
+             "| benchmark | strategy | B (rate at) | iterations | r_e2e / r_device (samples/s) | train | "
+             "train at r_device | train at the suite's step rate | eval | checkpoints | setup | total |",
+             "|---" * 12 + "|"]
     for r in result["projections"]:
         if "missing" in r:
             lines.append(f"| {r['benchmark']} | {r['strategy']} | {r['missing']} |" + " |" * 9)
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("a --smoke measurement (tiny model, CPU): the hours below are meaningless")
     if any(r.get("rate_batch_differs") for r in rows):
         notes.append("some rates were measured at another batch than the benchmark's (column 'rate at')")
-    vs = next((r for r in rows if r["benchmark"] == "continual_vs" and r["strategy"] == "stella" and "total_hours" in r), None)
+    vs = next((r for r in rows if r["benchmark"] == "continual_vs" and r["strategy"] == "stella"
+               and "total_hours" in r), None)
     target = None
     if vs is not None:
         target = {"benchmark": "continual_vs", "strategy": "stella", "hours": vs["total_hours"],
