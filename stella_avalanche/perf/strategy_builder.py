@@ -20,7 +20,7 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
 
 def build_strategy(name: str, cfg: Any, *, batch: int, device: torch.device, mem_size: int = 0,
                    buffer_device: str | None = None, amp: str = "auto", plugins: Sequence[Any] = (),
-                   num_workers: int = 0, compile_blocks: bool = False) -> Any:
+                   num_workers: int = 0, compile_blocks: bool = False, **strategy_kwargs: Any) -> Any:
     """A strategy of one training epoch per experience, on a fresh backbone seeded with 0.
 
     :param name: a registered strategy, optionally with plugin settings (:func:`split_variant`);
@@ -34,6 +34,7 @@ def build_strategy(name: str, cfg: Any, *, batch: int, device: torch.device, mem
     :param plugins: extra plugins (timers, audits).
     :param num_workers: training-loader workers.
     :param compile_blocks: compile the backbone's blocks (also set by ``compile=1`` in ``name``).
+    :param strategy_kwargs: further template arguments (e.g. ``evaluator``, ``eval_mb_size``).
     """
     from stella_avalanche.models.avm import build_avm
     from stella_avalanche.models.cav import CAVMAE
@@ -51,4 +52,4 @@ def build_strategy(name: str, cfg: Any, *, batch: int, device: torch.device, mem
         if buffer_device is not None:
             pk["buffer_device"] = buffer_device
     return make_strategy(base, model=model, avm=avm, plugins=list(plugins), plugin_kwargs=pk, train_mb_size=batch,
-                         train_epochs=1, device=device, amp=amp, num_workers=num_workers)
+                         train_epochs=1, device=device, amp=amp, num_workers=num_workers, **strategy_kwargs)
