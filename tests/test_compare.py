@@ -322,3 +322,15 @@ def test_power_splits_the_width_into_seed_and_query_parts():
     lines = comparison._width_parts({"seeds": {"a2v": _fake_boot(1.0)}, "queries": {"a2v": _fake_boot(3.0)}},
                                     "a2v", keys, target=2.0, seeds=3)
     assert "more seeds cannot reach it" in lines[1]
+
+
+def test_seed_effect_finds_what_a_seed_does_to_every_strategy():
+    rng = np.random.default_rng(0)
+    strat = np.array([10.0, 20.0, 30.0, 40.0])[:, None]
+    shared = np.array([-3.0, 0.0, 3.0, 1.0, -1.0])[None, :]          # seed s moves all strategies alike
+    noise = rng.normal(0.0, 0.3, size=(4, 5))
+    e = comparison.seed_effect(strat + shared + noise)
+    assert e["sd_shared"] == pytest.approx(float(shared.std(ddof=1)), rel=0.15) and e["p"] < 0.001
+    assert e["sd_run"] == pytest.approx(0.3, rel=0.5)
+    e0 = comparison.seed_effect(strat + rng.normal(0.0, 1.0, size=(4, 5)))   # no shared part
+    assert e0["sd_shared"] < 0.6 and e0["p"] > 0.01
