@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                            device=args.device, progress=False)
     rerun = json.loads((Path(args.out) / "results.json").read_text()) if (Path(args.out) / "results.json").exists() \
         else rerun
-    report = {"published": str(args.results), "seed": published["seed"], "strategy": published.get("strategy"),
+    rel = os.path.relpath(args.results)   # published JSONs hold no machine paths
+    report = {"published": rel if not rel.startswith("..") else Path(args.results).name, "seed": published["seed"], "strategy": published.get("strategy"),
               **compare_results(published, rerun)}
     print(json.dumps(report, indent=1))
     return 0 if report["bit_exact"] else 1

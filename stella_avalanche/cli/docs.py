@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 from stella_avalanche.evaluation.published import update_blocks
 
 #: the documents with generated blocks (paths relative to the repository root)
-DOCUMENTS = ("README.md", "docs/results/README.md", "docs/results/synthetic_v4/README.md")
+DOCUMENTS = ("README.md", "docs/results/README.md", "docs/results/synthetic_v4/README.md",
+             "docs/results/synthetic_v5/README.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
