@@ -334,3 +334,14 @@ def test_seed_effect_finds_what_a_seed_does_to_every_strategy():
     assert e["sd_run"] == pytest.approx(0.3, rel=0.5)
     e0 = comparison.seed_effect(strat + rng.normal(0.0, 1.0, size=(4, 5)))   # no shared part
     assert e0["sd_shared"] < 0.6 and e0["p"] > 0.01
+
+
+def test_the_published_comparison_regenerates_byte_for_byte(tmp_path):
+    """docs/results/synthetic_v5's tables are what --aggregate-only writes from its runs today."""
+    src = ROOT / "docs" / "results" / "synthetic_v5"
+    shutil.copytree(src / "runs", tmp_path / "runs")
+    assert compare.main(["--out", str(tmp_path), "--aggregate-only", "--n-boot", "2000"]) == 0
+    written = sorted(p.name for p in src.iterdir() if p.suffix in (".md", ".csv") and p.name != "README.md")
+    assert {"comparison.md", "intervals.csv", "power.md", "verdicts.csv"} <= set(written)
+    for name in written:
+        assert (tmp_path / name).read_text(encoding="utf-8") == (src / name).read_text(encoding="utf-8"), name
