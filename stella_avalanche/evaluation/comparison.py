@@ -480,9 +480,10 @@ def _width_parts(parts: Mapping[str, Mapping[str, BS.BootstrapResult]], d: str, 
                      f"about {int(np.ceil((wq / target) ** 2 * 1.5))}× the queries per task would be needed "
                      "(the query part shrinks as 1/sqrt(queries); the factor leaves room for the seed part).")
     else:
-        need = seeds * ws ** 2 / (target ** 2 - wq ** 2)
-        lines.append(f"With the query part as it is, the seed part fits the target at about {int(np.ceil(need))} "
-                     f"seeds per strategy (now {seeds:g}).")
+        need = int(np.ceil(seeds * ws ** 2 / (target ** 2 - wq ** 2)))
+        lines.append(f"With the query part as it is, the seed part fits the target at about {need} "
+                     f"seed{'s' if need != 1 else ''} per strategy (now {seeds:g}"
+                     + ("; with so few seeds the seed part is itself poorly measured)." if seeds < 3 else ")."))
     return lines
 
 
@@ -567,9 +568,11 @@ def power_report(boot: dict[str, BS.BootstrapResult], keys: list[str],
         lines += [f"Δ𝒜 interval widths over {len(w)} differences (to DER++ and to Finetune): median {np.median(w):.2f}, "
                   f"max {w.max():.2f} ({PRETTY.get(max(widths)[1], max(widths)[1])} vs "
                   f"{PRETTY.get(max(widths)[2], max(widths)[2])}); {int((w <= target).sum())} of {len(w)} within target.",
-                  f"Seeds per strategy: {min(seeds)}-{max(seeds)}. If the width shrinks as 1/sqrt(seeds), the median "
-                  f"width reaches the target with about {int(np.ceil(np.median(seeds) * (np.median(w) / target) ** 2))} "
-                  "seeds per strategy (a rough guide: more clips per task shrink the query part too)."]
+                  f"Seeds per strategy: {min(seeds)}-{max(seeds)}. " + (
+                      "The median width is within the target." if np.median(w) <= target else
+                      f"If the width shrinks as 1/sqrt(seeds), the median width reaches the target with about "
+                      f"{int(np.ceil(np.median(seeds) * (np.median(w) / target) ** 2))} seeds per strategy (a rough "
+                      "guide: more clips per task shrink the query part too).")]
         if b.without_ranks:
             lines.append("Without per-query ranks (seeds resampled only, widths underestimated): "
                          + ", ".join(PRETTY.get(k, k) for k in b.without_ranks) + ".")
