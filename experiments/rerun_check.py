@@ -4,11 +4,11 @@ A run's ``results.json`` records its resolved configuration (``config``, includi
 its ``seed`` and where it was trained (``environment``: threads, torch build, CPU capability and flags).
 This script reruns the same configuration and seed into ``--out`` and compares, exactly, the per-query
 ranks (every row, both directions, pooled and per-task galleries), the recall matrices and the zero-shot
-recall. It prints one JSON object: ``bit_exact`` and, when not, the largest recall difference and the
-first differing rank; plus the environment keys that differ between the two machines (a bit-exact rerun
+recall. It prints one JSON object: ``bit_exact`` and, when not, the differing entries and the largest
+recall difference; plus the environment keys that differ between the two machines (a bit-exact rerun
 needs the same thread count, torch build and kernel path).
 
-    python experiments/rerun_check.py docs/results/synthetic_v5/runs/finetune/seed1/results.json --out /tmp/rerun
+    python experiments/rerun_check.py docs/results/synthetic_v5/runs/finetune/seed1/results.json --out runs/rerun
 """
 from __future__ import annotations
 
@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     published = json.loads(Path(args.results).read_text())
     if not published.get("complete"):
         raise SystemExit(f"{args.results}: the run is not complete")
-    rerun = run_experiment(published["config"], out_dir=Path(args.out), seed=int(published["seed"]),
-                           device=args.device, progress=False)
-    rerun = json.loads((Path(args.out) / "results.json").read_text()) if (Path(args.out) / "results.json").exists() \
-        else rerun
-    rel = os.path.relpath(args.results)   # published JSONs hold no machine paths
-    report = {"published": rel if not rel.startswith("..") else Path(args.results).name, "seed": published["seed"], "strategy": published.get("strategy"),
-              **compare_results(published, rerun)}
+    run_experiment(published["config"], out_dir=Path(args.out), seed=int(published["seed"]), device=args.device,
+                   progress=False)
+    # compare the files, not the returned dict: both sides then went through the same JSON round trip
+    rerun = json.loads((Path(args.out) / "results.json").read_text())
+    rel = os.path.relpath(args.results)   # the report may be published: no machine paths
+    report = {"published": rel if not rel.startswith("..") else Path(args.results).name,
+              "seed": published["seed"], "strategy": published.get("strategy"), **compare_results(published, rerun)}
     print(json.dumps(report, indent=1))
     return 0 if report["bit_exact"] else 1
 

@@ -32,8 +32,8 @@ in-step time of each step (CUDA events between ``before_training_iteration`` and
 atomically after every measurement; paths in it are relative to the repository or the JSON's
 folder.
 
-    python benchmarks/perf/e2e_media.py --data /tmp/media --out e2e.json                 # GPU
-    python benchmarks/perf/e2e_media.py --data /tmp/media --out e2e.json --smoke --device cpu
+    python benchmarks/perf/e2e_media.py --data runs/media --out e2e.json                 # GPU
+    python benchmarks/perf/e2e_media.py --data runs/media --out e2e.json --smoke --device cpu
 
 On the GPU machine (no avalanche-lib, decord, omegaconf in its image): ``benchmarks/perf/gpu_e2e.sh``.
 """

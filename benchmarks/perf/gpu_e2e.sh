@@ -5,14 +5,16 @@
 #   device:  COMMIT=<hash> bash benchmarks/perf/gpu_e2e.sh     carry [".gpu_site.tgz"], timeout_s 600
 # Writes to $OUT (6 files): gpu_e2e.log, stream.json, e2e.json, projection.json, projection.md and, when
 # the time allows, e2e_cache.json (the decode-once feature cache's build and loader, one task).
-# The media (about 8 GB) and the checkpoints of e2e_media.py go to /tmp, never to $OUT.
-# Knobs (environment): MEDIA, LIMIT (seconds this script may take, 570), BUDGET (e2e_media.py starts no
+# The media (about 8 GB), the checkpoints of e2e_media.py and the feature cache go to a scratch folder
+# (mktemp -d: the machine's temp directory), never to $OUT.
+# Knobs (environment): SCRATCH, MEDIA, LIMIT (seconds this script may take, 570), BUDGET (e2e_media.py starts no
 # strategy after it, 300), BATCHES ("48 36": Continual-VS, Continual-AS), CACHE_NEEDS (seconds the
 # cache step needs, 150), SMOKE=1 (a CPU rehearsal: tiny stream and model).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?OUT must name the output folder}
-MEDIA=${MEDIA:-/tmp/stella_media}
+SCRATCH=${SCRATCH:-$(mktemp -d)}
+MEDIA=${MEDIA:-$SCRATCH/stella_media}
 PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-570}
 BUDGET=${BUDGET:-300}
@@ -61,7 +63,7 @@ cp "$MEDIA/stream.json" "$OUT/stream.json"
 echo "== 2. e2e_media.py, batches $BATCHES ($(left) s left)"
 # the JSON is rewritten after every measurement: a run stopped by the timeout keeps what it measured
 timeout --signal=TERM $(( $(left) > 60 ? $(left) - 40 : 20 )) $PY benchmarks/perf/e2e_media.py "${SITE[@]}" "${SMOKE_ARGS[@]}" \
-    --data "$MEDIA" --out "$OUT/e2e.json" --batch $BATCHES --budget-s "$BUDGET" "${COMMIT_ARGS[@]}" --scratch /tmp
+    --data "$MEDIA" --out "$OUT/e2e.json" --batch $BATCHES --budget-s "$BUDGET" "${COMMIT_ARGS[@]}" --scratch "$SCRATCH"
 echo "e2e_media.py exit status $?"
 
 echo "== 3. projection ($(left) s left)"
@@ -71,7 +73,7 @@ $PY benchmarks/perf/project_run.py --site .gpu_site "$OUT/e2e.json" \
 if [ "$(left)" -gt "$CACHE_NEEDS" ]; then
     echo "== 4. feature cache: build and loader alone, one task ($(left) s left)"
     timeout --signal=TERM $(( $(left) > 20 ? $(left) - 10 : 10 )) $PY benchmarks/perf/e2e_media.py "${SITE[@]}" "${SMOKE_ARGS[@]}" \
-        --data "$MEDIA" --out "$OUT/e2e_cache.json" --cache /tmp/stella_cache --tasks others_part1 \
+        --data "$MEDIA" --out "$OUT/e2e_cache.json" --cache "$SCRATCH/stella_cache" --tasks others_part1 \
         --strategies --no-eval "${CACHE_ARGS[@]}" "${COMMIT_ARGS[@]}"
     echo "cache step exit status $?"
 else

@@ -26,8 +26,8 @@ Deterministic from ``--seed`` whatever ``--workers`` is. Existing complete clips
 interrupted run can be resumed. ``stream.json`` records the settings, counts, sizes and timings
 (paths relative to ``--out``).
 
-    python benchmarks/perf/make_media_stream.py --out /tmp/media              # 3840 train clips + 1705
-    python benchmarks/perf/make_media_stream.py --out /tmp/media --smoke      # 8 x (2 + 1 + 1) clips
+    python benchmarks/perf/make_media_stream.py --out runs/media              # 3840 train clips + 1705
+    python benchmarks/perf/make_media_stream.py --out runs/media --smoke      # 8 x (2 + 1 + 1) clips
 """
 from __future__ import annotations
 

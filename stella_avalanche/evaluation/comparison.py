@@ -314,8 +314,9 @@ def _ci_text(ci: tuple[float, float]) -> str:
 def paired_diff(boot: BS.BootstrapResult, a: str, b: str, m: str, level: float = 0.95
                 ) -> tuple[float, tuple[float, float]] | None:
     """Point difference a − b of statistic ``m`` ("A" or "F") between any two run keys of ``boot`` and
-    its bootstrap interval at ``level``: the replicates share the query draws, so the difference is
-    paired over queries. None when a key or its statistic is missing (or ``a == b``)."""
+    its bootstrap interval at ``level``: the replicates share the query draws, and the seed draws when
+    both keys ran the same seeds, so the difference is paired over those. None when a key or its
+    statistic is missing (or ``a == b``)."""
     pa, pb = boot.point.get(a, {}).get(m), boot.point.get(b, {}).get(m)
     if a == b or pa is None or pb is None:
         return None
@@ -477,8 +478,8 @@ def _width_parts(parts: Mapping[str, Mapping[str, BS.BootstrapResult]], d: str, 
              f"median {wq:.2f} (widths add roughly in quadrature: √(s² + q²) = {math.hypot(ws, wq):.2f})."]
     if wq >= target:
         lines.append(f"The query part alone is at or above the target ({target:.2f}): more seeds cannot reach it; "
-                     f"about {int(np.ceil((wq / target) ** 2 * 1.5))}× the queries per task would be needed "
-                     "(the query part shrinks as 1/sqrt(queries); the factor leaves room for the seed part).")
+                     f"the queries per task must grow more than {(wq / target) ** 2:.1f}× (the query part shrinks "
+                     "as 1/sqrt(queries), and the seed part needs room too).")
     else:
         need = int(np.ceil(seeds * ws ** 2 / (target ** 2 - wq ** 2)))
         lines.append(f"With the query part as it is, the seed part fits the target at about {need} "
