@@ -139,6 +139,9 @@ def test_localisation_head_planted_and_shuffled():
     assert res["miou_patch"] >= 85.0 and res["miou_pixel"] >= 85.0
     assert res["similarity_patch"] >= 80.0  # the raw audio-to-patch map already finds the object
     assert res["chance_patch"] <= 35.0
+    # per-frame IoUs (claim 7 of the comparison resamples them): one per test frame, their mean the mIoU
+    for k in ("patch", "pixel"):
+        assert len(res[f"iou_{k}"]) == len(test) and np.mean(res[f"iou_{k}"]) == pytest.approx(res[f"miou_{k}"], abs=1e-3)
 
     bad = fit.shuffled(seed=0)
     head_bad = fit_localisation_head(bad, steps=150, lr=5e-2, seed=0)

@@ -38,7 +38,18 @@ def _results(strategy: str, seed: int, skill: int, forget: int, buffer_bytes: in
                         recall_matrix=rm, config={"strategy": {"name": strategy, "params": {}}},
                         cost={"buffer_bytes": buffer_bytes})
     res["complete"] = True
+    res["downstream"] = _downstream(skill, seed * (skill % 3))
     return res
+
+
+def _downstream(skill: int, wobble: float) -> dict:
+    """A downstream block with per-item outcomes: 120 transfer clips, the first 1.2 x (20 + skill + wobble)
+    retrieved at rank 1 and the rest at rank 10; 240 localisation frames, every one at the same IoU."""
+    hits = int(1.2 * (20 + skill + wobble))
+    ranks = [1] * hits + [10] * (120 - hits)
+    pixel, patch = 30.0 + skill + wobble, 60.0 + skill - wobble
+    return {"transfer": {**{d: {"R@5": 100.0 * hits / 120} for d in ("a2v", "v2a")}, "ranks": {"a2v": ranks, "v2a": ranks}},
+            "localise": {"miou_pixel": pixel, "miou_patch": patch, "iou_pixel": [pixel] * 240, "iou_patch": [patch] * 240}}
 
 
 #: run key -> (strategy, skill, forget, buffer bytes per item): STELLA clearly ahead of the baselines in 𝒜
@@ -84,11 +95,18 @@ def test_clearly_better_worse_and_equal_give_the_three_verdicts(written):
     assert _verdicts(rows, "stella", "stella_lpis") == dict.fromkeys(both, BS.NOT_DISTINGUISHABLE)
     # claim 5 at the swept size (its own keys) and at the preset's memory (the plain keys)
     assert _verdicts(rows, "stella-mem100", "derpp-mem100") == dict.fromkeys(both, BS.NOT_DISTINGUISHABLE)
-    assert [r["claim"] for r in rows if (r["a"], r["b"]) == ("stella", "derpp")] == ["1", "1", "2", "2", "5", "5"]
+    assert [r["claim"] for r in rows if (r["a"], r["b"]) == ("stella", "derpp")] == ["1", "1", "2", "2", "5", "5", *["7"] * 4]
     # the verdict follows the interval and the claimed side, as the rule states
     for r in (r for r in rows if r["diff"]):
         side = 1 if r["claimed"] == "> 0" else -1
         assert r["verdict"] == BS.decide((float(r["ci_lo"]), float(r["ci_hi"])), side)
+    # claim 7: STELLA retrieves 10 / 8 more of 120 transfer clips than DER++ (seeds 0 / 1) and localises
+    # 8 / 7 points better on every frame: supported; it retrieves 2 / 1 more clips than finetune, which a
+    # draw of the clips can leave out (not distinguishable), and localises 2 / 3 points better (supported)
+    assert _verdicts(rows, "stella", "derpp", "D") == dict.fromkeys(comparison.CLAIM7_COLUMNS, BS.SUPPORTED)
+    assert _verdicts(rows, "stella", "finetune", "D") == {
+        "transfer_a2v_R@5": BS.NOT_DISTINGUISHABLE, "transfer_v2a_R@5": BS.NOT_DISTINGUISHABLE,
+        "miou_pixel": BS.SUPPORTED, "miou_patch": BS.SUPPORTED}
     # baselines of claims 1-2: every main-table key but STELLA, STELLA+ and multitask, DER++ first
     assert [r["b"] for r in rows if r["claim"] == "1"] == ["derpp", "derpp", "finetune", "finetune"]
 
@@ -125,7 +143,7 @@ def test_verdicts_use_the_replicates_of_intervals(written):
     """The same bootstrap replicates as intervals.csv's paired differences: identical numbers."""
     with open(written / "intervals.csv", newline="", encoding="utf-8") as fh:
         iv = {(r["key"], r["direction"], r["metric"]): r for r in csv.DictReader(fh)}
-    for r in (r for r in _rows(written) if r["b"] == "derpp" and r["a"] == "stella"):
+    for r in (r for r in _rows(written) if r["b"] == "derpp" and r["a"] == "stella" and r["metric"] != "D"):
         ref = iv[("stella", r["direction"], r["metric"])]
         assert (r["diff"], r["ci_lo"], r["ci_hi"]) == (ref["diff_derpp"], ref["diff_derpp_lo"], ref["diff_derpp_hi"])
 
@@ -190,3 +208,64 @@ def test_the_generated_csv_renders(written):
     table = verdicts_table(written / "verdicts.csv").splitlines()
     assert len(table) == 4 + len(_rows(written))
     assert "| 3. 𝒜 STELLA+ − STELLA > 0 | A→V | " in "\n".join(table)
+
+
+def _items_run(strategy: str, seed: int, transfer_hits: np.ndarray | None, iou: np.ndarray | None) -> dict:
+    """A run whose downstream block holds per-item outcomes: ``transfer_hits`` (bool per clip, rank 1 or
+    10) and per-frame IoUs ``iou`` (None: that part absent, as in runs from before items were recorded)."""
+    ds: dict = {"transfer": {"a2v": {"R@5": 0.0}, "v2a": {"R@5": 0.0}}, "localise": {"miou_pixel": 0.0, "miou_patch": 0.0}}
+    if transfer_hits is not None:
+        ranks = np.where(transfer_hits, 1, 10).tolist()
+        ds["transfer"]["ranks"] = {"a2v": ranks, "v2a": ranks}
+    if iou is not None:
+        ds["localise"].update(iou_pixel=iou.tolist(), iou_patch=iou.tolist())
+    return {"strategy": strategy, "seed": seed, "downstream": ds}
+
+
+def test_the_downstream_claim_resamples_seeds_and_items():
+    """Claim 7's bootstrap is paired over the shared seeds and the test items."""
+    hits = np.zeros(120, bool)
+    one = hits.copy()
+    one[-1] = True                                     # STELLA retrieves one more clip than DER++ on every seed
+    many = hits.copy()
+    many[:30] = True                                   # ... 30 more than ER
+    iou = np.full(240, 50.0)
+    runs = {"stella": [_items_run("stella", s, one | many, iou + (28.0 if s == 0 else 0.0)) for s in (0, 1, 2)],
+            "derpp": [_items_run("derpp", s, many, iou) for s in (0, 1, 2)],
+            "er": [_items_run("er", s, hits, iou) for s in (0, 1)],
+            "lump": [_items_run("lump", 0, hits, iou)],
+            "mir": [_items_run("mir", s, hits, None) for s in (0, 1)]}
+    diff = lambda a, b, col: comparison.downstream_paired_diff(runs, a, b, col)   # noqa: E731
+    # one clip of 120: the point is +0.83 on every seed, but a draw of the clips leaves it out one time
+    # in e (an interval over seeds alone would have zero width and call it supported)
+    point, (lo, hi) = diff("stella", "derpp", "transfer_a2v_R@5")
+    assert point == pytest.approx(100 / 120) and lo == 0.0 and hi > point
+    point, (lo, hi) = diff("stella", "er", "transfer_v2a_R@5")     # 31 clips on seeds 0 and 1 (seed 2 unpaired)
+    assert point == pytest.approx(3100 / 120) and 15 < lo < point < hi < 35
+    # localisation: +28 on seed 0 only, the same on every frame: the seeds make the whole spread
+    point, (lo, hi) = diff("stella", "derpp", "miou_pixel")
+    assert point == pytest.approx(28 / 3) and lo == pytest.approx(0.0) and hi == pytest.approx(28.0)
+    assert diff("stella", "lump", "miou_patch") is None            # one shared seed
+    assert diff("stella", "mir", "miou_patch") is None              # MIR recorded no per-frame IoUs
+    comps = [c for c in comparison.claim_comparisons(["finetune", "derpp", "er", "mir", "stella"], default_mem=200,
+                                                     mems=[100], sizes={})[0] if c.claim == 7]
+    assert [c.b for c in comps] == ["derpp", "finetune", "er", "mir"] and {c.metric for c in comps} == {"D"}
+    rows = comparison.verdict_rows({}, comps, {}, set(runs), runs)
+    got = {(r["comparison"].b, r["direction"]): r["verdict"] for r in rows}
+    assert got[("derpp", "transfer_a2v_R@5")] == BS.NOT_DISTINGUISHABLE
+    assert got[("er", "transfer_a2v_R@5")] == BS.SUPPORTED
+    assert got[("mir", "miou_pixel")] == comparison.NO_VALUE and got[("mir", "transfer_a2v_R@5")] == BS.SUPPORTED
+    assert got[("finetune", None)] == BS.MISSING_RUNS
+    assert [r["direction"] for r in rows if r["comparison"].b == "derpp"] == list(comparison.CLAIM7_COLUMNS)
+
+
+def test_every_downstream_column_of_claim_7_renders_in_the_readme_block(tmp_path):
+    from stella_avalanche.evaluation.published import _DIRECTIONS
+
+    for key in comparison.CLAIM7_COLUMNS:
+        assert _DIRECTIONS[key] == comparison.DOWNSTREAM_COLUMNS[key][0]
+    head = "claim,claim_text,comparison,a,b,metric,claimed,direction,diff,ci_lo,ci_hi,verdict,missing\n"
+    body = "7,x,STELLA − DER++,stella,derpp,D,> 0,miou_patch,1.5,-0.5,3.5,not distinguishable,\n"
+    (tmp_path / "v.csv").write_text(head + body, encoding="utf-8")
+    assert verdicts_table(tmp_path / "v.csv").splitlines()[-1] == \
+        "| 7. downstream STELLA − DER++ > 0 | mIoU patch | +1.50 [−0.50, +3.50] | not distinguishable |"

@@ -70,18 +70,48 @@ def _latest_run_checkpoint(run: Path) -> Path:
     raise FileNotFoundError(f"{run}: no checkpoint under checkpoints/ (or checkpoints/rank0/)")
 
 
+def build_model(cfg: dict, ckpt: str, *, device: str = "auto", seed: int = 0) -> tuple[Any, Any]:
+    """The benchmark of a resolved run config and its backbone loaded from ``ckpt`` (a run checkpoint, a
+    backbone file, external weights, or "none" for a random backbone seeded with ``seed``), checked
+    against the benchmark's input geometry and moved to ``device``."""
+    import torch
+
+    from stella_avalanche.evaluation import downstream as D
+    from stella_avalanche.experiment import _build_benchmark
+    from stella_avalanche.models.cav import CAVMAE
+    from stella_avalanche.models.config import model_config_for
+    from stella_avalanche.utils import resolve_device
+
+    bm = _build_benchmark(cfg)
+    bench_name = f"{bm.name} ({cfg['benchmark'].get('preset') or cfg['benchmark'].get('root')})"
+    model_cfg = model_config_for(cfg["model"]["preset"], bm.features, **(cfg["model"].get("overrides") or {}))
+    D.check_geometry(model_cfg, bm.features, model_name=f"{ckpt} (model preset {cfg['model']['preset']})",
+                     benchmark_name=bench_name)
+    torch.manual_seed(seed)
+    model = CAVMAE(model_cfg)
+    if ckpt != "none":
+        state, kind = _load_state(ckpt)
+        if state is not None:
+            D.check_state_geometry(state, model_cfg, checkpoint=ckpt, benchmark_name=bench_name)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise SystemExit(f"{ckpt} ({kind}) does not match the {cfg['model']['preset']} backbone: "
+                                 f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        else:
+            from stella_avalanche.models.loading import load_backbone_weights
+
+            load_backbone_weights(model, ckpt)
+        logging.info("loaded %s (%s)", ckpt, kind)
+    return bm, model.to(resolve_device(device))
+
+
 def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
     from stella_avalanche.config import load_config
     from stella_avalanche.evaluation import downstream as D
     from stella_avalanche.evaluation.report import write_results_json
-    from stella_avalanche.experiment import _build_benchmark
-    from stella_avalanche.models.config import model_config_for
-    from stella_avalanche.models.cav import CAVMAE
-    from stella_avalanche.utils import atomic_write_json, resolve_device, set_progress
+    from stella_avalanche.utils import atomic_write_json, set_progress
 
     set_progress(not args.quiet)
     overrides = list(args.overrides)
@@ -119,27 +149,7 @@ def _main(argv: list[str] | None = None) -> int:
             results = json.loads(args.results.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    bm = _build_benchmark(cfg)
-    bench_name = f"{bm.name} ({cfg['benchmark'].get('preset') or cfg['benchmark'].get('root')})"
-    model_cfg = model_config_for(cfg["model"]["preset"], bm.features, **(cfg["model"].get("overrides") or {}))
-    D.check_geometry(model_cfg, bm.features, model_name=f"{ckpt} (model preset {cfg['model']['preset']})",
-                     benchmark_name=bench_name)
-    torch.manual_seed(args.seed)
-    model = CAVMAE(model_cfg)
-    if ckpt != "none":
-        state, kind = _load_state(ckpt)
-        if state is not None:
-            D.check_state_geometry(state, model_cfg, checkpoint=ckpt, benchmark_name=bench_name)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise SystemExit(f"{ckpt} ({kind}) does not match the {cfg['model']['preset']} backbone: "
-                                 f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
-        else:
-            from stella_avalanche.models.loading import load_backbone_weights
-
-            load_backbone_weights(model, ckpt)
-        logging.info("loaded %s (%s)", ckpt, kind)
-    model.to(resolve_device(args.device))
+    bm, model = build_model(cfg, ckpt, device=args.device, seed=args.seed)
 
     block = D.at_end_of_stream(model, bm, cfg, results or {}, out_dir, progress=not args.quiet)
     block["checkpoint"] = str(ckpt)

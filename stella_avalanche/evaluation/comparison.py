@@ -36,7 +36,8 @@ __all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATIO
            "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
            "task_gallery_markdown", "initial_gain_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
            "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "GUIDE_TARGETS", "guide_diagnostics_markdown",
-           "seed_effect", "seed_effect_markdown", "Comparison", "CLAIMS", "NO_VALUE", "VERDICT_RULE", "paired_diff", "claim_comparisons", "verdict_rows",
+           "seed_effect", "seed_effect_markdown", "Comparison", "CLAIMS", "CLAIM7_COLUMNS", "CLAIM7_ITEMS", "NO_VALUE", "VERDICT_RULE",
+           "paired_diff", "downstream_paired_diff", "claim_comparisons", "verdict_rows",
            "write_verdicts", "write_statistics"]
 
 DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
@@ -755,8 +756,9 @@ def guide_diagnostics_markdown(runs: dict[str, list[dict]]) -> str:
 
 # ------------------------------------------------------------------ verdicts on the paper's claims
 class Comparison(NamedTuple):
-    """One paired difference a claim is decided by: ``a − b`` of Avg ``metric`` ("A" or "F") between two
-    run keys, claimed ``> 0`` (``side`` +1) or ``< 0`` (``side`` −1); ``label`` names it in the tables."""
+    """One paired difference a claim is decided by: ``a − b`` of Avg ``metric`` ("A" or "F"; "D": the
+    downstream columns of :data:`CLAIM7_COLUMNS`) between two run keys, claimed ``> 0`` (``side`` +1) or
+    ``< 0`` (``side`` −1); ``label`` names it in the tables."""
 
     claim: int
     a: str
@@ -770,12 +772,14 @@ class Comparison(NamedTuple):
 CLAIMS: dict[int, str] = {
     1: "STELLA's 𝒜 above each baseline", 2: "STELLA forgets least (ℱ below each baseline)",
     3: "STELLA+ above STELLA", 4: "LPIS and RCA each add over random patches, both together most",
-    5: "STELLA ahead of DER++ at every memory size", 6: "STELLA+'s smaller items pay off at equal bytes"}
+    5: "STELLA ahead of DER++ at every memory size", 6: "STELLA+'s smaller items pay off at equal bytes",
+    7: "STELLA's transfer and localisation above each baseline (downstream)"}
+
 #: main-table keys that are no baseline of claims 1 and 2: STELLA, its variant, the upper bound, zero-shot
 _NOT_BASELINES = ("stella", "stella_plus", "multitask", INITIAL)
 #: short names of the ablation variants (their PRETTY names are too long for a difference's label)
 _SHORT = {"stella_random": "random patches", "stella_lpis": "LPIS only", "stella_rca": "RCA only"}
-_SYMBOL = {"A": "𝒜", "F": "ℱ"}
+_SYMBOL = {"A": "𝒜", "F": "ℱ", "D": "downstream"}
 #: the verdict of a comparison whose runs exist but lack the statistic (e.g. ℱ of a single-row run)
 NO_VALUE = "no value"
 VERDICT_RULE = ("Rule, the same for every row: the claim's paired difference (Avg of R@1/5/10, percentage "
@@ -783,11 +787,66 @@ VERDICT_RULE = ("Rule, the same for every row: the claim's paired difference (Av
                 "resampled within each task and shared by all methods; seeds shared by the methods that ran "
                 "the same seeds; so differences are paired over queries and seeds). Interval entirely on the claimed side of 0 → "
                 "**supported**; entirely on the other side → **contradicted**; contains 0 → **not "
-                "distinguishable**. A comparison without its runs is not decided (missing runs named).")
+                "distinguishable**. A comparison without its runs is not decided (missing runs named). "
+                "Claim 7 (downstream) uses its own bootstrap over the seeds both methods ran (at least 2) "
+                "and the downstream test items, transfer clips or localisation frames, drawn alike for "
+                "both methods, so its differences are paired over items and seeds too.")
 
 
 def _short(key: str) -> str:
     return _SHORT.get(key, PRETTY.get(key, key))
+
+
+#: claim 7's per-item outcomes in a run's downstream block: column -> (path to the per-item list, K for
+#: ranks turned into hits, None for values already in percent)
+CLAIM7_ITEMS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "transfer_a2v_R@5": (("transfer", "ranks", "a2v"), 5), "transfer_v2a_R@5": (("transfer", "ranks", "v2a"), 5),
+    "miou_pixel": (("localise", "iou_pixel"), None), "miou_patch": (("localise", "iou_patch"), None)}
+#: the downstream columns (:data:`DOWNSTREAM_COLUMNS`) claim 7 is decided on: zero-shot retrieval on data
+#: outside the stream and sounding-object localisation
+CLAIM7_COLUMNS = tuple(CLAIM7_ITEMS)
+
+
+def _downstream_items(res: Mapping, column: str) -> np.ndarray | None:
+    """Per-item scores (percent) of a claim-7 column in one run, whose mean is the column's value."""
+    path, k = CLAIM7_ITEMS[column]
+    x = res.get("downstream")
+    for key in path:
+        if not isinstance(x, Mapping) or x.get(key) is None:
+            return None
+        x = x[key]
+    a = np.asarray(x, dtype=np.float64)
+    return 100.0 * (a <= k) if k is not None else a
+
+
+def downstream_paired_diff(runs: Mapping[str, list[dict]], a: str, b: str, column: str, *, level: float = 0.95,
+                           n_boot: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]] | None:
+    """Mean a − b of downstream ``column`` (:data:`CLAIM7_ITEMS`) over the seeds both run keys ran, and its
+    bootstrap interval at ``level``, paired over seeds and items: each replicate draws the shared seeds
+    and the test items (clips or frames; the same draw for both methods and every seed, as every run is
+    tested on the same items) with replacement.
+
+    None when a key is missing, when fewer than 2 seeds are shared, or when a shared run lacks the
+    per-item outcomes (runs from before they were recorded: ``experiments/downstream_items.py`` adds them).
+    """
+    ia, ib = ({r.get("seed"): _downstream_items(r, column) for r in runs.get(k, [])} for k in (a, b))
+    shared = sorted((s for s in ia if s in ib), key=str)
+    if a == b or len(shared) < 2 or any(ia[s] is None or ib[s] is None for s in shared):
+        return None
+    sizes = {ia[s].size for s in shared} | {ib[s].size for s in shared}
+    if len(sizes) != 1:
+        raise ValueError(f"claim 7, {column}: runs of {a} and {b} hold different numbers of test items {sorted(sizes)}")
+    diff = np.stack([ia[s] - ib[s] for s in shared])                 # (seeds, items)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_items = diff.shape
+    samples = np.empty(n_boot)
+    for i0 in range(0, n_boot, 250):                                   # 250 replicates at a time: bounded memory
+        m = min(250, n_boot - i0)
+        items = rng.integers(0, n_items, size=(m, n_items))
+        seeds = rng.integers(0, n_seeds, size=(m, n_seeds))
+        per_seed = diff[:, items].mean(axis=2)                          # (seeds, m): each seed on the drawn items
+        samples[i0:i0 + m] = np.take_along_axis(per_seed.T, seeds, axis=1).mean(axis=1)
+    return float(diff.mean()), BS.interval(samples, level)
 
 
 def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], sizes: dict[str, int]
@@ -806,6 +865,7 @@ def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], siz
     comps += [Comparison(4, a, b, "A", 1, f"{_short(a)} − {_short(b)}") for a, b in
               (("stella_lpis", "stella_random"), ("stella_rca", "stella_random"), ("stella", "stella_lpis"),
                ("stella", "stella_rca"))]
+    comps += [Comparison(7, "stella", x, "D", 1, f"STELLA − {_short(x)}") for x in base]
     comps += [Comparison(5, mem_key("stella", m, default_mem), mem_key("derpp", m, default_mem), "A", 1,
                          f"STELLA − DER++ (M = {m})") for m in mems]
     eq = equal_bytes_items(default_mem, sizes)
@@ -823,12 +883,15 @@ def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], siz
 
 
 def verdict_rows(boot: dict[str, BS.BootstrapResult], comps: list[Comparison], left_out: dict[int, str],
-                 present: set[str]) -> list[dict]:
-    """Rows of verdicts.md / .csv in claim order: one per comparison and direction; one per comparison
-    whose runs (keys not in ``present``) are missing, and one per claim left out (``comparison`` None).
+                 present: set[str], runs: Mapping[str, list[dict]] | None = None) -> list[dict]:
+    """Rows of verdicts.md / .csv in claim order: one per comparison and direction (for a downstream
+    comparison, per column of :data:`CLAIM7_COLUMNS`, decided from ``runs`` by
+    :func:`downstream_paired_diff`); one per comparison whose runs (keys not in ``present``) are missing,
+    and one per claim left out (``comparison`` None).
 
-    Each row: ``claim``, ``comparison`` (or None), ``direction`` (or None), ``diff`` (point, interval) or
-    None, ``verdict`` and ``missing`` (what is missing, "" when decided).
+    Each row: ``claim``, ``comparison`` (or None), ``direction`` (a DIRS key or a downstream column key;
+    or None), ``diff`` (point, interval) or None, ``verdict`` and ``missing`` (what is missing, "" when
+    decided).
     """
     rows = [{"claim": n, "comparison": None, "direction": None, "diff": None, "verdict": BS.MISSING_RUNS,
              "missing": why} for n, why in left_out.items()]
@@ -838,11 +901,17 @@ def verdict_rows(boot: dict[str, BS.BootstrapResult], comps: list[Comparison], l
             rows.append({"claim": c.claim, "comparison": c, "direction": None, "diff": None,
                          "verdict": BS.MISSING_RUNS, "missing": " ".join(missing)})
             continue
-        for d, _ in DIRS:
-            x = paired_diff(boot[d], c.a, c.b, c.metric)
+        for d in (CLAIM7_COLUMNS if c.metric == "D" else dict(DIRS)):
+            x = (downstream_paired_diff(runs or {}, c.a, c.b, d) if c.metric == "D"
+                 else paired_diff(boot[d], c.a, c.b, c.metric))
             rows.append({"claim": c.claim, "comparison": c, "direction": d, "diff": x,
                          "verdict": NO_VALUE if x is None else BS.decide(x[1], c.side), "missing": ""})
     return sorted(rows, key=lambda r: r["claim"])   # stable: comparisons keep their order within a claim
+
+
+def _direction_text(d: str) -> str:
+    """A2V / V2A's arrows, or a downstream column's header."""
+    return dict(DIRS).get(d) or DOWNSTREAM_COLUMNS[d][0]
 
 
 def _verdict_cells(r: dict) -> list[str]:
@@ -851,7 +920,7 @@ def _verdict_cells(r: dict) -> list[str]:
     x = r["diff"]
     verdict = r["verdict"] + (f": {r['missing']}" if r["missing"] else "")
     return [f"{r['claim']}. {CLAIMS[r['claim']]}", "–" if c is None else f"{_SYMBOL[c.metric]} {c.label}",
-            "–" if r["direction"] is None else dict(DIRS)[r["direction"]],
+            "–" if r["direction"] is None else _direction_text(r["direction"]),
             "–" if c is None else ("> 0" if c.side > 0 else "< 0"),
             "–" if x is None else f"{x[0]:+.2f} {_ci_text(x[1])}", verdict]
 
@@ -915,4 +984,4 @@ def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *,
         print(write_sweep(srows, mems, sizes, out))
         plot_sweep(srows, out)
     comps, left_out = claim_comparisons(keys, default_mem=default_mem, mems=mems, sizes=sizes)
-    print(write_verdicts(verdict_rows(boot, comps, left_out, set(runs)), out))
+    print(write_verdicts(verdict_rows(boot, comps, left_out, set(runs), runs), out))

@@ -447,14 +447,17 @@ def transfer_retrieval(z_audio: Tensor, z_video: Tensor, *, ks: Sequence[int] = 
     """Zero-shot retrieval over one pooled gallery of clips outside the stream.
 
     :param z_audio: (N, D); ``z_video`` (N, D) (clip i's audio matches clip i's video).
-    :returns: ``{"a2v"|"v2a": {"R@K": %}, "num_clips": N, "chance": {"R@K": %}}``.
+    :returns: ``{"a2v"|"v2a": {"R@K": %}, "num_clips": N, "chance": {"R@K": %}, "ranks": {"a2v"|"v2a":
+        [N ints]}}``; the per-query ranks let a comparison resample the clips (paired bootstrap).
     """
     from stella_avalanche.evaluation.retrieval import recall_report
 
     n = int(z_audio.shape[0])
-    rep = recall_report(z_audio, z_video, torch.zeros(n, dtype=torch.int64), ks=ks, gallery="pooled")
+    rep = recall_report(z_audio, z_video, torch.zeros(n, dtype=torch.int64), ks=ks, gallery="pooled",
+                        return_ranks=True)
     return {**{d: {f"R@{k}": float(rep[d][f"R@{k}"]["overall"]) for k in ks} for d in ("a2v", "v2a")},
-            "num_clips": n, "chance": {f"R@{k}": 100.0 * min(k, n) / n for k in ks}}
+            "num_clips": n, "chance": {f"R@{k}": 100.0 * min(k, n) / n for k in ks},
+            "ranks": {d: rep["ranks"][d].tolist() for d in ("a2v", "v2a")}}
 
 
 # =============================================================================================
@@ -612,13 +615,23 @@ def _iou_per_sample(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def _iou_chunked(maps: Tensor, gt: Tensor, threshold: float, to_pixels: Any, chunk: int = 256) -> Tensor:
+    """Per-frame IoU (float64) of ``to_pixels(maps[i:j]) > threshold`` against ``gt``, a chunk of frames at
+    a time (large test sets at 224 px would not fit in memory as one float tensor)."""
+    parts = [_iou_per_sample(to_pixels(maps[i:i + chunk]) > threshold, gt[i:i + chunk])
+             for i in range(0, len(gt), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
 def _miou_chunked(maps: Tensor, gt: Tensor, threshold: float, to_pixels: Any, chunk: int = 256) -> float:
-    """mIoU of ``to_pixels(maps[i:j]) > threshold`` against ``gt``, a chunk of frames at a time (large
-    test sets at 224 px would not fit in memory as one float tensor)."""
-    total = 0.0
-    for i in range(0, len(gt), chunk):
-        total += float(_iou_per_sample(to_pixels(maps[i:i + chunk]) > threshold, gt[i:i + chunk]).sum())
-    return 100.0 * total / len(gt) if len(gt) else float("nan")
+    """mIoU (percent) of :func:`_iou_chunked`."""
+    iou = _iou_chunked(maps, gt, threshold, to_pixels, chunk)
+    return 100.0 * float(iou.sum()) / len(gt) if len(gt) else float("nan")
+
+
+def _iou_list(iou: Tensor) -> list[float]:
+    """Per-frame IoU in percent, 4 decimals (results.json stays small; the mean moves by < 1e-4)."""
+    return [round(100.0 * float(x), 4) for x in iou]
 
 
 _THRESHOLDS = tuple(float(x) for x in np.round(np.linspace(0.05, 0.95, 19), 2))
@@ -654,8 +667,9 @@ def score_localisation(head: LocalisationHead, fit: LocalisationSet, test: Local
     the head's output.
 
     :returns: ``{"miou_patch", "miou_pixel", "chance_patch", "chance_pixel", "similarity_patch",
-        "similarity_pixel", "threshold_patch", "threshold_pixel", "num_fit_frames", "num_test_frames"}``
-        (percent; pixel entries None without pixel masks).
+        "similarity_pixel", "threshold_patch", "threshold_pixel", "num_fit_frames", "num_test_frames",
+        "iou_patch", "iou_pixel"}`` (percent; pixel entries None without pixel masks). ``iou_*`` are the
+        head's per-test-frame IoUs (their mean is ``miou_*``), so that a comparison can resample the frames.
     """
     grid = int(fit.patch_masks.shape[-1])
     sel = torch.arange(min(len(fit), max_threshold_frames))
@@ -663,8 +677,9 @@ def score_localisation(head: LocalisationHead, fit: LocalisationSet, test: Local
     test_logits = head(test.tokens, test.audio)
     fit_gt, test_gt = fit.patch_masks[sel], test.patch_masks
     th_p = _best_threshold(torch.sigmoid(fit_logits).reshape(fit_gt.shape), fit_gt)
-    out: dict[str, Any] = {"miou_patch": mean_iou(torch.sigmoid(test_logits).reshape(test_gt.shape) > th_p, test_gt),
-                           "threshold_patch": th_p}
+    iou_patch = _iou_per_sample(torch.sigmoid(test_logits).reshape(test_gt.shape) > th_p, test_gt)
+    out: dict[str, Any] = {"miou_patch": 100.0 * float(iou_patch.mean()) if len(iou_patch) else float("nan"),
+                           "threshold_patch": th_p, "iou_patch": _iou_list(iou_patch)}
     # the untrained audio-to-patch similarity map alone (min-max scaled per frame): how much of the
     # localisation comes from audio-visual correspondence rather than from the head's learned saliency
     sim_fit, sim_test = _similarity_map(fit.tokens[sel], fit.audio[sel]), _similarity_map(test.tokens, test.audio)
@@ -677,8 +692,10 @@ def score_localisation(head: LocalisationHead, fit: LocalisationSet, test: Local
         size = int(fit.pixel_masks.shape[-1])
         fit_px = fit.pixel_masks[sel]
         th_x = _best_threshold(_pixel_probs(fit_logits, grid, size), fit_px)
-        out["miou_pixel"] = _miou_chunked(test_logits, test.pixel_masks, th_x, lambda m: _pixel_probs(m, grid, size))
+        iou_pixel = _iou_chunked(test_logits, test.pixel_masks, th_x, lambda m: _pixel_probs(m, grid, size))
+        out["miou_pixel"] = 100.0 * float(iou_pixel.sum()) / len(iou_pixel) if len(iou_pixel) else float("nan")
         out["threshold_pixel"] = th_x
+        out["iou_pixel"] = _iou_list(iou_pixel)
 
         def up(m: Tensor) -> Tensor:
             return F.interpolate(m.reshape(-1, 1, grid, grid), size=(size, size), mode="bilinear",
@@ -691,7 +708,8 @@ def score_localisation(head: LocalisationHead, fit: LocalisationSet, test: Local
         out["chance_pixel"] = _miou_chunked(prior_px.expand_as(test.pixel_masks), test.pixel_masks, th_cx,
                                             lambda m: m)
     else:
-        out.update({"miou_pixel": None, "threshold_pixel": None, "chance_pixel": None, "similarity_pixel": None})
+        out.update({"miou_pixel": None, "threshold_pixel": None, "chance_pixel": None, "similarity_pixel": None,
+                    "iou_pixel": None})
     out.update({"num_fit_frames": len(fit), "num_test_frames": len(test)})
     return out
 

@@ -93,8 +93,11 @@ def headline_table(intervals_csv: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-_DIRECTIONS = {"a2v": "A→V", "v2a": "V→A"}
-_SYMBOLS = {"A": "𝒜", "F": "ℱ"}
+#: verdicts.csv direction keys: retrieval directions, and the downstream columns of claim 7 (the headers of
+#: comparison.DOWNSTREAM_COLUMNS; kept here so that rendering a block imports no training code)
+_DIRECTIONS = {"a2v": "A→V", "v2a": "V→A", "transfer_a2v_R@5": "transfer R@5 A→V",
+               "transfer_v2a_R@5": "transfer R@5 V→A", "miou_pixel": "mIoU pixel", "miou_patch": "mIoU patch"}
+_SYMBOLS = {"A": "𝒜", "F": "ℱ", "D": "downstream"}
 
 
 def _verdict_row(r: Mapping[str, str]) -> str:
