@@ -28,7 +28,7 @@ BLOCK_RE = re.compile(r"(<!-- generated:(?P<name>[\w-]+) from (?P<source>\S+) --
 
 #: the methods of the headline table, in order, with their display names (a method without runs is left out)
 _HEADLINE_ROWS = (("finetune", "Finetune (lower bound)"), ("derpp", "DER++"), ("stella", "STELLA"),
-                  ("multitask", "Multitask (upper bound)"))
+                  ("stella_plus", "STELLA+"), ("multitask", "Multitask (upper bound)"))
 _INITIAL = ("initial", "Initialisation (no training)")
 
 
