@@ -40,7 +40,7 @@ def mismatches(recorded: dict, fresh: dict) -> list[str]:
     """The :data:`CHECKED` entries where ``fresh`` differs from ``recorded`` (both downstream blocks)."""
     out = []
     for part, path in CHECKED:
-        a, b = _get(recorded.get(part), path), _get(fresh.get(part), path)
+        a, b = _get(recorded, (part, *path)), _get(fresh, (part, *path))
         if (a is None) != (b is None) or (a is not None and abs(float(a) - float(b)) > TOLERANCE):
             out.append(f"{part}/{'/'.join(path)}: recorded {a}, recomputed {b}")
     return out
@@ -49,9 +49,11 @@ def mismatches(recorded: dict, fresh: dict) -> list[str]:
 def add_items(run: Path, *, device: str = "cpu") -> list[str]:
     """Recompute ``run``'s transfer and localisation and, when the means match, write the per-item lists
     into its results.json. Returns the mismatches (empty: written)."""
+    import dataclasses
+
     import torch
 
-    from stella_avalanche.cli.downstream import _latest_run_checkpoint, build_model
+    from stella_avalanche.cli.downstream import build_model, latest_run_checkpoint
     from stella_avalanche.evaluation import downstream as D
     from stella_avalanche.evaluation.report import write_results_json
 
@@ -62,12 +64,10 @@ def add_items(run: Path, *, device: str = "cpu") -> list[str]:
         raise SystemExit(f"{run}: not a complete run with a downstream block")
     cfg = results["config"]
     torch.set_num_threads(int((cfg.get("train") or {}).get("threads") or 1))
-    bm, model = build_model(cfg, str(_latest_run_checkpoint(run)), device=device)
-    dcfg = D.DownstreamConfig.from_dict(cfg.get("downstream"))
-    eval_set = D._TransferEvalSet(bm=bm, cfg=dcfg, progress=False)
-    # the same calls as the run's own downstream suite (run_downstream), in the same order
-    fresh = {"transfer": D._transfer_block(model, bm, dcfg, False, eval_set),
-             "localise": D._localise_block(model, bm, dcfg, False, eval_set)}
+    bm, model = build_model(cfg, str(latest_run_checkpoint(run)), device=device)
+    # the run's own downstream suite, restricted to the two tasks that have per-item outcomes
+    dcfg = dataclasses.replace(D.DownstreamConfig.from_dict(cfg.get("downstream")), tasks=("transfer", "localise"))
+    fresh = D.run_downstream(model, bm, cfg=dcfg, progress=False)
     bad = mismatches(block, fresh)
     if bad:
         return bad
@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     status = 0
     for run in args.runs:
-        block = json.loads((run / "results.json").read_text()).get("downstream") or {}
-        if (block.get("transfer") or {}).get("ranks") is not None and \
-                (block.get("localise") or {}).get("iou_patch") is not None:
+        block = json.loads((run / "results.json").read_text()).get("downstream")
+        if _get(block, ("transfer", "ranks")) is not None and _get(block, ("localise", "iou_patch")) is not None:
             print(f"{run}: has its per-item outcomes already")
             continue
         bad = add_items(run, device=args.device)

@@ -60,7 +60,7 @@ def _load_state(path: str) -> tuple[dict | None, str]:
     return None, "external weights"
 
 
-def _latest_run_checkpoint(run: Path) -> Path:
+def latest_run_checkpoint(run: Path) -> Path:
     from stella_avalanche.checkpoint import latest_checkpoint
 
     for d in (run / "checkpoints", run / "checkpoints" / "rank0"):
@@ -132,7 +132,7 @@ def _main(argv: list[str] | None = None) -> int:
             key, value = field_override(item)
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         cfg = OmegaConf.to_container(cfg, resolve=True)
-        ckpt = str(_latest_run_checkpoint(args.run))
+        ckpt = str(latest_run_checkpoint(args.run))
         out_dir = args.run
         if not results.get("complete"):
             logging.warning("%s: the run is not complete; evaluating its newest checkpoint %s", args.run, ckpt)

@@ -22,7 +22,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -170,12 +170,18 @@ DOWNSTREAM_COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def _downstream_value(res: dict, path: tuple[str, ...]) -> float | None:
+def _downstream_entry(res: Mapping, path: tuple[str, ...]) -> Any:
+    """The entry at ``path`` inside ``res["downstream"]`` (None when absent)."""
     x = res.get("downstream")
     for key in path:
-        if not isinstance(x, dict) or key not in x:
+        if not isinstance(x, Mapping) or key not in x:
             return None
         x = x[key]
+    return x
+
+
+def _downstream_value(res: dict, path: tuple[str, ...]) -> float | None:
+    x = _downstream_entry(res, path)
     return None if x is None else float(x)
 
 def downstream_table(rows: list[dict]) -> list[str]:
@@ -810,11 +816,9 @@ CLAIM7_COLUMNS = tuple(CLAIM7_ITEMS)
 def _downstream_items(res: Mapping, column: str) -> np.ndarray | None:
     """Per-item scores (percent) of a claim-7 column in one run, whose mean is the column's value."""
     path, k = CLAIM7_ITEMS[column]
-    x = res.get("downstream")
-    for key in path:
-        if not isinstance(x, Mapping) or x.get(key) is None:
-            return None
-        x = x[key]
+    x = _downstream_entry(res, path)
+    if x is None:
+        return None
     a = np.asarray(x, dtype=np.float64)
     return 100.0 * (a <= k) if k is not None else a
 
