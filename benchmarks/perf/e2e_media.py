@@ -369,6 +369,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="strategies to time (none: the loader alone, e.g. to time a feature cache)")
     p.add_argument("--batch", type=int, nargs="*", default=None,
                    help="current batch sizes (default: the config's train.batch_size, 48)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the main process (default: torch's, one per core; the loader "
+                        "workers run beside them)")
     p.add_argument("--workers", type=int, default=None, help="training-loader workers (default: train.num_workers, 8)")
     p.add_argument("--mem-size", type=int, default=None, help="replay memory (default: strategy.params.mem_size)")
     p.add_argument("--cache", default=None,
@@ -463,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("e2e_media.py: no CUDA device (use --smoke on a CPU)")
-    if args.smoke:
-        torch.set_num_threads(1)  # several threads on a shared CPU only wait for each other
+    if args.threads or args.smoke:
+        torch.set_num_threads(args.threads or 1)  # several threads on a shared CPU only wait for each other
     data, out_dir = Path(args.data).resolve(), Path(args.out).resolve().parent
     overrides = [f"benchmark.root={data}"]
     if args.cache:
@@ -488,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "cpu_count": os.cpu_count(), "smoke": args.smoke, "stubbed": stubbed, **git_state(args.commit)},
         "inputs": {"data": portable(data, out_dir), "config": args.config, "model": args.model, "batch": args.batch,
-                   "workers": args.workers, "mem_size": args.mem_size, "amp": cfg["train"].get("amp", "auto"),
+                   "workers": args.workers, "threads": torch.get_num_threads(), "mem_size": args.mem_size, "amp": cfg["train"].get("amp", "auto"),
                    "eval_batch_size": int(cfg["train"].get("eval_batch_size", 64)), "ks": list(cfg["eval"]["ks"]),
                    "cache": portable(args.cache, out_dir), "tasks": list(bm.task_names), "strategies": args.strategies,
                    "warmup": args.warmup, "device_steps": args.device_steps, "skip": args.skip, "steps": args.steps,
