@@ -19,7 +19,8 @@ import torch
 from stella_avalanche.config import default_preset, load_config
 from stella_avalanche.models.config import model_config_for
 from stella_avalanche.paths import portable_path
-from stella_avalanche.utils import atomic_write_json, progress_enabled, resolve_device, seed_everything
+from stella_avalanche.utils import (atomic_write_json, main_process_threads, progress_enabled, resolve_device,
+                                   seed_everything)
 
 __all__ = ["load_config", "run_experiment", "default_preset", "train_epochs"]
 
@@ -156,8 +157,10 @@ def _build(cfg: dict, *, out_dir: Path, seed: int, device: str, progress: bool, 
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"results directory is not writable: {out_dir}")
     dev = ctx.device if ctx.enabled else resolve_device(device)
-    if cfg["train"].get("threads"):
-        torch.set_num_threads(int(cfg["train"]["threads"]))
+    threads = main_process_threads(cfg["train"].get("threads"), num_workers=int(cfg["train"].get("num_workers", 0)),
+                                   processes=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+    if threads:
+        torch.set_num_threads(threads)
     spec = get_spec(cfg["strategy"]["name"])
     t0 = time.perf_counter()
     bm = _build_benchmark(cfg)

@@ -175,6 +175,29 @@ def tqdm_options(stream: Any = None) -> dict[str, Any]:
             "maxinterval": 10.0 if interactive else 10 * LOG_REFRESH_SECONDS}
 
 
+def main_process_threads(threads: int | None, *, num_workers: int, cpu_count: int | None = None,
+                         processes: int = 1) -> int | None:
+    """Torch threads for the training process: ``threads`` when given, else half the cores the loader
+    workers leave free when there are workers, else ``None`` (torch's default, one per core).
+
+    Why: with the default, the main process's OpenMP threads and the loader workers share the cores,
+    and host-side tensor work (STELLA's replay buffer in host memory) waits on busy cores. On an H200
+    machine (16 cores, 8 workers, batch 48) STELLA's end-to-end rate fell to 0.29 of its rate on
+    device-resident batches with 16 threads and was 0.99 with 4 (docs/results/gpu_step.md).
+
+    :param threads: an explicit count (``train.threads``); wins when set.
+    :param num_workers: training-loader workers per process.
+    :param cpu_count: cores (default ``os.cpu_count()``).
+    :param processes: training processes sharing the machine (one per GPU under torchrun).
+    """
+    if threads:
+        return int(threads)
+    if num_workers <= 0:
+        return None
+    cores = (cpu_count or os.cpu_count() or 1) // max(1, processes)
+    return max(1, (cores - num_workers) // 2)
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/"auto" -> cuda if available else cpu."""
     if device is None or str(device) == "auto":

@@ -114,6 +114,7 @@ def test_e2e_smoke_writes_one_complete_json(media_root: Path, tmp_path: Path) ->
     assert res["inputs"]["data"] == media_root.name and res["inputs"]["cache"] == "cache"
     assert res["meta"]["smoke"] and res["meta"]["device"] == "cpu" and res["meta"]["commit"]
     assert res["inputs"]["model"] == "tiny" and res["inputs"]["batch"] == [2] and res["inputs"]["workers"] == 1
+    assert res["inputs"]["threads"] == 1  # --smoke: one thread (the runner's rule is tested in test_utils)
     sc = res["scenario"]
     assert (sc["train_clips"], sc["test_clips"], sc["retrieval_clips"]) == (16, 8, 8) and sc["cache_bytes"] > 0
     (loader,) = res["loader"]
@@ -163,6 +164,16 @@ def _fake_e2e(path: Path) -> Path:
         "eval": [{"workers": 0, "clips": 1545, "seconds": 31.4, "embed_seconds": 30.9, "recall_seconds": 0.5},
                  {"workers": 8, "clips": 1545, "seconds": 6.68, "embed_seconds": 6.18, "recall_seconds": 0.5}]}))
     return path
+
+
+def test_wav_read_benchmark_times_both_paths_on_the_same_samples(media_root: Path, capsys) -> None:
+    """benchmarks/perf/wav_read.py: the training sample is the same with the standard-library WAV read
+    and with decord (exit 1 otherwise), and both rows are timed."""
+    wr = _load("wav_read")
+    assert wr.main(["--data", str(media_root), "--clips", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "same sample both ways: True" in out
+    assert "| audio read |" in out and "| training sample |" in out
 
 
 def test_projection_reproduces_the_hand_computation(tmp_path: Path) -> None:

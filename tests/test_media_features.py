@@ -64,6 +64,28 @@ def test_wav_header_read_without_pyav_matches_pyav(media_files, monkeypatch):
         media.read_audio(media_files.mp3, sample_rate=SR, seconds=SECONDS)
 
 
+def test_pcm16_mono_wav_read_equals_decord(tmp_path, media_files):
+    """The standard-library WAV path returns decord's samples bit for bit (full scale included), and
+    leaves every other file to decord: fails if a scale, offset or sample count differs."""
+    import wave
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([[-32768, 32767, 0, 1, -1], rng.integers(-32768, 32768, 40000)]).astype("<i2")
+    path = tmp_path / "full_scale.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1); w.setsampwidth(2); w.setframerate(SR); w.writeframes(x.tobytes())
+    for keep in (None, 16160, 10):
+        fast = media._read_pcm16_mono_wav(str(path), keep)
+        ref = media._decode_audio(str(path), keep)
+        assert fast is not None and fast.dtype == np.float32
+        np.testing.assert_array_equal(fast, ref)
+    np.testing.assert_array_equal(media._read_pcm16_mono_wav(str(media_files.wav), None),
+                                  media._decode_audio(str(media_files.wav), None))
+    assert media._read_pcm16_mono_wav(str(media_files.stereo44k), None) is None   # stereo: decord
+    assert media._read_pcm16_mono_wav(str(media_files.mp3), None) is None         # not a wav
+    assert media._read_pcm16_mono_wav(str(media_files.corrupt_audio), None) is None
+
+
 def test_read_audio_first_seconds_only(media_files):
     wav = media.read_audio(media_files.wav, sample_rate=SR, seconds=1.0)
     assert wav.numel() == SR

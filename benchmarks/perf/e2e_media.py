@@ -370,8 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="*", default=None,
                    help="current batch sizes (default: the config's train.batch_size, 48)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the main process (default: torch's, one per core; the loader "
-                        "workers run beside them)")
+                   help="torch threads of the main process (default: the runner's, utils.main_process_threads: "
+                        "half the cores the loader workers leave)")
     p.add_argument("--workers", type=int, default=None, help="training-loader workers (default: train.num_workers, 8)")
     p.add_argument("--mem-size", type=int, default=None, help="replay memory (default: strategy.params.mem_size)")
     p.add_argument("--cache", default=None,
@@ -460,14 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     from stella_avalanche.config import load_config
     from stella_avalanche.experiment import _build_benchmark  # the runner's own factory call
     from stella_avalanche.models.config import model_config_for
-    from stella_avalanche.utils import atomic_write_json, resolve_device, set_progress
+    from stella_avalanche.utils import atomic_write_json, main_process_threads, resolve_device, set_progress
 
     set_progress(False)
     device = resolve_device(args.device)
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("e2e_media.py: no CUDA device (use --smoke on a CPU)")
-    if args.threads or args.smoke:
-        torch.set_num_threads(args.threads or 1)  # several threads on a shared CPU only wait for each other
     data, out_dir = Path(args.data).resolve(), Path(args.out).resolve().parent
     overrides = [f"benchmark.root={data}"]
     if args.cache:
@@ -476,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"benchmark.kwargs.tasks=[{','.join(args.tasks)}]")
     cfg = load_config(args.config, overrides=overrides)
     _defaults(args, cfg)
+    # the runner's rule (utils.main_process_threads); --smoke: one, a shared CPU's threads only wait on each other
+    threads = main_process_threads(args.threads or (1 if args.smoke else None), num_workers=args.workers)
+    if threads:
+        torch.set_num_threads(threads)
 
     import avalanche.benchmarks  # noqa: F401  (its import, seconds, is not the scenario's build)
 

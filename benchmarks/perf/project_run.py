@@ -185,7 +185,8 @@ def audioset_setting(report: str | None = None, train_clips: Sequence[int] | Non
 
 # ------------------------------------------------------------------------------------ measured rates
 def load_measurements(paths: Sequence[str]) -> dict[str, Any]:
-    """Runs, evaluations and scenario builds of the e2e JSONs (a later file's (strategy, batch) wins)."""
+    """Runs, evaluations and scenario builds of the e2e JSONs (a later file's (strategy, batch) wins; its
+    checkpoint time, if it measured none, is the earlier file's)."""
     runs: dict[tuple[str, int], dict] = {}
     evals: list[dict] = []
     scen: list[dict] = []
@@ -197,7 +198,10 @@ def load_measurements(paths: Sequence[str]) -> dict[str, Any]:
                       "model": d["inputs"].get("model"), "workers": d["inputs"].get("workers"),
                       "cache": d["inputs"].get("cache")})
         for r in d["runs"]:
-            runs[(r["strategy"], int(r["batch"]))] = r
+            key = (r["strategy"], int(r["batch"]))
+            if key in runs and "checkpoint" in runs[key] and "checkpoint" not in r:
+                r = {**r, "checkpoint": runs[key]["checkpoint"]}  # a rerun without (e) keeps the earlier one
+            runs[key] = r
         evals += d.get("eval", [])
         if d.get("scenario"):
             scen.append(d["scenario"])
