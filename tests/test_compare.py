@@ -180,7 +180,7 @@ def test_memory_sweep_plan_and_equal_byte_budget(tmp_path):
 
 def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypatch):
     shifts = {"finetune": 0, "derpp": 6, "stella": 6, "stella_plus": 4, "multitask": 12, "stella_random": 5,
-              "stella_lpis": 6, "stella_rca": 5}
+              "stella_lpis": 6, "stella_rca": 5, "er": 8}
     for s, shift in shifts.items():
         for seed in (0, 1):
             by = {"derpp": 83480, "stella_plus": 35214}.get(s, 0)
@@ -212,6 +212,16 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     lpis = next(line for line in vs_random if line.startswith(f"| {comparison.PRETTY['stella_lpis']} |"))
     assert len(lpis.split(" | ")) == 5 and "| STELLA |" in "\n".join(vs_random)
     assert not any(line.startswith(f"| {comparison.PRETTY['stella_random']} |") for line in vs_random)
+    # STELLA − ER and STELLA − DER++ split at random patches: the two parts add up to the total
+    dec = ab.split("## Where STELLA's difference to full-clip replay comes from")[1]
+    rnd = comparison.PRETTY["stella_random"]
+    for base in ("ER", "DER++"):
+        total, guide, rest = (next(line for line in dec.splitlines() if line.startswith(f"| {a} − {b} |"))
+                              for a, b in (("STELLA", base), ("STELLA", rnd), (rnd, base)))
+        point = [[float(c.split()[0]) for c in line.split(" | ")[1:]] for line in (total, guide, rest)]
+        assert all(abs(point[0][i] - point[1][i] - point[2][i]) <= 0.011 for i in (0, 1)), point
+    assert float(next(line for line in dec.splitlines() if line.startswith("| STELLA − ER |")).split(" | ")[1]
+                 .split()[0]) < 0   # ER's rows were shifted above STELLA's
     sw = (tmp_path / "mem_sweep.md").read_text()
     assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
     marked = [line for line in sw.splitlines() if line.startswith("| ") and "†" in line]

@@ -614,7 +614,8 @@ def ablation_markdown(boot: dict[str, BS.BootstrapResult]) -> str | None:
     head = ("# STELLA component ablation\n\nDER++ = neither component (full clips); STELLA: random patches = "
             "uniform importance, no RCA; LPIS only = importance, no RCA; RCA only = RCA over uniform importance; "
             "STELLA = both (``STELLAPlugin(importance=..., rca=...)``).\n\n")
-    return head + interval_markdown(interval_rows(boot, keys), boot, "Ablation") + _against_random(boot, keys)
+    return (head + interval_markdown(interval_rows(boot, keys), boot, "Ablation") + _against_random(boot, keys)
+            + _decomposition(boot))
 
 def _against_random(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str:
     """The ablation's own reference: each variant that uses a component against random patches (the
@@ -630,6 +631,29 @@ def _against_random(boot: dict[str, BS.BootstrapResult], keys: list[str]) -> str
     for k in others:
         cells = [_diff_text(paired_diff(boot[d], k, ref, m)) for d, _ in DIRS for m in ("A", "F")]
         lines.append(f"| {PRETTY.get(k, k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
+
+def _decomposition(boot: dict[str, BS.BootstrapResult]) -> str:
+    """STELLA's 𝒜 difference to each full-clip replay baseline (ER, DER++) split at random patches:
+    STELLA − base = (STELLA − random patches) + (random patches − base). The first part is what the
+    importance map and RCA choose, at the same kept tokens; the second is everything else STELLA's
+    plugin does differently (replaying kept-token subsets, its own replay terms). Each part paired over
+    seeds and queries; empty without STELLA and random-patch runs."""
+    have = boot[DIRS[0][0]].point
+    ref = "stella_random"
+    bases = [b for b in ("er", "derpp") if b in have]
+    if "stella" not in have or ref not in have or not bases:
+        return ""
+    lines = ["", "## Where STELLA's difference to full-clip replay comes from", "",
+             "Δ𝒜 [95 % interval], paired over seeds and queries. The two parts add up to the total: "
+             f"*STELLA − {PRETTY.get(ref, ref)}* is what the importance map and RCA choose (same number of kept "
+             f"tokens), *{PRETTY.get(ref, ref)} − baseline* everything else STELLA's plugin does differently from "
+             "the baseline (replaying kept-token subsets of its items instead of whole clips, its own replay terms).",
+             "", "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
+    pairs = [("stella", ref)] + [p for base in bases for p in (("stella", base), (ref, base))]
+    for a, b in pairs:
+        cells = [_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS]
+        lines.append(f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
 def _trained_on_gpu(result: dict) -> bool:
