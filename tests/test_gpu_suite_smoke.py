@@ -19,6 +19,7 @@ def test_gpu_suite_smoke(tmp_path: Path) -> None:
     out = tmp_path / "suite.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     r = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(out), "--strategies", "derpp", "stella",
+                        "--variants", "stella:head_chunk=12", "derpp:bf16_stream=1",
                         "--stub", "wandb", "qpsolvers", "quadprog", "gdown", "pytorchcv", "GPUtil"],
                        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -28,7 +29,7 @@ def test_gpu_suite_smoke(tmp_path: Path) -> None:
     settings = {(row["setting"], row["strategy"]) for row in res["runs"]}
     names = ("b3_buffer_gpu", "b3_buffer_pinned_host", "b4", "b3_buffer_gpu_variants")
     assert settings == {(s, m) for s in names for m in ("derpp", "stella")} | {
-        ("b3_buffer_gpu_variants", "stella:head_chunk=12")}
+        ("b3_buffer_gpu_variants", "stella:head_chunk=12"), ("b3_buffer_gpu_variants", "derpp:bf16_stream=1")}
     for row in res["runs"]:
         sps = row["samples_per_second"]
         assert row["repeats"] == 2 and len(sps["values"]) == 2 and 0 < sps["min"] <= sps["mean"] <= sps["max"]

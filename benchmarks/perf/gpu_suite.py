@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 # torch-free: the stand-ins must be installed before anything imports avalanche
-from stella_avalanche.perf.import_stubs import install_stubs  # noqa: E402
+from stella_avalanche.perf.import_stubs import add_import_arguments, prepare_imports  # noqa: E402
 
 STRATEGIES = ("finetune", "derpp", "stella", "stella_plus")
 #: H200 SXM dense bf16 peak (vendor figure); a large bf16 matmul reaches ~790 on the lent machines
@@ -149,8 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
     p.add_argument("--variants", nargs="*", default=["stella:head_chunk=12"],
-                   help="extra plugin settings timed at the paper's setting (buffer on the GPU): fewer "
-                        "kernel launches for the importance maps (all AVM heads at once) vs the default")
+                   help="extra plugin settings timed at the --variant-batch setting (buffer on the GPU), "
+                        "e.g. stella:head_chunk=12 (all AVM heads at once); the backbone options compile=1 "
+                        "(compiled blocks) and bf16_stream=1 (bf16 residual stream) are taken by build_strategy")
     p.add_argument("--amp", default="auto")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS)
     p.add_argument("--skip", nargs="*", default=[],
@@ -162,9 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="stop starting new runs after this many seconds (the JSON keeps what was measured)")
     p.add_argument("--workers", type=int, default=4, help="training-loader workers (0 with --smoke)")
-    p.add_argument("--site", default=None, help="a folder of carried packages to put first on sys.path")
-    p.add_argument("--stub-missing", action="store_true", help="inert stand-ins for missing STUB_CANDIDATES")
-    p.add_argument("--stub", nargs="*", default=None, help="stub exactly these packages (even if installed)")
+    add_import_arguments(p)
     return p
 
 
@@ -220,13 +219,7 @@ def _print_summary(result: dict, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    if args.site:
-        sys.path.insert(0, str(Path(args.site).resolve()))
-    stubbed = []
-    if args.stub is not None:
-        stubbed = install_stubs(args.stub, only_missing=False)
-    elif args.stub_missing:
-        stubbed = install_stubs(None, only_missing=True)
+    stubbed = prepare_imports(args)
     import torch
 
     from perf_models import model_config

@@ -52,6 +52,7 @@ __all__ = [
     "gather_tokens",
     "ViTBlock",
     "FusionBlock",
+    "StreamLayerNorm",
 ]
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def init_linear_and_norm_(module: nn.Module) -> None:
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
+        elif isinstance(m, nn.LayerNorm):  # StreamLayerNorm too
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -119,6 +120,26 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # blocks
 # ---------------------------------------------------------------------------------------------
+class StreamLayerNorm(nn.LayerNorm):
+    """:class:`~torch.nn.LayerNorm` that can keep a bf16 input in bf16 (``CAVConfig.bf16_stream``).
+
+    Autocast runs ``layer_norm`` in fp32 and returns fp32, so a bf16 token stream would turn fp32 at
+    the first norm. With ``keep_dtype`` set, a bf16 input is normalised by ``F.layer_norm`` in bf16
+    (the kernels accumulate mean and variance in fp32) with the weight and bias cast to bf16, outside
+    autocast, and a bf16 tensor comes out. Any other input, or ``keep_dtype`` unset, takes
+    ``nn.LayerNorm.forward`` unchanged. Same parameters and state-dict names as ``nn.LayerNorm``.
+    """
+
+    #: set per instance by :class:`CAVMAE` from ``CAVConfig.bf16_stream``
+    keep_dtype: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if not (self.keep_dtype and x.dtype == torch.bfloat16 and self.weight.dtype != x.dtype):
+            return super().forward(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class ViTBlock(Block):
     """Pre-LN ViT block, timm's :class:`~timm.models.vision_transformer.Block` with CAV-MAE's settings.
 
@@ -135,7 +156,7 @@ class ViTBlock(Block):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-5) -> None:
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, act_layer=nn.GELU,
-                         norm_layer=partial(nn.LayerNorm, eps=eps), mlp_layer=Mlp)
+                         norm_layer=partial(StreamLayerNorm, eps=eps), mlp_layer=Mlp)
         # timm picks fused attention from the TIMM_FUSED_ATTN environment variable; its fallback
         # materialises the (B, H, L, L) score matrix and rounds differently. Always use
         # F.scaled_dot_product_attention so a run's numbers and memory do not depend on that variable.
@@ -153,10 +174,10 @@ class FusionBlock(ViTBlock):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-5) -> None:
         super().__init__(dim, num_heads, mlp_ratio, eps)
-        self.norm1_a = nn.LayerNorm(dim, eps=eps)
-        self.norm2_a = nn.LayerNorm(dim, eps=eps)
-        self.norm1_v = nn.LayerNorm(dim, eps=eps)
-        self.norm2_v = nn.LayerNorm(dim, eps=eps)
+        self.norm1_a = StreamLayerNorm(dim, eps=eps)
+        self.norm2_a = StreamLayerNorm(dim, eps=eps)
+        self.norm1_v = StreamLayerNorm(dim, eps=eps)
+        self.norm2_v = StreamLayerNorm(dim, eps=eps)
 
     def forward(self, x: Tensor, mode: str = "joint") -> Tensor:  # type: ignore[override]
         """x (B, L, D) -> (B, L, D); ``mode`` in {"joint", "audio", "video"} picks the norm pair."""
@@ -241,9 +262,9 @@ class CAVMAE(nn.Module):
             [ViTBlock(d, cfg.num_heads, cfg.mlp_ratio, eps) for _ in range(cfg.depth_modality)])
         self.blocks_u = nn.ModuleList(
             [FusionBlock(d, cfg.num_heads, cfg.mlp_ratio, eps) for _ in range(cfg.depth_fusion)])
-        self.norm = nn.LayerNorm(d, eps=eps)
-        self.norm_a = nn.LayerNorm(d, eps=eps)
-        self.norm_v = nn.LayerNorm(d, eps=eps)
+        self.norm = StreamLayerNorm(d, eps=eps)
+        self.norm_a = StreamLayerNorm(d, eps=eps)
+        self.norm_v = StreamLayerNorm(d, eps=eps)
         # --- decoder ---------------------------------------------------------------------
         self.decoder_embed = nn.Linear(d, dd)
         self.mask_token_a = nn.Parameter(torch.zeros(1, 1, dd))
@@ -254,7 +275,7 @@ class CAVMAE(nn.Module):
         self.decoder_pos_embed_v = nn.Parameter(torch.zeros(1, cfg.num_video_tokens, dd))
         self.decoder_blocks = nn.ModuleList(
             [ViTBlock(dd, cfg.decoder_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(dd, eps=eps)
+        self.decoder_norm = StreamLayerNorm(dd, eps=eps)
         self.decoder_pred_a = nn.Linear(dd, cfg.audio_patch_dim)
         self.decoder_pred_v = nn.Linear(dd, cfg.video_patch_dim)
         # --- segment pooling of the embeddings (embed_segments > 1 only, so the paper presets and
@@ -262,7 +283,23 @@ class CAVMAE(nn.Module):
         if cfg.embed_segments > 1:
             self.segment_proj_a = nn.Linear(cfg.embed_segments * d, d)
             self.segment_proj_v = nn.Linear(cfg.embed_segments * d, d)
+        for m in self.modules():
+            if isinstance(m, StreamLayerNorm):
+                m.keep_dtype = cfg.bf16_stream
         self.reset_parameters()
+
+    def _stream_on(self, x: Tensor) -> bool:
+        """Whether the bf16 residual stream is on for this forward: ``config.bf16_stream`` and a bf16
+        autocast active on ``x``'s device."""
+        if not self.config.bf16_stream:
+            return False
+        dev = x.device.type
+        return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+
+    def _to_stream(self, x: Tensor) -> Tensor:
+        """``x`` cast to bf16 when :meth:`_stream_on`, otherwise ``x`` itself. Called after every add
+        of an fp32 table (position, modality), which type promotion would otherwise turn into fp32."""
+        return x.to(torch.bfloat16) if self._stream_on(x) else x
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Every encoder, fusion and decoder block, in forward order."""
@@ -392,6 +429,7 @@ class CAVMAE(nn.Module):
         else:
             x = x + self.modality_v + self._pos(self.pos_embed_v, ids, x.shape[1])
             blocks = self.blocks_v
+        x = self._to_stream(x)
         for blk in blocks:
             x = blk(x)
         return x
@@ -413,8 +451,9 @@ class CAVMAE(nn.Module):
         :returns: (E_a (B, K_a, D), E_v (B, K_v, D)), the AVM inputs.
         """
         ka = U_a.shape[1]
-        x = torch.cat([U_a + self._pos(self.inter_pos_embed_a, a_ids, ka),
-                       U_v + self._pos(self.inter_pos_embed_v, v_ids, U_v.shape[1])], dim=1)
+        # cast before the concatenation, so that it moves bf16 rows under the bf16 stream
+        x = torch.cat([self._to_stream(U_a + self._pos(self.inter_pos_embed_a, a_ids, ka)),
+                       self._to_stream(U_v + self._pos(self.inter_pos_embed_v, v_ids, U_v.shape[1]))], dim=1)
         for blk in self.blocks_u:
             x = blk(x, "joint")
         return x[:, :ka], x[:, ka:]
@@ -430,7 +469,7 @@ class CAVMAE(nn.Module):
         """
         m = modality_name(modality)
         table = self.inter_pos_embed_a if m == "audio" else self.inter_pos_embed_v
-        x = U + self._pos(table, ids, U.shape[1])
+        x = self._to_stream(U + self._pos(table, ids, U.shape[1]))
         for blk in self.blocks_u:
             x = blk(x, m)
         if final_norm:
@@ -471,9 +510,12 @@ class CAVMAE(nn.Module):
                 raise ValueError(f"{modality}: {k} tokens without ids; pass the token positions")
             ids = torch.arange(k, device=x.device).expand(b, k)
         seg = self.segment_of(ids, modality)                                  # (B, K)
-        sums = x.new_zeros(b, s, d).scatter_add_(1, seg[..., None].expand(-1, -1, d), x)
-        counts = torch.zeros(b, s, device=x.device, dtype=x.dtype).scatter_add_(
-            1, seg, torch.ones_like(seg, dtype=x.dtype))
+        # at least fp32 sums: a bf16 stream (bf16_stream) would otherwise add the tokens in bf16;
+        # a no-op for the fp32 stream
+        acc = torch.promote_types(x.dtype, torch.float32)
+        sums = x.new_zeros(b, s, d, dtype=acc).scatter_add_(1, seg[..., None].expand(-1, -1, d), x.to(acc))
+        counts = torch.zeros(b, s, device=x.device, dtype=acc).scatter_add_(
+            1, seg, torch.ones_like(seg, dtype=acc))
         means = sums / counts.clamp_min(1.0)[..., None]                       # empty segment -> 0
         proj = self.segment_proj_a if modality == "audio" else self.segment_proj_v
         return proj(means.reshape(b, s * d))
@@ -528,8 +570,10 @@ class CAVMAE(nn.Module):
                 self.decoder_pred_v
         # token order inside the decoder is irrelevant (positions live in the embeddings), so the
         # targets are simply appended after the visible tokens: no unshuffle needed
+        if self._stream_on(x_vis):  # concatenate in bf16 (plain autocast promotes to fp32 here)
+            x_vis, mask = x_vis.to(torch.bfloat16), mask.to(torch.bfloat16)
         x = torch.cat([x_vis, mask.expand(b, nt, dd)], dim=1)
-        x = x + gather_tokens(table, torch.cat([vis_ids, tgt_ids], dim=1)) + mod
+        x = self._to_stream(x + gather_tokens(table, torch.cat([vis_ids, tgt_ids], dim=1)) + mod)
         for blk in self.decoder_blocks:
             x = blk(x)
         return head(self.decoder_norm(x[:, n:]))

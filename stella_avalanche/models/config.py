@@ -117,6 +117,14 @@ class CAVConfig:
         columns (negatives) from all ranks as the paper does (§1.5, D16); every rank must then call
         the loss at the same point with the same batch size. ``False`` keeps the loss per rank
         (local negatives only). No effect in a single process.
+    :param bf16_stream: an execution option, not a hyperparameter: under an active bf16 autocast the
+        token stream is cast to bf16 once after each embedding / positional add and every LayerNorm of
+        the backbone (blocks and final norms) normalises in its input's dtype, so the residual adds stay
+        bf16 and the linears need no re-cast of their inputs. Autocast alone keeps the stream fp32
+        (its ``layer_norm`` returns fp32), which costs dtype copies and fp32 norm traffic
+        (docs/results/gpu_step.md, "bf16 residual stream"). Parameters stay fp32 and the losses are
+        still computed in fp32. Without bf16 autocast (fp32, fp16 autocast) it changes nothing; False
+        (default) keeps the reference numerics.
     """
 
     embed_dim: int = 768
@@ -145,6 +153,7 @@ class CAVConfig:
     avm_time_bias: float = 0.0
     embed_segments: int = 1
     gather_negatives: bool = True
+    bf16_stream: bool = False
 
     def __post_init__(self) -> None:
         problems = []

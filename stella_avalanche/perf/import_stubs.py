@@ -6,14 +6,16 @@ is another inert object.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
-__all__ = ["STUB_CANDIDATES", "install_stubs"]
+__all__ = ["STUB_CANDIDATES", "install_stubs", "add_import_arguments", "prepare_imports"]
 
 #: packages avalanche-lib imports at start-up that a training step never uses
 STUB_CANDIDATES = ("wandb", "qpsolvers", "quadprog", "gdown", "pytorchcv", "GPUtil")
@@ -76,3 +78,29 @@ def install_stubs(names: list[str] | None, *, only_missing: bool) -> list[str]:
     if names:
         sys.meta_path.insert(0, _StubFinder(set(names)))
     return names
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--site``, ``--stub-missing`` and ``--stub``: how a perf script finds avalanche-lib on a machine
+    without it (``benchmarks/perf/gpu_bundle.sh`` copies it into ``.gpu_site/``).
+
+    :param parser: the script's parser, extended in place.
+    """
+    parser.add_argument("--site", default=None, help="a folder of carried packages to put first on sys.path")
+    parser.add_argument("--stub-missing", action="store_true", help="inert stand-ins for missing STUB_CANDIDATES")
+    parser.add_argument("--stub", nargs="*", default=None, help="stub exactly these packages (even if installed)")
+
+
+def prepare_imports(args: argparse.Namespace) -> list[str]:
+    """Apply the :func:`add_import_arguments` options; call before anything imports avalanche.
+
+    :param args: parsed arguments holding ``site``, ``stub_missing`` and ``stub``.
+    :returns: the stubbed package names.
+    """
+    if args.site:
+        sys.path.insert(0, str(Path(args.site).resolve()))
+    if args.stub is not None:
+        return install_stubs(args.stub, only_missing=False)
+    if args.stub_missing:
+        return install_stubs(None, only_missing=True)
+    return []

@@ -2,6 +2,7 @@
 STELLA variants) on a chosen buffer placement, with plugin settings from a ``name:key=value,...`` spec."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -20,11 +21,13 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
 
 def build_strategy(name: str, cfg: Any, *, batch: int, device: torch.device, mem_size: int = 0,
                    buffer_device: str | None = None, amp: str = "auto", plugins: Sequence[Any] = (),
-                   num_workers: int = 0, compile_blocks: bool = False, **strategy_kwargs: Any) -> Any:
+                   num_workers: int = 0, compile_blocks: bool = False, bf16_stream: bool = False,
+                   **strategy_kwargs: Any) -> Any:
     """A strategy of one training epoch per experience, on a fresh backbone seeded with 0.
 
     :param name: a registered strategy, optionally with plugin settings (:func:`split_variant`);
-        ``compile=1`` among them compiles the backbone's blocks, as the runner's ``train.compile``.
+        ``compile=1`` among them compiles the backbone's blocks, as the runner's ``train.compile``;
+        ``bf16_stream=1`` sets ``CAVConfig.bf16_stream`` (the runner's ``model.overrides.bf16_stream``).
     :param cfg: the backbone config.
     :param batch: current samples per step (``train_mb_size``).
     :param device: where the model trains.
@@ -34,6 +37,7 @@ def build_strategy(name: str, cfg: Any, *, batch: int, device: torch.device, mem
     :param plugins: extra plugins (timers, audits).
     :param num_workers: training-loader workers.
     :param compile_blocks: compile the backbone's blocks (also set by ``compile=1`` in ``name``).
+    :param bf16_stream: bf16 residual stream under bf16 autocast (also set by ``bf16_stream=1`` in ``name``).
     :param strategy_kwargs: further template arguments (e.g. ``evaluator``, ``eval_mb_size``).
     """
     from stella_avalanche.models.avm import build_avm
@@ -41,9 +45,13 @@ def build_strategy(name: str, cfg: Any, *, batch: int, device: torch.device, mem
     from stella_avalanche.training.strategies import make_strategy
 
     base, extra = split_variant(name)
+    # backbone options, not plugin arguments: taken out before the rest goes to the plugin
+    compile_blocks = bool(extra.pop("compile", 0)) or compile_blocks
+    if extra.pop("bf16_stream", 0) or bf16_stream:
+        cfg = dataclasses.replace(cfg, bf16_stream=True)
     torch.manual_seed(0)
     model = CAVMAE(cfg)
-    if extra.pop("compile", 0) or compile_blocks:
+    if compile_blocks:
         model.compile_blocks()
     avm = build_avm(model) if base.startswith("stella") else None
     pk: dict[str, Any] = {}

@@ -275,7 +275,7 @@ _STAGE2_SCHEDULE_FIELDS = ("avm_steps", "avm_lr", "avm_target_accuracy", "avm_ev
 #: model fields added after initialisations were cached, with the value those were built with: at that
 #: value a field is left out of the key, so existing caches (and the published runs that used them)
 #: are found again
-_MODEL_FIELDS_ADDED_LATER = {"embed_segments": 1, "avm_time_bias": 0.0}
+_MODEL_FIELDS_ADDED_LATER = {"embed_segments": 1, "avm_time_bias": 0.0, "bf16_stream": False}
 #: model fields that only the continual phase reads (stage 1 takes its ``contrastive_input`` from the
 #: schedule, stage 2 never runs the pre-training forward): left out of both keys
 _CONTINUAL_ONLY_MODEL_FIELDS = ("contrastive_input",)
