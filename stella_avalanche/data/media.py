@@ -363,6 +363,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, seconds: float
     wav = _read_pcm16_mono_wav(p, keep)
     if wav is None:
         wav = _decode_audio(p, keep)
+    elif wav.size == 0:  # the same report as decord's refusal of an empty stream
+        raise ShortAudioError(p, "audio stream holds 0 samples")
     wav = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
     if channels == 2:
         wav = wav * (1.0 / math.sqrt(2.0))
