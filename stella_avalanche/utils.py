@@ -2,6 +2,7 @@
 process-wide progress-bar switch."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -13,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_torch_save", "module_device", "seed_everything", "resolve_device",
+__all__ = ["cached_arange", "atomic_write", "atomic_write_json", "atomic_torch_save", "module_device", "seed_everything", "resolve_device",
            "default_cache_dir", "build_lock", "SEED_STRIDE", "SEED_PURPOSES", "derive_seed",
            "progress_enabled", "set_progress", "tqdm_options"]
 
@@ -47,6 +48,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> None:
     kwargs.setdefault("indent", 2)
     with atomic_write(path, "w") as fh:
         json.dump(obj, fh, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n, device=device)`` (int64), built once per ``(n, device)`` and shared read-only.
+
+    A training step that needs the same small index ranges every iteration (row numbers, kept slots,
+    chunk numbers) would otherwise launch one kernel per fresh ``arange`` on a GPU, where STELLA's
+    step at the paper's batch is host-bound. Callers must never write into the result (``clone``
+    first); it is built outside inference mode so that it may be used anywhere.
+
+    :param n: length. :param device: a ``torch.device`` (hashable; pass ``tensor.device``).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.arange(n, device=device)
 
 
 def module_device(model: torch.nn.Module) -> torch.device:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stella_avalanche.models.cav import init_linear_and_norm_, time_segment
+from stella_avalanche.utils import cached_arange
 
 __all__ = ["AVMatching", "matching_pairs", "build_avm", "avm_inputs", "avm_feature_source",
            "token_time_segments"]
@@ -39,9 +40,9 @@ def matching_pairs(batch_size: int, *, device: torch.device | str = "cpu",
         B <= 2), the rows with label 0.
     """
     device = torch.device(device)
-    idx = torch.arange(batch_size, device=device)
+    idx = cached_arange(batch_size, device)  # read-only: video_index below is a clone
     if batch_size <= 2:
-        return torch.ones(batch_size, device=device), idx, idx[:0]
+        return torch.ones(batch_size, device=device), idx.clone(), idx[:0]
     gdev = generator.device if generator is not None else device
     # non-blocking: a host-to-device copy from pageable memory is staged at once, no stream wait
     perm = torch.rand(batch_size, generator=generator, device=gdev).argsort().to(device, non_blocking=True)

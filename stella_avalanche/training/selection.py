@@ -10,6 +10,7 @@ Shapes used below: ``N`` current rows, ``M`` replay rows, ``R = N + M``, ``H`` A
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -17,6 +18,8 @@ from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from stella_avalanche.utils import cached_arange as _arange
 
 __all__ = [
     "keep_count",
@@ -31,6 +34,7 @@ __all__ = [
     "select_audio_chunks",
     "select_audio_chunks_given_order",
     "weighted_permutation",
+    "candidate_mask",
     "PatchSelector",
     "SelectionResult",
     "Scores",
@@ -46,6 +50,14 @@ def keep_count(num_tokens: int, ratio: float) -> int:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     return int(Fraction(repr(float(ratio))) * int(num_tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_index(n: int, m: int, device: torch.device) -> Tensor:
+    """(n,) int64 ``arange(n) % m``: current row n is paired with replay item n mod m (D8); built
+    once per shape (one launch less per RCA map and step), shared read-only like :func:`_arange`."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _arange(n, device) % m
 
 
 def _generator_device(generator: Optional[torch.Generator], fallback: torch.device) -> torch.device:
@@ -154,26 +166,40 @@ def uniform_candidate_ids(rows: int, L: int, K: int, *, generator: Optional[torc
     return torch.topk(_rand((rows, L), generator=generator, device=torch.device(device)), K, dim=-1).indices
 
 
-def _candidate_weights(I: Tensor, cand: Tensor) -> Tensor:
-    """(N, L) weights equal to ``I`` on the candidates and 0 elsewhere."""
+def candidate_mask(cand: Tensor, L: int) -> Tensor:
+    """(N, L) bool, True at the candidate ids ``cand`` (N, K): shared by :func:`summary_queries` and
+    :func:`rca_probability` of one modality, so that it is built once per step."""
+    return torch.zeros((cand.shape[0], L), dtype=torch.bool, device=cand.device).scatter_(1, cand, True)
+
+
+def _candidate_weights(I: Tensor, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """(N, L) weights equal to ``I`` on the candidates and 0 elsewhere.
+
+    With the :func:`candidate_mask` at hand one multiply gives the same bits as the scatter of the
+    gathered values (``I`` is a finite importance >= 0, so ``I * 0`` is +0 and ``I * 1`` is ``I``).
+    """
     I = I.float()
+    if mask is not None:
+        return I * mask
     return torch.zeros_like(I).scatter_(1, cand, I.gather(1, cand))
 
 
-def summary_queries(q: Tensor, I: Tensor, cand: Tensor) -> Tensor:
+def summary_queries(q: Tensor, I: Tensor, cand: Tensor, *, mask: Optional[Tensor] = None) -> Tensor:
     """Importance-weighted mean of the candidates' queries, per head (§4 step 6).
 
     :param q: (N, H, L, d) queries of one modality.
     :param I: (N, L) that modality's importance.
     :param cand: (N, K) candidate ids.
+    :param mask: optional ``candidate_mask(cand, L)`` already built by the caller (same result).
     :return: (N, H, d) fp32.
     """
-    w = _candidate_weights(I, cand)                                 # (N, L)
+    w = _candidate_weights(I, cand, mask)                           # (N, L)
     denom = w.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (N,)
     return torch.einsum("nl,nhld->nhd", w, q.float()) / denom[:, None, None]
 
 
-def rca_probability(k: Tensor, qbar_buf: Tensor, qbar_cur: Tensor, cand: Tensor) -> Tensor:
+def rca_probability(k: Tensor, qbar_buf: Tensor, qbar_cur: Tensor, cand: Tensor, *,
+                    mask: Optional[Tensor] = None) -> Tensor:
     """Replay-guided correlation probability (§4 step 8.3 / 8.4), via the linear identity.
 
     ``C[n, j] = 1/H sum_h sigmoid(<k[n,h,j], qbar_buf[n mod M, h] - qbar_cur[n, h]> / sqrt(d))`` for
@@ -185,18 +211,18 @@ def rca_probability(k: Tensor, qbar_buf: Tensor, qbar_cur: Tensor, cand: Tensor)
     :param qbar_buf: (M, H, d) stored summary queries of the replay items, M >= 1.
     :param qbar_cur: (N, H, d) current summary queries of the other modality.
     :param cand: (N, K) candidate ids.
+    :param mask: optional ``candidate_mask(cand, L)`` already built by the caller (same result).
     :return: (N, L) fp32 in [0, 1], zero outside the candidates.
     """
-    n, h, _, d = k.shape
+    n, h, L, d = k.shape
     m = qbar_buf.shape[0]
     if m < 1:
         raise ValueError("rca_probability needs at least one replay item")
-    pair = torch.arange(n, device=k.device) % m
+    pair = _pair_index(n, m, k.device)
     delta = qbar_buf.to(k.device).float()[pair] - qbar_cur.float()          # (N, H, d)
     logits = torch.einsum("nhld,nhd->nhl", k.float(), delta) / math.sqrt(d)  # (N, H, L)
     prob = torch.sigmoid(logits).mean(dim=1)                                 # (N, L)
-    mask = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, cand, True)
-    return prob * mask
+    return prob * (candidate_mask(cand, L) if mask is None else mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +272,7 @@ def sample_video_ids(I_v: Tensor, excluded: Tensor, K: int,
     drawn = torch.topk(keys, K, dim=-1).indices                                  # (R, K)
     fill = torch.topk(I.masked_fill(avail, float("-inf")), K, dim=-1).indices     # excluded, by I desc
     n_avail = avail.sum(dim=-1, keepdim=True)                                     # (R, 1)
-    pos = torch.arange(K, device=I.device).expand_as(drawn)
+    pos = _arange(K, I.device).expand_as(drawn)
     # slot p < n_avail takes the p-th draw; later slots take excluded tokens in importance order
     src = torch.where(pos < n_avail, pos, K + pos - n_avail)
     return torch.cat([drawn, fill], dim=-1).gather(1, src)
@@ -278,8 +304,8 @@ def select_audio_chunks_given_order(I_a: Tensor, excluded: Tensor, K: int, *, or
     _check_audio_layout(L, time_tokens, freq_tokens, chunk)
     Kc, Q = time_tokens // chunk, chunk * freq_tokens
     dev = excluded.device
-    rows = torch.arange(R, device=dev)
-    ranks = torch.arange(Kc, device=dev).expand(R, Kc)
+    rows = _arange(R, dev)
+    ranks = _arange(Kc, dev).expand(R, Kc)
     # 2. rank = inverse permutation of the visiting order
     rank = torch.empty_like(order).scatter_(1, order, ranks)
     # 3. free tokens and their cumulative count in visiting order
@@ -289,11 +315,10 @@ def select_audio_chunks_given_order(I_a: Tensor, excluded: Tensor, K: int, *, or
     # 4. boundary chunk: first visit whose cumulative count overflows K
     over = ccum > K
     has_b = over.any(dim=1)
-    r_star = torch.where(has_b, over.int().argmax(dim=1), torch.full_like(has_b, Kc, dtype=torch.long))
+    r_star = torch.where(has_b, over.int().argmax(dim=1), Kc)
     r_idx = r_star.clamp(max=Kc - 1)
     b = order.gather(1, r_idx[:, None]).squeeze(1)                  # (R,)
-    prev = torch.where(r_star > 0, ccum.gather(1, (r_star - 1).clamp(min=0)[:, None]).squeeze(1),
-                       torch.zeros_like(r_star))
+    prev = torch.where(r_star > 0, ccum.gather(1, (r_star - 1).clamp(min=0)[:, None]).squeeze(1), 0)
     need = K - prev                                                 # (R,)
     # 5. side: continue from the neighbour visited before the boundary chunk
     left = (b > 0) & (rank.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1) < r_star)
@@ -301,8 +326,8 @@ def select_audio_chunks_given_order(I_a: Tensor, excluded: Tensor, K: int, *, or
     from_start = torch.where(left ^ right, left, coin.to(dev))
     # 6. partial boundary chunk
     g = free[rows, b]                                               # (R, Q)
-    fwd = torch.cumsum(g.int(), dim=1)
-    bwd = torch.flip(torch.cumsum(torch.flip(g.int(), dims=[1]), dim=1), dims=[1])
+    fwd = torch.cumsum(g, dim=1)                                    # free tokens up to and including q
+    bwd = fwd[:, -1:] - fwd + g                                     # from q to the end (exact integers)
     keep_b = g & (torch.where(from_start[:, None], fwd, bwd) <= need[:, None])
     # 7. keep mask
     keep = free & (rank < r_star[:, None])[..., None]
@@ -317,7 +342,7 @@ def select_audio_chunks_given_order(I_a: Tensor, excluded: Tensor, K: int, *, or
     order_all = secondary.gather(1, torch.argsort(primary, dim=1, stable=True))
     # kept ids in ascending position for readability (stable argsort of ~keep)
     kept_sorted = torch.argsort((~keep).int(), dim=1, stable=True)
-    pos = torch.arange(K, device=dev).expand(R, K)
+    pos = _arange(K, dev).expand(R, K)
     return torch.where(pos < n_keep[:, None], kept_sorted[:, :K], order_all[:, :K])
 
 
@@ -453,11 +478,13 @@ class PatchSelector:
             I_a = torch.full((n, self.audio_tokens), 1.0 / self.audio_tokens, device=dev)
             cand_v = uniform_candidate_ids(n, self.video_tokens, self.keep_video, generator=generator, device=dev)
             cand_a = uniform_candidate_ids(n, self.audio_tokens, self.keep_audio, generator=generator, device=dev)
-        qbar_v = summary_queries(q_v, I_v, cand_v)
-        qbar_a = summary_queries(q_a, I_a, cand_a)
+        # each modality's candidate mask serves its summary queries and its RCA map
+        mask_v, mask_a = candidate_mask(cand_v, self.video_tokens), candidate_mask(cand_a, self.audio_tokens)
+        qbar_v = summary_queries(q_v, I_v, cand_v, mask=mask_v)
+        qbar_a = summary_queries(q_a, I_a, cand_a, mask=mask_a)
         if replay is not None and self.rca:  # step 8 (D13: both maps from the candidate sets)
-            C_v = rca_probability(k_v, replay["qbar_a"], qbar_a, cand_v)
-            C_a = rca_probability(k_a, replay["qbar_v"], qbar_v, cand_a)
+            C_v = rca_probability(k_v, replay["qbar_a"], qbar_a, cand_v, mask=mask_v)
+            C_a = rca_probability(k_a, replay["qbar_v"], qbar_v, cand_a, mask=mask_a)
         else:  # first step, or the ablation without RCA: C = 0, nothing is excluded
             C_v, C_a = torch.zeros_like(I_v), torch.zeros_like(I_a)
         return Scores(I_v, I_a, C_v, C_a, qbar_a, qbar_v, cand_v, cand_a)
@@ -471,7 +498,7 @@ class PatchSelector:
         :return: ``I_v``, ``I_a``; with M >= 2 also ``C_v``, ``C_a`` (one item has no other to pair with).
         """
         m = qbar_a.shape[0]
-        other = (torch.arange(m, device=qbar_a.device) + 1) % m
+        other = (_arange(m, qbar_a.device) + 1) % m
         pair = {"qbar_a": qbar_a[other], "qbar_v": qbar_v[other]} if m >= 2 else None
         s = self.score(proj=proj, replay=pair)
         out = {"I_v": s.I_v, "I_a": s.I_a}
