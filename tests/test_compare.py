@@ -355,3 +355,14 @@ def test_the_published_comparison_regenerates_byte_for_byte(tmp_path):
     assert {"comparison.md", "intervals.csv", "power.md", "verdicts.csv"} <= set(written)
     for name in written:
         assert (tmp_path / name).read_text(encoding="utf-8") == (src / name).read_text(encoding="utf-8"), name
+
+
+def test_published_runs_of_one_seed_start_from_one_initialisation():
+    """Pairing strategies over seeds assumes seed s of every strategy starts from the same build; runs
+    made on another machine (the ablation) must reproduce it: every run of a seed has the same
+    before-training recall (recall_initial), bit for bit."""
+    initial: dict[str, set[str]] = {}
+    for f in (ROOT / "docs" / "results" / "synthetic_v5" / "runs").glob("*/seed*/results.json"):
+        res = json.loads(f.read_text())
+        initial.setdefault(f.parent.name, set()).add(json.dumps(res["recall_initial"], sort_keys=True))
+    assert initial and all(len(v) == 1 for v in initial.values()), {k: len(v) for k, v in initial.items()}
