@@ -654,6 +654,29 @@ def _decomposition(boot: dict[str, BS.BootstrapResult]) -> str:
     for a, b in pairs:
         cells = [_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS]
         lines.append(f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("≈0", "**≈0**") + "\n" + _keep_all_probe(boot, ref, bases)
+
+#: the probe that keeps every token (random order, no LPIS, no RCA): it differs from random patches
+#: only in the kept fraction κ
+KEEP_ALL = "stella_keepall"
+
+def _keep_all_probe(boot: dict[str, BS.BootstrapResult], ref: str, bases: list[str]) -> str:
+    """Splits *random patches − baseline* once more at the keep-all probe: (keep-all − random patches)
+    is what keeping only a fraction κ of the tokens costs, (keep-all − baseline) what remains of STELLA's
+    plugin with every token kept. Empty without the probe's runs."""
+    if KEEP_ALL not in boot[DIRS[0][0]].point:
+        return ""
+    lines = ["", "### Test: the same plugin keeping every token", "",
+             f"{PRETTY[KEEP_ALL]} runs STELLA's plugin with uniform importance and no RCA, as random patches "
+             "does, but keeps every token (κ = 1 instead of 0.5). Both encode the same number of visible tokens "
+             "and store whole clips; what differs is that the MAE reconstructs every masked patch instead of "
+             "only the kept ones (with ρ = 0.8: 80 % of the tokens instead of 30 %). If the deficit of random "
+             "patches to full-clip replay comes from the halved token budget, the first row is positive and "
+             "the others are near zero.", "",
+             "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
+    for a, b in [(KEEP_ALL, ref)] + [(KEEP_ALL, base) for base in bases]:
+        cells = [_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS]
+        lines.append(f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
 def _trained_on_gpu(result: dict) -> bool:

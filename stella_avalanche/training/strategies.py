@@ -10,7 +10,8 @@ new strategy is one new entry here.
   ``stella_avalanche.benchmarks.common``; :attr:`StrategySpec.joint` says so).
 - ``stella`` / ``stella_plus`` are :class:`STELLA`: the template plus :class:`STELLAPlugin`; the
   ablation variants ``stella_random`` (uniform importance, no RCA), ``stella_lpis`` (importance, no
-  RCA) and ``stella_rca`` (RCA over uniform importance) set the plugin's ``importance`` / ``rca``.
+  RCA) and ``stella_rca`` (RCA over uniform importance) set the plugin's ``importance`` / ``rca``;
+  the probe ``stella_keepall`` is random patches with every token kept (κ = 1).
 - the replay baselines are the template plus one plugin from ``training/plugins``.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ class StrategySpec:
     :param plugin_defaults: fixed constructor arguments of that plugin (e.g. STELLA's ablation flags).
     :param needs_avm: the plugin takes the stage-2 AVM (``avm=...``).
     :param joint: trained once on the union of all tasks (the multitask upper bound).
-    :param group: ``"main"`` (the comparison table) or ``"ablation"`` (the component ablation).
+    :param group: ``"main"`` (the comparison table), ``"ablation"`` (the component ablation) or
+        ``"probe"`` (a variant that tests an explanation; shown only in the ablation's decomposition).
     """
 
     name: str
@@ -93,6 +95,11 @@ REGISTRY: dict[str, StrategySpec] = {s.name: s for s in (
                  {"plus": False, "importance": "avm", "rca": False}, needs_avm=True, group="ablation"),
     StrategySpec("stella_rca", "STELLA: RCA only (uniform importance)", 13, _STELLA,
                  {"plus": False, "importance": "uniform", "rca": True}, needs_avm=True, group="ablation"),
+    # an explanation probe, not one of the paper's variants: random patches with every token kept, so it
+    # differs from stella_random only in the kept fraction (the MAE targets and the stored tokens)
+    StrategySpec("stella_keepall", "STELLA: all tokens (κ = 1, no LPIS, no RCA)", 14, _STELLA,
+                 {"plus": False, "importance": "uniform", "rca": False,
+                  "keep_ratio_video": 1.0, "keep_ratio_audio": 1.0}, needs_avm=True, group="probe"),
 )}
 
 #: every strategy name, paper order
