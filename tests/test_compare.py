@@ -180,7 +180,7 @@ def test_memory_sweep_plan_and_equal_byte_budget(tmp_path):
 
 def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypatch):
     shifts = {"finetune": 0, "derpp": 6, "stella": 6, "stella_plus": 4, "multitask": 12, "stella_random": 5,
-              "stella_lpis": 6, "stella_rca": 5, "er": 8}
+              "stella_lpis": 6, "stella_rca": 5, "er": 8, "stella_keepall": 14}
     for s, shift in shifts.items():
         for seed in (0, 1):
             by = {"derpp": 83480, "stella_plus": 35214}.get(s, 0)
@@ -197,6 +197,7 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert compare.main() == 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| DER++ |" in md and "random patches" not in md and "mem100" not in md   # main table only
+    assert "all tokens" not in md                                                  # nor the probe
     iv = (tmp_path / "intervals.md").read_text()
     assert "| Finetune | 2 |" in iv and "**≈0**" in iv and "no per-query ranks" not in iv
     assert "## Per-task gallery" in iv and "| DER++ | 2 |" in iv.split("## Per-task gallery")[1]
@@ -222,6 +223,13 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
         assert all(abs(point[0][i] - point[1][i] - point[2][i]) <= 0.011 for i in (0, 1)), point
     assert float(next(line for line in dec.splitlines() if line.startswith("| STELLA − ER |")).split(" | ")[1]
                  .split()[0]) < 0   # ER's rows were shifted above STELLA's
+    # the keep-all probe splits random patches − baseline once more; its rows were shifted above random's
+    probe = dec.split("### Test: the same plugin keeping every token")[1]
+    keep = comparison.PRETTY[comparison.KEEP_ALL]
+    rows = {b: next(line for line in probe.splitlines() if line.startswith(f"| {keep} − {b} |"))
+            for b in (rnd, "ER", "DER++")}
+    assert float(rows[rnd].split(" | ")[1].split()[0]) > 0 and "**≈0**" not in rows[rnd]
+    assert keep not in ab.split("## Where STELLA's")[0]   # not a row of the paper's ablation table
     sw = (tmp_path / "mem_sweep.md").read_text()
     assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
     marked = [line for line in sw.splitlines() if line.startswith("| ") and "†" in line]
