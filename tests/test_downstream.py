@@ -294,3 +294,31 @@ def test_run_stella_downstream_flag(monkeypatch, tmp_path, argv, enabled):
     spec.loader.exec_module(mod)
     mod.main(["--out", str(tmp_path / "o"), "--quiet", *argv])
     assert downstream_enabled(seen["cfg"]) is enabled
+
+
+def test_pixel_score_of_patch_maps_bounds_the_pixel_column():
+    """A head that learned the any-pooled patch target perfectly: at one-pixel patches its pixel score is
+    100; on a 4x4 grid of 8-pixel patches with 6x6-pixel objects it draws whole boundary patches and
+    scores far below, and a map that grades each patch by its coverage scores clearly higher."""
+    from stella_avalanche.evaluation.downstream import _any_pooled, patch_coverage, pixel_score_of_patch_maps
+
+    g = torch.Generator().manual_seed(0)
+    px = torch.zeros(60, 32, 32, dtype=torch.bool)
+    for i, (y, x) in enumerate(torch.randint(0, 27, (60, 2), generator=g).tolist()):
+        px[i, y:y + 6, x:x + 6] = True
+    fit, test = px[:30], px[30:]
+    cov = patch_coverage(px, 8)
+    assert cov.shape == (60, 4, 4) and torch.allclose(cov.sum((1, 2)) * 64, px.sum((1, 2)).float())
+    assert torch.equal(cov > 0, _any_pooled(px, 8))
+
+    def ideal(m, p):
+        return (_any_pooled(m, p).reshape(len(m), -1).float() * 2 - 1) * 4
+
+    assert pixel_score_of_patch_maps(ideal(fit, 1), ideal(test, 1), fit, test)["miou_pixel"] == pytest.approx(100)
+    coarse = pixel_score_of_patch_maps(ideal(fit, 8), ideal(test, 8), fit, test)["miou_pixel"]
+    assert coarse < 40   # about 35
+
+    def graded(m):
+        return torch.logit(patch_coverage(m, 8).reshape(len(m), -1).clamp(0.02, 0.98))
+
+    assert pixel_score_of_patch_maps(graded(fit), graded(test), fit, test)["miou_pixel"] > coarse + 5   # about 43

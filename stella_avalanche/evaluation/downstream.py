@@ -51,7 +51,7 @@ __all__ = ["DOWNSTREAM_TASKS", "DownstreamConfig", "GeometryMismatchError", "che
            "transfer_retrieval", "LocalisationHead", "LocalisationSet", "fit_localisation_head",
            "score_localisation", "mean_iou", "gap_summary", "plot_gap", "plot_pca", "snapshot_embeddings",
            "run_downstream", "FIRST_TASK_EMBEDDINGS", "PICTURES", "downstream_enabled", "after_first_task",
-           "at_end_of_stream", "localisation_set", "summary_lines"]
+           "at_end_of_stream", "localisation_set", "summary_lines", "patch_coverage", "pixel_score_of_patch_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -721,6 +721,31 @@ def score_localisation(head: LocalisationHead, fit: LocalisationSet, test: Local
                     "iou_pixel": None})
     out.update({"num_fit_frames": len(fit), "num_test_frames": len(test)})
     return out
+
+
+def patch_coverage(pixel: Tensor, patch: int) -> Tensor:
+    """bool (M, H, W) pixel masks -> float (M, H/p, W/p): the fraction of each patch's pixels that are
+    foreground. A patch of :func:`_any_pooled`'s target is foreground at any coverage above 0."""
+    return F.avg_pool2d(pixel[:, None].float(), patch)[:, 0]
+
+
+def pixel_score_of_patch_maps(fit_maps: Tensor, test_maps: Tensor, fit_px: Tensor, test_px: Tensor) -> dict[str, float]:
+    """The pixel mIoU that :func:`score_localisation` would give a head whose patch logits were
+    ``test_maps``: bilinear upsampling to the mask size, threshold chosen on ``fit_maps`` / ``fit_px``.
+
+    Used with maps built from the ground truth, it bounds what the pixel column can show. The head is
+    trained on :func:`_any_pooled` targets (a patch is positive if it holds any object pixel), so a head
+    that learned that target perfectly (logits ±s on the any-pooled mask) still draws every boundary
+    patch in full: its pixel mIoU is far below 100, and below a head whose logits grade each patch by
+    how much of it is object (logit of :func:`patch_coverage`).
+
+    :param fit_maps: (M_fit, G*G) logits; :param test_maps: (M, G*G) logits.
+    :param fit_px: bool (M_fit, S, S); :param test_px: bool (M, S, S).
+    :returns: ``{"threshold": ..., "miou_pixel": ...}`` (percent).
+    """
+    grid, size = math.isqrt(int(fit_maps.shape[-1])), int(fit_px.shape[-1])
+    th = _best_threshold(_pixel_probs(fit_maps, grid, size), fit_px)
+    return {"threshold": th, "miou_pixel": _miou_chunked(test_maps, test_px, th, lambda m: _pixel_probs(m, grid, size))}
 
 
 def _synthetic_localisation_sets(model: nn.Module, fit_ds: Any, eval_ds: Any, batch_size: int,
