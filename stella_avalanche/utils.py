@@ -82,25 +82,39 @@ def build_lock(target: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive inter-process lock while the cache entry ``target`` is built.
 
     Several runs started together (``compare.py --jobs``) would otherwise all build the same data
-    set or initialisation at once and race to rename it into place. The lock is taken on the
-    directory that will hold ``target`` (so no lock file is left behind); builds of different entries
-    in one directory therefore also take turns, which costs nothing on a machine whose cores the
-    first build already keeps busy. Callers re-check the cache after entering, so the runs that
-    waited reuse what the first one built. Where ``fcntl`` does not exist (Windows) this is a no-op
-    and the atomic renames alone keep the cache valid. Not re-entrant for one directory.
+    set or initialisation at once and race to rename it into place. The lock is per entry: runs that
+    need the same entry take turns, builds of different entries (the initialisations of different
+    seeds) go ahead side by side, which matters when each build runs on one thread. It is an
+    ``flock`` on a hidden file ``.<name>.lock`` beside the entry, removed again on release; a waiter
+    that wakes on a file already removed takes the lock anew, so two holders are impossible. Callers
+    re-check the cache after entering, so the runs that waited reuse what the first one built. Where
+    ``fcntl`` does not exist (Windows) this is a no-op and the atomic renames alone keep the cache
+    valid. Not re-entrant for one entry.
     """
-    parent = Path(target).parent
-    parent.mkdir(parents=True, exist_ok=True)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
-    fd = os.open(parent, os.O_RDONLY)
-    try:
+    lock = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break                      # the file we hold is still the lock
+        except FileNotFoundError:
+            pass
+        os.close(fd)                       # the holder before us removed it: lock the new one
+    try:
         yield
     finally:
+        try:
+            lock.unlink()                  # while still held: a waiter on it then retries
+        except FileNotFoundError:  # pragma: no cover - removed by hand
+            pass
         os.close(fd)  # closing the descriptor releases the lock
 
 

@@ -30,6 +30,50 @@ def test_build_lock_makes_the_second_builder_wait(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []    # the lock leaves no file behind
 
 
+def test_build_lock_lets_other_entries_build_side_by_side(tmp_path):
+    """Two seeds' initialisations live in one cache folder: the second must not wait for the first."""
+    entered, release, order = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with build_lock(tmp_path / "cache" / "seed0"):
+            entered.set()
+            release.wait(5)
+            order.append("seed0 done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    entered.wait(5)
+    with build_lock(tmp_path / "cache" / "seed1"):   # would block until release (5 s) with one folder lock
+        order.append("seed1 entered")
+    release.set()
+    t.join()
+    assert order == ["seed1 entered", "seed0 done"]
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_build_lock_many_waiters_hold_it_one_at_a_time(tmp_path):
+    """Waiters that wake on a lock file its holder has removed must lock the new one, never share."""
+    target, inside, worst = tmp_path / "cache" / "entry", [0], [0]
+    guard = threading.Lock()
+
+    def builder() -> None:
+        for _ in range(20):
+            with build_lock(target):
+                with guard:
+                    inside[0] += 1
+                    worst[0] = max(worst[0], inside[0])
+                threading.Event().wait(0.001)
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=builder) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert worst[0] == 1 and list((tmp_path / "cache").iterdir()) == []
+
+
 def test_atomic_write_json_keeps_the_old_file_on_error(tmp_path):
     path = tmp_path / "r.json"
     atomic_write_json(path, {"a": 1})
