@@ -672,8 +672,14 @@ def _keep_all_probe(boot: dict[str, BS.BootstrapResult], ref: str, bases: list[s
              "and store whole clips; what differs is that the MAE reconstructs every masked patch instead of "
              "only the kept ones (with ρ = 0.8: 80 % of the tokens instead of 30 %). If the deficit of random "
              "patches to full-clip replay comes from the halved token budget, the first row is positive and "
-             "the others are near zero.", "",
-             "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
+             "the others are near zero."]
+    b0 = boot[DIRS[0][0]]
+    n_keep, n_ref = b0.seeds.get(KEEP_ALL, 0), b0.seeds.get(ref, 0)
+    if n_keep != n_ref:
+        lines[-1] += (f" The probe has {n_keep} seed(s) against {n_ref} of the others, so it is resampled over "
+                      "seeds apart from them (paired over queries only) and its intervals are wider than a "
+                      "paired comparison's.")
+    lines += ["", "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
     for a, b in [(KEEP_ALL, ref)] + [(KEEP_ALL, base) for base in bases]:
         cells = [_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS]
         lines.append(f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | " + " | ".join(cells) + " |")
