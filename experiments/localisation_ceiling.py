@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from scipy.stats import spearmanr
 
-    from stella_avalanche.utils import atomic_write
+    from stella_avalanche.utils import print_and_write
 
     torch.set_num_threads(1)
     rows = published_localisation(args.runs)
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                    "miou_patch_range": [min(r["miou_patch"] for r in rows), max(r["miou_patch"] for r in rows)],
                    "miou_pixel_range": [min(r["miou_pixel"] for r in rows), max(r["miou_pixel"] for r in rows)]}
     text = json.dumps(out, indent=1) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        with atomic_write(args.out) as fh:
-            fh.write(text)
+    print_and_write(text, args.out)
     return 0
 
 

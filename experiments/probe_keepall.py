@@ -18,22 +18,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from stella_avalanche.evaluation.comparison import DIRS, PRETTY, _initial_avg
 
 #: the published runs each probe seed is set beside
 REFERENCES = ("stella_random", "stella", "er", "derpp")
-DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
 
 
 def _avg(res: dict, d: str) -> float:
     return float(res["summary"][d]["Avg"]["A"])
-
-
-def _initial_avg(res: dict, d: str) -> float:
-    init = res["recall_initial"][d]
-    return float(np.mean([np.mean(init[k]) for k in ("R@1", "R@5", "R@10")]))
 
 
 def _localise(res: dict) -> str:
@@ -63,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--published", type=Path, required=True, help="the comparison's runs/ folder")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here (atomically) as well")
     args = p.parse_args(argv)
-    from stella_avalanche.evaluation.comparison import PRETTY
-    from stella_avalanche.utils import atomic_write
+    from stella_avalanche.utils import print_and_write
 
     probe = {}
     for f in sorted(args.probe_runs.glob("seed*/results.json")):
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref is None:
             continue
         same = r["recall_initial"] == ref["recall_initial"]
-        gap = " / ".join(f"{_initial_avg(r, d) - _initial_avg(ref, d):+.2f}" for d, _ in DIRS)
+        gap = " / ".join(f"{_initial_avg(r, d, 'Avg') - _initial_avg(ref, d, 'Avg'):+.2f}" for d, _ in DIRS)
         builds.append(f"- seed {seed}: " + ("the same build as the published runs (zero-shot recall identical)" if same
                       else f"another build than the published runs: zero-shot Avg A→V / V→A differs by {gap}"))
     lines = ["# Keep-all probe: random patches with every token kept", "",
@@ -103,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                   "Differences much larger than that are still informative; a decision with intervals needs "
                   "the probe run beside the published runs (`compare.py --strategies stella_keepall`, same machine).", ""]
     text = "\n".join(lines)
-    print(text, end="")
-    if args.out is not None:
-        with atomic_write(args.out) as fh:
-            fh.write(text)
+    print_and_write(text, args.out)
     return 0
 
 

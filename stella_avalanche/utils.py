@@ -77,6 +77,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, fh)
 
 
+def print_and_write(text: str, out: str | os.PathLike | None) -> None:
+    """Print a script's report and, when ``out`` is given, write the same text there atomically."""
+    print(text, end="")
+    if out is not None:
+        with atomic_write(out) as fh:
+            fh.write(text)
+
+
 @contextmanager
 def build_lock(target: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive inter-process lock while the cache entry ``target`` is built.

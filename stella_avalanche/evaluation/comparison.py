@@ -650,11 +650,13 @@ def _decomposition(boot: dict[str, BS.BootstrapResult]) -> str:
              f"tokens), *{PRETTY.get(ref, ref)} − baseline* everything else STELLA's plugin does differently from "
              "the baseline (replaying kept-token subsets of its items instead of whole clips, its own replay terms).",
              "", "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
-    pairs = [("stella", ref)] + [p for base in bases for p in (("stella", base), (ref, base))]
-    for a, b in pairs:
-        cells = [_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS]
-        lines.append(f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | " + " | ".join(cells) + " |")
+    lines += _difference_rows(boot, [("stella", ref)] + [p for base in bases for p in (("stella", base), (ref, base))])
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n" + _keep_all_probe(boot, ref, bases)
+
+def _difference_rows(boot: dict[str, BS.BootstrapResult], pairs: list[tuple[str, str]]) -> list[str]:
+    """One table row per (a, b): a − b of Avg 𝒜 in both directions, paired, with its interval."""
+    return [f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | "
+            + " | ".join(_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS) + " |" for a, b in pairs]
 
 #: the probe that keeps every token (random order, no LPIS, no RCA): it differs from random patches
 #: only in the kept fraction κ
@@ -680,9 +682,7 @@ def _keep_all_probe(boot: dict[str, BS.BootstrapResult], ref: str, bases: list[s
                       "seeds apart from them (paired over queries only) and its intervals are wider than a "
                       "paired comparison's.")
     lines += ["", "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
-    for a, b in [(KEEP_ALL, ref)] + [(KEEP_ALL, base) for base in bases]:
-        cells = [_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS]
-        lines.append(f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | " + " | ".join(cells) + " |")
+    lines += _difference_rows(boot, [(KEEP_ALL, ref)] + [(KEEP_ALL, base) for base in bases])
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
 
 def _trained_on_gpu(result: dict) -> bool:
