@@ -33,13 +33,15 @@ SHARPNESS = (1.0, 2.0, 4.0, 8.0)
 
 def published_localisation(runs: Path) -> list[dict[str, Any]]:
     """``{"key", "seed", "miou_patch", "miou_pixel"}`` of every complete run under ``runs`` with a localise block."""
+    from stella_avalanche.evaluation.comparison import load_runs_in
+
     rows = []
-    for f in sorted(runs.glob("*/seed*/results.json")):
-        r = json.loads(f.read_text())
-        loc = (r.get("downstream") or {}).get("localise") or {}
-        if r.get("complete") and loc.get("miou_patch") is not None and loc.get("miou_pixel") is not None:
-            rows.append({"key": f.parent.parent.name, "seed": r.get("seed"),
-                         "miou_patch": float(loc["miou_patch"]), "miou_pixel": float(loc["miou_pixel"])})
+    for key, group in load_runs_in(runs).items():
+        for r in group:
+            loc = (r.get("downstream") or {}).get("localise") or {}
+            if loc.get("miou_patch") is not None and loc.get("miou_pixel") is not None:
+                rows.append({"key": key, "seed": r.get("seed"),
+                             "miou_patch": float(loc["miou_patch"]), "miou_pixel": float(loc["miou_pixel"])})
     return rows
 
 

@@ -22,14 +22,13 @@ published ones and pairing with those would be wrong, so the probe folder carrie
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from stella_avalanche.evaluation.comparison import (DIRS, KEEP_ALL, PRETTY, _difference_rows, _initial_avg,
-                                                    bootstrap_all, load_runs)
+                                                    bootstrap_all, load_runs, load_runs_in)
 
 #: the references each probe seed is set beside, in table order
 REFERENCES = ("stella_random", "stella", "er", "derpp")
@@ -172,12 +171,7 @@ def report(probe_dir: Path, published_dir: Path, *, n_boot: int = N_BOOT) -> str
                 raise SystemExit(f"{probe_dir}/runs/{k}/seed{r.get('seed')}: a run of {r.get('strategy')!r}, "
                                  f"not of {k!r}")
     probe = _by_seed(runs)
-    published: dict[str, dict[int, dict]] = {}
-    for k in REFERENCES:
-        for f in sorted((published_dir / k).glob("seed*/results.json")):
-            r = json.loads(f.read_text())
-            if r.get("complete"):
-                published.setdefault(k, {})[int(r["seed"])] = r
+    published = _by_seed({k: g for k, g in load_runs_in(published_dir).items() if k in REFERENCES})
     builds = build_notes(probe, published)
     paired = paired_section(probe, n_boot=n_boot)
     lines = ["# Keep-all probe: random patches with every token kept", "",

@@ -32,7 +32,7 @@ from stella_avalanche.training.strategies import ABLATION_STRATEGIES, MAIN_STRAT
 from stella_avalanche.utils import atomic_write
 
 __all__ = ["DIRS", "COLS", "PRETTY", "PAPER_ORDER", "SWEEP_STRATEGIES", "ABLATION_TABLE", "DOWNSTREAM_COLUMNS",
-           "INITIAL", "initial_row", "mem_key", "item_bytes", "equal_bytes_items", "load_runs", "main_table_keys", "aggregate",
+           "INITIAL", "initial_row", "mem_key", "item_bytes", "equal_bytes_items", "load_runs", "load_runs_in", "main_table_keys", "aggregate",
            "downstream_table", "write_tables", "plot", "bootstrap_all", "interval_rows", "interval_markdown",
            "task_gallery_markdown", "initial_gain_markdown", "write_intervals", "queries_per_task", "power_report", "ablation_markdown",
            "sweep_sizes", "sweep_rows", "write_sweep", "plot_sweep", "GUIDE_TARGETS", "guide_diagnostics_markdown",
@@ -77,8 +77,12 @@ def equal_bytes_items(mem: int, bytes_per_item: dict[str, int], strategy: str = 
 
 def load_runs(out: Path) -> dict[str, list[dict]]:
     """Complete results of every run under ``out/runs``, grouped by run key (the directory name)."""
+    return load_runs_in(out / "runs")
+
+def load_runs_in(runs_dir: Path) -> dict[str, list[dict]]:
+    """Complete results of every ``<key>/seed<s>/results.json`` in ``runs_dir``, grouped by run key."""
     runs: dict[str, list[dict]] = {}
-    for res in sorted(out.glob("runs/*/seed*/results.json")):
+    for res in sorted(runs_dir.glob("*/seed*/results.json")):
         r = json.loads(res.read_text())
         if r.get("complete"):
             runs.setdefault(res.parent.parent.name, []).append(r)
