@@ -167,3 +167,32 @@ def test_strategies_with_the_same_seeds_are_paired_over_seeds() -> None:
     assert width({"a": [0, 1, 2, 3], "b": [4, 5, 6, 7]}) > 0.6 * unpaired     # other seeds: not paired
     with pytest.raises(ValueError, match="seed labels"):
         B.bootstrap({"a": [_run(r) for r in better]}, n_boot=10, seed_labels={"a": [0, 0, 1, 2]})
+
+
+def test_strategies_with_more_seeds_stay_paired_on_the_shared_ones() -> None:
+    """A strategy with 5 seeds against one with 3 (the issue's design): their difference is taken over
+    the 3 shared seeds, paired, so a fifth seed does not widen it to the unpaired width; each
+    strategy's own value still uses all its seeds."""
+    rng = np.random.default_rng(6)
+    base = [np.clip(_ranks(rng) - 6 * s, 1, None) for s in range(5)]      # seeds far apart
+    better = [np.maximum(r - 3, 1) for r in base]                         # a constant gain per seed
+    runs = {"five": [_run(r) for r in better], "three": [_run(r) for r in base[:3]]}
+    res = B.bootstrap(runs, n_boot=400, resample_queries=False,
+                      seed_labels={"five": [0, 1, 2, 3, 4], "three": [0, 1, 2]})
+    point, reps = res.difference("five", "three", "A")
+    own = [B.run_replicates(r, None)[0][0] for r in runs["five"]]
+    assert res.point["five"]["A"] == pytest.approx(np.mean(own))                     # all 5 seeds
+    assert point == pytest.approx(np.mean(own[:3]) - res.point["three"]["A"])        # the 3 shared ones
+    lo, hi = B.interval(reps)
+    unpaired = B.interval(res.samples["five"]["A"] - res.samples["three"]["A"])
+    assert lo > 0 and hi - lo < 0.3 * (unpaired[1] - unpaired[0])
+    # the same pair on 3 seeds each gives the same difference and interval (one stream per seed set)
+    three = B.bootstrap({"five": runs["five"][:3], "three": runs["three"]}, n_boot=400, resample_queries=False,
+                        seed_labels={"five": [0, 1, 2], "three": [0, 1, 2]})
+    p3, r3 = three.difference("five", "three", "A")
+    assert p3 == pytest.approx(point) and np.allclose(r3, reps)
+    # fewer than 2 shared seeds: nothing to pair over, the unpaired difference of the seed means
+    apart = B.bootstrap(runs, n_boot=50, resample_queries=False, seed_labels={"five": [0, 1, 2, 3, 4], "three": [4, 5, 6]})
+    p, r = apart.difference("five", "three", "A")
+    assert p == pytest.approx(apart.point["five"]["A"] - apart.point["three"]["A"])
+    assert np.array_equal(r, apart.samples["five"]["A"] - apart.samples["three"]["A"])

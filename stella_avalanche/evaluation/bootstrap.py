@@ -10,7 +10,10 @@ What is resampled (one bootstrap replicate ``b``):
   mean over the drawn runs. With seed labels, strategies that ran the same seeds draw the same seeds
   (one draw per seed set), so their difference is *paired* over seeds too: seed s of every strategy
   shares its initialisation and data order, and what the seed changes for all of them cancels.
-  Strategies with other seed sets (e.g. 5 seeds against 3) are resampled independently of them.
+  The difference of two strategies with other seed sets (5 seeds against 3) is taken over the seeds
+  both ran (:meth:`BootstrapResult.difference`): its point is the mean difference on those seeds, and
+  its replicates draw them with the stream of that seed set, so it stays paired. Each strategy's own
+  value and interval use all its seeds.
 
 The statistic of one run under query weights ``w`` is computed exactly as in
 ``stella_avalanche/evaluation/metrics.py``: per-task recall ``a[l, t] = 100 Σ_{q∈t} w_q 1[r_lq ≤ K] / n_t``,
@@ -148,6 +151,40 @@ class BootstrapResult:
     seeds: dict[str, int]
     without_ranks: list[str]
     n_boot: int
+    #: strategy -> its sorted seed labels (None when unlabelled); with ``run_points`` and ``run_replicates``
+    #: (strategy -> statistic -> (S,) point values / (S, B) replicates per run, in label order) they let
+    #: :meth:`difference` pair two strategies over the seeds they share.
+    labels: dict[str, Optional[list[int]]] = field(default_factory=dict)
+    run_points: dict[str, dict[str, Optional[np.ndarray]]] = field(default_factory=dict)
+    run_replicates: dict[str, dict[str, Optional[np.ndarray]]] = field(default_factory=dict)
+    resample_seeds: bool = True
+    rng_seed: int = 0
+
+    def difference(self, a: str, b: str, m: str) -> Optional[tuple[float, np.ndarray]]:
+        """Point value and (B,) replicates of statistic ``m`` of ``a`` minus ``b``.
+
+        With the same seed set (or an unlabelled strategy) it is the difference of the two seed means
+        and of their replicates. With different seed sets sharing at least 2 seeds it is taken over the
+        shared seeds only, both strategies drawing them with that seed set's stream, so the difference
+        stays paired over seeds (a fifth seed of one strategy does not unpair it from a strategy with
+        three). None when a strategy or its statistic is missing.
+        """
+        pa, pb = self.point.get(a, {}).get(m), self.point.get(b, {}).get(m)
+        if pa is None or pb is None:
+            return None
+        la, lb = self.labels.get(a), self.labels.get(b)
+        shared = [] if la is None or lb is None or la == lb else sorted(set(la) & set(lb))
+        if len(shared) < 2 or a not in self.run_replicates or b not in self.run_replicates:
+            return pa - pb, self.samples[a][m] - self.samples[b][m]
+        idx = (_seed_draws("", shared, len(shared), self.n_boot, self.rng_seed) if self.resample_seeds
+               else np.broadcast_to(np.arange(len(shared)), (self.n_boot, len(shared))))
+        cols = np.arange(self.n_boot)[:, None]
+        point, reps = 0.0, np.zeros(self.n_boot)
+        for sign, key, lab in ((1.0, a, la), (-1.0, b, lb)):
+            rows = [lab.index(x) for x in shared]
+            point += sign * float(self.run_points[key][m][rows].mean())
+            reps += sign * self.run_replicates[key][m][rows][idx, cols].mean(axis=1)
+        return point, reps
 
 
 def _check_same_queries(runs: Mapping[str, Sequence[RunRanks]]) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -193,6 +230,9 @@ def bootstrap(runs: Mapping[str, Sequence[RunRanks]], *, n_boot: int = 2000, see
     queries = _check_same_queries(runs)
     weights = query_weights(queries[0], n_boot, rng) if (queries is not None and resample_queries) else None
     point, samples, std, seeds, missing = {}, {}, {}, {}, []
+    all_labels: dict[str, Optional[list[int]]] = {}
+    run_points: dict[str, dict[str, Optional[np.ndarray]]] = {}
+    run_reps: dict[str, dict[str, Optional[np.ndarray]]] = {}
     for s, group in runs.items():
         if not group:
             continue
@@ -214,16 +254,20 @@ def bootstrap(runs: Mapping[str, Sequence[RunRanks]], *, n_boot: int = 2000, see
                else np.broadcast_to(np.arange(len(group)), (n_boot, len(group))))
         cols = np.arange(n_boot)[:, None]
         point[s], samples[s], std[s] = {}, {}, {}
+        all_labels[s], run_points[s], run_reps[s] = labels, {}, {}
         for j, key in enumerate(("A", "F")):
             if any(r[j] is None for r in reps):
                 point[s][key], samples[s][key], std[s][key] = None, None, None
+                run_points[s][key], run_reps[s][key] = None, None
                 continue
             per_run = np.stack([r[j] for r in reps])                    # (S, B)
             samples[s][key] = per_run[idx, cols].mean(axis=1)           # (B,)
             vals = np.array([float(p[j][0]) for p in pts])
             point[s][key], std[s][key] = float(vals.mean()), float(vals.std())
+            run_points[s][key], run_reps[s][key] = vals, per_run
         seeds[s] = len(group)
-    return BootstrapResult(point, samples, std, seeds, missing, n_boot)
+    return BootstrapResult(point, samples, std, seeds, missing, n_boot, labels=all_labels, run_points=run_points,
+                           run_replicates=run_reps, resample_seeds=resample_seeds, rng_seed=seed)
 
 
 def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:

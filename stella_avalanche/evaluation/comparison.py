@@ -325,13 +325,12 @@ def _ci_text(ci: tuple[float, float]) -> str:
 def paired_diff(boot: BS.BootstrapResult, a: str, b: str, m: str, level: float = 0.95
                 ) -> tuple[float, tuple[float, float]] | None:
     """Point difference a − b of statistic ``m`` ("A" or "F") between any two run keys of ``boot`` and
-    its bootstrap interval at ``level``: the replicates share the query draws, and the seed draws when
-    both keys ran the same seeds, so the difference is paired over those. None when a key or its
-    statistic is missing (or ``a == b``)."""
-    pa, pb = boot.point.get(a, {}).get(m), boot.point.get(b, {}).get(m)
-    if a == b or pa is None or pb is None:
-        return None
-    return pa - pb, BS.interval(boot.samples[a][m] - boot.samples[b][m], level)
+    its bootstrap interval at ``level``: the replicates share the query draws, and the seed draws of the
+    seeds both keys ran, so the difference is paired over those; keys with different seed sets are
+    compared on their shared seeds (:meth:`~stella_avalanche.evaluation.bootstrap.BootstrapResult.difference`).
+    None when a key or its statistic is missing (or ``a == b``)."""
+    d = None if a == b else boot.difference(a, b, m)
+    return None if d is None else (d[0], BS.interval(d[1], level))
 
 def _diff_text(d: tuple[float, tuple[float, float]] | None) -> str:
     if d is None:
@@ -365,7 +364,7 @@ def interval_markdown(rows: list[dict], boot: dict[str, BS.BootstrapResult], tit
     lines = [f"## {title}", "",
              "Avg of R@1/5/10 in %. Cells: mean ± std over seeds (population std) [95 % bootstrap interval, "
              "resampling queries (stratified by task) and seeds]. Δ: paired difference to DER++ / Finetune "
-             "[95 % interval]; ≈0 marks a difference whose interval contains zero (not distinguishable "
+             "[95 % interval], over the seeds both methods ran; ≈0 marks a difference whose interval contains zero (not distinguishable "
              "from zero)."]
     missing = sorted({k for d, _ in DIRS for k in boot[d].without_ranks} & {r["key"] for r in rows})
     if missing:
@@ -680,11 +679,13 @@ def _keep_all_probe(boot: dict[str, BS.BootstrapResult], ref: str, bases: list[s
              "patches to full-clip replay comes from the halved token budget, the first row is positive and "
              "the others are near zero."]
     b0 = boot[DIRS[0][0]]
-    n_keep, n_ref = b0.seeds.get(KEEP_ALL, 0), b0.seeds.get(ref, 0)
-    if n_keep != n_ref:
-        lines[-1] += (f" The probe has {n_keep} seed(s) against {n_ref} of the others, so it is resampled over "
-                      "seeds apart from them (paired over queries only) and its intervals are wider than a "
-                      "paired comparison's.")
+    keep, other = set(b0.labels.get(KEEP_ALL) or []), set(b0.labels.get(ref) or [])
+    if keep != other:
+        shared = sorted(keep & other)
+        lines[-1] += (f" The probe ran {len(keep)} seed(s) against {len(other)} of the others: its differences are "
+                      f"taken over the seeds both ran ({', '.join(map(str, shared))})." if len(shared) >= 2 else
+                      f" The probe shares fewer than 2 seeds with the others, so it is resampled over seeds apart "
+                      "from them (paired over queries only) and its intervals are wider than a paired comparison's.")
     lines += ["", "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
     lines += _difference_rows(boot, [(KEEP_ALL, ref)] + [(KEEP_ALL, base) for base in bases])
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n"
@@ -847,8 +848,9 @@ _SYMBOL = {"A": "𝒜", "F": "ℱ", "D": "downstream"}
 NO_VALUE = "no value"
 VERDICT_RULE = ("Rule, the same for every row: the claim's paired difference (Avg of R@1/5/10, percentage "
                 "points) and its 95 % bootstrap interval, from the replicates of intervals.md (queries "
-                "resampled within each task and shared by all methods; seeds shared by the methods that ran "
-                "the same seeds; so differences are paired over queries and seeds). Interval entirely on the claimed side of 0 → "
+                "resampled within each task and shared by all methods; the seeds both methods ran drawn alike "
+                "for both, a method with more seeds compared on the shared ones; so differences are paired over "
+                "queries and seeds). Interval entirely on the claimed side of 0 → "
                 "**supported**; entirely on the other side → **contradicted**; contains 0 → **not "
                 "distinguishable**. A comparison without its runs is not decided (missing runs named). "
                 "Claim 7 (downstream) uses its own bootstrap over the seeds both methods ran (at least 2) "
