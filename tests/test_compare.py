@@ -396,3 +396,15 @@ def test_keys_with_more_seeds_are_compared_on_the_seeds_both_ran(tmp_path, monke
     assert float(er.split(" | ")[4].split()[0]) == pytest.approx(shared, abs=0.006)
     ab = (tmp_path / "ablation.md").read_text()
     assert "its differences are taken over the seeds both ran (0, 1)" in ab
+    # STELLA's decomposition: ER ran seeds 0-1 only, so every row is over seeds 0-1 and the parts add up
+    dec = ab.split("## Where STELLA's difference to full-clip replay comes from")[1].split("### Test")[0]
+    assert "every row is taken over the seeds all of them ran (0, 1)" in dec
+    rnd = comparison.PRETTY["stella_random"]
+    for base in ("ER", "DER++"):
+        total, guide, rest = ([float(c.split()[0]) for c in line.split(" | ")[1:]] for line in (
+            next(line for line in dec.splitlines() if line.startswith(f"| {a} − {b} |"))
+            for a, b in (("STELLA", base), ("STELLA", rnd), (rnd, base))))
+        assert all(abs(total[i] - guide[i] - rest[i]) <= 0.011 for i in (0, 1)), (base, total, guide, rest)
+    stella_derpp = np.mean([avg["stella"][s] - avg["derpp"][s] for s in (0, 1)])
+    row = next(line for line in dec.splitlines() if line.startswith("| STELLA − DER++ |"))
+    assert float(row.split(" | ")[1].split()[0]) == pytest.approx(stella_derpp, abs=0.006)

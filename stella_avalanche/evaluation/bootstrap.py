@@ -160,21 +160,29 @@ class BootstrapResult:
     resample_seeds: bool = True
     rng_seed: int = 0
 
-    def difference(self, a: str, b: str, m: str) -> Optional[tuple[float, np.ndarray]]:
+    def difference(self, a: str, b: str, m: str, seeds: Optional[Sequence[int]] = None
+                   ) -> Optional[tuple[float, np.ndarray]]:
         """Point value and (B,) replicates of statistic ``m`` of ``a`` minus ``b``.
 
         With the same seed set (or an unlabelled strategy) it is the difference of the two seed means
         and of their replicates. With different seed sets sharing at least 2 seeds it is taken over the
         shared seeds only, both strategies drawing them with that seed set's stream, so the difference
         stays paired over seeds (a fifth seed of one strategy does not unpair it from a strategy with
-        three). None when a strategy or its statistic is missing.
+        three). ``seeds`` restricts it to those seeds (they must be among both strategies' seeds), so
+        that several differences over one seed set add up. None when a strategy or its statistic is
+        missing.
         """
         pa, pb = self.point.get(a, {}).get(m), self.point.get(b, {}).get(m)
         if pa is None or pb is None:
             return None
         la, lb = self.labels.get(a), self.labels.get(b)
-        shared = [] if la is None or lb is None or la == lb else sorted(set(la) & set(lb))
-        if len(shared) < 2 or a not in self.run_replicates or b not in self.run_replicates:
+        if seeds is not None:
+            shared = sorted({int(x) for x in seeds})
+            if not shared or la is None or lb is None or not set(shared) <= set(la) & set(lb):
+                raise ValueError(f"seeds {shared} are not among the labelled seeds of both {a!r} {la} and {b!r} {lb}")
+        else:
+            shared = [] if la is None or lb is None or la == lb else sorted(set(la) & set(lb))
+        if (seeds is None and len(shared) < 2) or a not in self.run_replicates or b not in self.run_replicates:
             return pa - pb, self.samples[a][m] - self.samples[b][m]
         idx = (_seed_draws("", shared, len(shared), self.n_boot, self.rng_seed) if self.resample_seeds
                else np.broadcast_to(np.arange(len(shared)), (self.n_boot, len(shared))))

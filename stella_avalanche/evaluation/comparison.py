@@ -22,7 +22,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -322,14 +322,14 @@ def bootstrap_all(runs: dict[str, list[dict]], *, n_boot: int, seed: int = 0, re
 def _ci_text(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
-def paired_diff(boot: BS.BootstrapResult, a: str, b: str, m: str, level: float = 0.95
-                ) -> tuple[float, tuple[float, float]] | None:
+def paired_diff(boot: BS.BootstrapResult, a: str, b: str, m: str, level: float = 0.95,
+                seeds: Sequence[int] | None = None) -> tuple[float, tuple[float, float]] | None:
     """Point difference a − b of statistic ``m`` ("A" or "F") between any two run keys of ``boot`` and
     its bootstrap interval at ``level``: the replicates share the query draws, and the seed draws of the
     seeds both keys ran, so the difference is paired over those; keys with different seed sets are
-    compared on their shared seeds (:meth:`~stella_avalanche.evaluation.bootstrap.BootstrapResult.difference`).
-    None when a key or its statistic is missing (or ``a == b``)."""
-    d = None if a == b else boot.difference(a, b, m)
+    compared on their shared seeds (:meth:`~stella_avalanche.evaluation.bootstrap.BootstrapResult.difference`;
+    ``seeds`` names the seeds explicitly). None when a key or its statistic is missing (or ``a == b``)."""
+    d = None if a == b else boot.difference(a, b, m, seeds)
     return None if d is None else (d[0], BS.interval(d[1], level))
 
 def _diff_text(d: tuple[float, tuple[float, float]] | None) -> str:
@@ -653,13 +653,30 @@ def _decomposition(boot: dict[str, BS.BootstrapResult]) -> str:
              f"tokens), *{PRETTY.get(ref, ref)} − baseline* everything else STELLA's plugin does differently from "
              "the baseline (replaying kept-token subsets of its items instead of whole clips, its own replay terms).",
              "", "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|"]
-    lines += _difference_rows(boot, [("stella", ref)] + [p for base in bases for p in (("stella", base), (ref, base))])
+    common = _common_seeds(boot[DIRS[0][0]], ["stella", ref, *bases])
+    if common:
+        lines[-4] += (" The methods ran different seed sets: every row is taken over the seeds all of them ran ("
+                      + ", ".join(map(str, common)) + "), so the parts add up.")
+    lines += _difference_rows(boot, [("stella", ref)] + [p for base in bases for p in (("stella", base), (ref, base))],
+                              common)
     return "\n".join(lines).replace("≈0", "**≈0**") + "\n" + _keep_all_probe(boot, ref, bases)
 
-def _difference_rows(boot: dict[str, BS.BootstrapResult], pairs: list[tuple[str, str]]) -> list[str]:
-    """One table row per (a, b): a − b of Avg 𝒜 in both directions, paired, with its interval."""
+def _difference_rows(boot: dict[str, BS.BootstrapResult], pairs: list[tuple[str, str]],
+                     seeds: Sequence[int] | None = None) -> list[str]:
+    """One table row per (a, b): a − b of Avg 𝒜 in both directions, paired, with its interval (over
+    ``seeds`` when given, else over the seeds both ran)."""
     return [f"| {PRETTY.get(a, a)} − {PRETTY.get(b, b)} | "
-            + " | ".join(_diff_text(paired_diff(boot[d], a, b, "A")) for d, _ in DIRS) + " |" for a, b in pairs]
+            + " | ".join(_diff_text(paired_diff(boot[d], a, b, "A", seeds=seeds)) for d, _ in DIRS) + " |"
+            for a, b in pairs]
+
+def _common_seeds(boot: BS.BootstrapResult, keys: Sequence[str]) -> list[int] | None:
+    """The seeds every key ran, when they ran different seed sets sharing at least 2 (else None: each
+    difference then uses the seeds its two keys share)."""
+    sets = [boot.labels.get(k) for k in keys]
+    if any(s is None for s in sets) or all(s == sets[0] for s in sets):
+        return None
+    common = sorted(set.intersection(*(set(s) for s in sets)))
+    return common if len(common) >= 2 else None
 
 #: the probe that keeps every token (random order, no LPIS, no RCA): it differs from random patches
 #: only in the kept fraction κ
