@@ -6,9 +6,11 @@ which source frame a loader picked from the decoded pixel values.
 """
 from __future__ import annotations
 
+import importlib.util
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,6 +20,15 @@ SR = 16000          # audio rate of the generated files unless stated otherwise
 FPS = 25            # frame rate of generated videos / frame directories (synthetic preset)
 SECONDS = 2.56      # clip length of the synthetic preset
 N_FRAMES = 64       # SECONDS * FPS
+
+
+def load_experiment(name: str) -> ModuleType:
+    """Import ``experiments/<name>.py`` (the scripts are not a package) as a fresh module."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def frame_level(i: int) -> int:

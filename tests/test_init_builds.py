@@ -2,22 +2,17 @@
 cache, beside the zero-shot and final recall of that seed's runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_experiment
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("init_builds", ROOT / "experiments" / "init_builds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("init_builds")
 
 
 def _res(strategy: str, seed: int, final: float, zero: float) -> dict:

@@ -2,20 +2,17 @@
 table beside published runs, and the two-machine differences."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("probe_keepall", ROOT / "experiments" / "probe_keepall.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("probe_keepall")
 
 
 def _res(strategy: str, seed: int, avg: float, init: float, cap: str) -> dict:
