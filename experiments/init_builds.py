@@ -21,23 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 #: directions of the retrieval tables, in print order
 DIRS = (("a2v", "A→V"), ("v2a", "V→A"))
-
-
-def _cache_path(portable: Optional[str]) -> Optional[Path]:
-    """``$STELLA_CACHE/<rest>`` -> a path in this machine's cache (None for other or missing paths)."""
-    from stella_avalanche.paths import CACHE_PREFIX
-    from stella_avalanche.utils import default_cache_dir
-
-    if not portable or not portable.startswith(CACHE_PREFIX + "/"):
-        return None
-    return default_cache_dir() / portable[len(CACHE_PREFIX) + 1:]
 
 
 def build_record(backbone: Optional[Path], avm: Optional[Path]) -> dict[str, Any]:
@@ -68,6 +57,7 @@ def seed_rows(runs_dir: Path) -> list[dict[str, Any]]:
         zero-shot recall (they would not be one seed's runs of one comparison).
     """
     from stella_avalanche.evaluation.comparison import _initial_avg, load_runs_in
+    from stella_avalanche.paths import cache_file
 
     runs = load_runs_in(runs_dir)
     by_seed: dict[int, list[dict]] = {}
@@ -94,7 +84,7 @@ def seed_rows(runs_dir: Path) -> list[dict[str, Any]]:
             row[f"zero_shot_{d}"] = next(iter(zero)) if zero else None
             row[f"final_{d}"] = (float(sum(r["summary"][d]["Avg"]["A"] for r in common) / len(common))
                                  if common else None)
-        row.update(build_record(_cache_path(backbone), _cache_path(avm)))
+        row.update(build_record(cache_file(backbone), cache_file(avm)))
         rows.append(row)
     return rows
 

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CACHE_PREFIX", "portable_path", "repository_root", "find_machine_paths", "MACHINE_PATH_RE"]
+__all__ = ["CACHE_PREFIX", "portable_path", "cache_file", "repository_root", "find_machine_paths", "MACHINE_PATH_RE"]
 
 #: how a cached file is named in published outputs (the variable that relocates the cache)
 CACHE_PREFIX = "$STELLA_CACHE"
@@ -71,6 +71,16 @@ def portable_path(path: str | os.PathLike | None) -> Optional[str]:
         if rel is not None:
             return rel
     return resolved.name
+
+
+def cache_file(name: Optional[str]) -> Optional[Path]:
+    """The inverse of :func:`portable_path` for cached files: ``$STELLA_CACHE/<rest>`` as a path in this
+    machine's cache; None for any other name (or None)."""
+    if not name or not name.startswith(CACHE_PREFIX + "/"):
+        return None
+    from stella_avalanche.utils import default_cache_dir
+
+    return default_cache_dir() / name[len(CACHE_PREFIX) + 1:]
 
 
 def find_machine_paths(text: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stella_avalanche.paths import CACHE_PREFIX, find_machine_paths, portable_path
+from stella_avalanche.paths import CACHE_PREFIX, cache_file, find_machine_paths, portable_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".json", ".jsonl", ".md", ".py", ".csv", ".tsv", ".txt", ".yaml", ".yml", ".log", ""}
@@ -62,3 +62,6 @@ def test_portable_path_names(tmp_path, monkeypatch):
     assert portable_path(tmp_path / "runs" / "a" / "stage1.pt") == "runs/a/stage1.pt"
     assert portable_path("/elsewhere/weights/stage1.pt") == "stage1.pt"
     assert portable_path("stage1.pt") == "stage1.pt" and portable_path(None) is None
+    # cache_file undoes portable_path for cached files, and names nothing else
+    assert cache_file(portable_path(ckpt)) == ckpt
+    assert cache_file("runs/a/stage1.pt") is None and cache_file(None) is None
