@@ -196,3 +196,21 @@ def test_strategies_with_more_seeds_stay_paired_on_the_shared_ones() -> None:
     p, r = apart.difference("five", "three", "A")
     assert p == pytest.approx(apart.point["five"]["A"] - apart.point["three"]["A"])
     assert np.array_equal(r, apart.samples["five"]["A"] - apart.samples["three"]["A"])
+
+
+def test_a_key_over_a_subset_of_its_seeds_matches_a_run_of_those_seeds() -> None:
+    """``over_seeds`` gives a key's statistic over some of its seeds exactly as a bootstrap of only those
+    runs would (same point, std and replicates: one stream per seed set), and refuses unknown seeds."""
+    rng = np.random.default_rng(8)
+    runs = [_run(np.clip(_ranks(rng) - 5 * s, 1, None)) for s in range(5)]
+    full = B.bootstrap({"k": runs}, n_boot=300, seed_labels={"k": [0, 1, 2, 3, 4]})
+    part = B.bootstrap({"k": runs[:3]}, n_boot=300, seed_labels={"k": [0, 1, 2]})
+    point, std, reps = full.over_seeds("k", "A", [2, 0, 1])
+    assert point == pytest.approx(part.point["k"]["A"]) and std == pytest.approx(part.std["k"]["A"])
+    assert point != pytest.approx(full.point["k"]["A"])          # seeds 3-4 shift the full mean
+    assert np.allclose(reps, part.samples["k"]["A"])
+    same = full.over_seeds("k", "A", [0, 1, 2, 3, 4])              # all seeds: the key's own statistic
+    assert same[0] == pytest.approx(full.point["k"]["A"]) and np.allclose(same[2], full.samples["k"]["A"])
+    assert full.over_seeds("missing", "A", [0, 1]) is None
+    with pytest.raises(ValueError, match="not among"):
+        full.over_seeds("k", "A", [0, 7])

@@ -238,6 +238,37 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert (tmp_path / "mem_sweep.png").is_file()
 
 
+def test_the_sweep_compares_one_seed_set_across_memory_sizes(tmp_path, monkeypatch):
+    """Main-table keys at the preset's memory ran seeds 0-2, the sweep's other sizes 0-1: every sweep cell
+    and paired difference is taken over seeds 0-1, so a curve does not mix seed sets."""
+    from stella_avalanche.evaluation import bootstrap as BS
+    from stella_avalanche.evaluation.comparison import load_runs
+
+    for s, shift in {"finetune": 0, "derpp": 6, "stella": 3, "stella_plus": 3, "multitask": 12}.items():
+        for seed in (0, 1, 2):
+            # seed 2 lies far above the others, so a cell over all three seeds would show it
+            _put_res(tmp_path, s, seed, _results_with_ranks(s, seed, shift + (15 if seed == 2 else 0)))
+            if s in comparison.SWEEP_STRATEGIES and seed < 2:
+                _put_res(tmp_path, f"{s}-mem100", seed, _results_with_ranks(s, seed, shift - 2, 100))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--aggregate-only", "--n-boot", "200"])
+    assert compare.main() == 0
+    sw = (tmp_path / "mem_sweep.md").read_text()
+    assert "over the seeds all the sweep's runs share (0, 1)" in sw
+    a2v = sw.split("## A→V")[1].split("## V→A")[0]
+    derpp = next(line for line in a2v.splitlines() if line.startswith("| DER++ |")).split(" | ")
+    own = [BS.run_replicates(BS.run_from_results(r, "a2v"), None)[0][0] for r in load_runs(tmp_path)["derpp"]]
+    by_seed = dict(zip([r["seed"] for r in load_runs(tmp_path)["derpp"]], own))
+    assert float(derpp[2].split()[0]) == pytest.approx((by_seed[0] + by_seed[1]) / 2, abs=0.006)   # M = 200
+    assert float(derpp[2].split()[0]) != pytest.approx(np.mean(own), abs=0.5)
+    diffs = sw.split("## Paired differences")[1]
+    assert "| STELLA − DER++ (M = 100) |" in diffs and "| STELLA − DER++ (M = 200) |" in diffs
+    grow = next(line for line in diffs.splitlines() if line.startswith("| DER++ M = 200 − M = 100 |")).split(" | ")
+    cell100 = float(next(line for line in a2v.splitlines() if line.startswith("| DER++ |")).split(" | ")[1].split()[0])
+    assert float(grow[1].split()[0]) == pytest.approx(float(derpp[2].split()[0]) - cell100, abs=0.011)
+    csv = (tmp_path / "intervals.csv").read_text().splitlines()
+    assert any(line.startswith("derpp,a2v,A,3,") for line in csv)          # the main table keeps all seeds
+
+
 def test_one_missing_value_rule_for_the_comparison_and_the_report():
     """A seed without a value is left out of that statistic (comparison and per-run report alike); none
     left: missing; one left: the mean without a std."""

@@ -160,6 +160,27 @@ class BootstrapResult:
     resample_seeds: bool = True
     rng_seed: int = 0
 
+    def over_seeds(self, key: str, m: str, seeds: Sequence[int]
+                   ) -> Optional[tuple[float, float, np.ndarray]]:
+        """Point value (seed mean), population std over seeds and (B,) replicates of ``key``'s statistic
+        ``m`` taken over ``seeds`` only, drawn with that seed set's stream: a key that ran exactly
+        ``seeds`` gets its own ``point`` / ``std`` / ``samples``, and keys shown side by side over one
+        seed set stay paired. None when the key or its statistic is missing.
+
+        :raises ValueError: when ``seeds`` are not all among the key's labelled seeds.
+        """
+        if self.point.get(key, {}).get(m) is None:
+            return None
+        lab, shared = self.labels.get(key), sorted({int(x) for x in seeds})
+        if not shared or lab is None or not set(shared) <= set(lab) or key not in self.run_replicates:
+            raise ValueError(f"seeds {shared} are not among the labelled seeds of {key!r} ({lab})")
+        idx = (_seed_draws("", shared, len(shared), self.n_boot, self.rng_seed) if self.resample_seeds
+               else np.broadcast_to(np.arange(len(shared)), (self.n_boot, len(shared))))
+        rows = [lab.index(x) for x in shared]
+        vals = self.run_points[key][m][rows]
+        reps = self.run_replicates[key][m][rows][idx, np.arange(self.n_boot)[:, None]].mean(axis=1)
+        return float(vals.mean()), float(vals.std()), reps
+
     def difference(self, a: str, b: str, m: str, seeds: Optional[Sequence[int]] = None
                    ) -> Optional[tuple[float, np.ndarray]]:
         """Point value and (B,) replicates of statistic ``m`` of ``a`` minus ``b``.

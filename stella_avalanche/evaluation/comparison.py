@@ -719,27 +719,73 @@ def sweep_sizes(runs: dict[str, list[dict]], default_mem: int) -> list[int]:
 
 def sweep_rows(runs: dict[str, list[dict]], boot: dict[str, BS.BootstrapResult], mems: list[int],
                default_mem: int, sizes: dict[str, int]) -> list[dict]:
-    """One row per (curve, memory): DER++, STELLA, STELLA+ at M items and STELLA+ at DER++'s bytes of M."""
+    """One row per (curve, memory): DER++, STELLA, STELLA+ at M items and STELLA+ at DER++'s bytes of M.
+
+    Every cell is taken over the seeds all the sweep's present runs share (``row["seeds"]``, None when
+    they all ran the same seeds), so a curve compares one seed set across memory sizes even where the
+    preset's memory is a main-table key with more seeds.
+    """
+    present = [mem_key(s, m, default_mem) for s in SWEEP_STRATEGIES for m in mems]
+    present += [mem_key("stella_plus", e, default_mem) for e in (equal_bytes_items(m, sizes) for m in mems)
+                if e is not None]
+    present = [k for k in dict.fromkeys(present) if k in boot[DIRS[0][0]].point]
+    common = _common_seeds(boot[DIRS[0][0]], present) if present else None
     rows = []
     for label, strategy in (("DER++", "derpp"), ("STELLA", "stella"), ("STELLA+", "stella_plus"),
                             ("STELLA+ at DER++ bytes", "stella_plus")):
         for mem in mems:
             items = mem if not label.endswith("bytes") else equal_bytes_items(mem, sizes)
             key = None if items is None else mem_key(strategy, items, default_mem)
-            row = {"curve": label, "mem": mem, "items": items, "key": key,
-                   "gpu_runs": sum(1 for r in runs.get(key or "", []) if _trained_on_gpu(r))}
+            row = {"curve": label, "mem": mem, "items": items, "key": key, "seeds": common,
+                   "gpu_runs": sum(1 for r in runs.get(key or "", [])
+                                   if _trained_on_gpu(r) and (common is None or r.get("seed") in common))}
             for d, _ in DIRS:
                 b = boot[d]
                 if key is not None and key in b.point and b.point[key]["A"] is not None:
-                    row[d] = (b.point[key]["A"], b.std[key]["A"], BS.interval(b.samples[key]["A"]), b.seeds[key])
+                    if common is None:
+                        row[d] = (b.point[key]["A"], b.std[key]["A"], BS.interval(b.samples[key]["A"]), b.seeds[key])
+                    else:
+                        point, std, reps = b.over_seeds(key, "A", common)
+                        row[d] = (point, std, BS.interval(reps), len(common))
             rows.append(row)
     return rows
 
-def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: Path) -> str:
+def _sweep_differences(boot: dict[str, BS.BootstrapResult], rows: list[dict], mems: list[int]) -> list[str]:
+    """Paired Δ𝒜 rows of the sweep over its seeds: STELLA − DER++ at each M, and for each curve its
+    largest memory minus its smallest (what more memory buys)."""
+    key = {(r["curve"], r["mem"]): r["key"] for r in rows if r["key"] is not None and DIRS[0][0] in r}
+    seeds = next((r["seeds"] for r in rows), None)
+    pairs = [(f"STELLA − DER++ (M = {m})", key.get(("STELLA", m)), key.get(("DER++", m))) for m in mems]
+    if len(mems) > 1:
+        lo, hi = min(mems), max(mems)
+        pairs += [(f"{c} M = {hi} − M = {lo}", key.get((c, hi)), key.get((c, lo)))
+                  for c in ("DER++", "STELLA", "STELLA+")]
+    out = []
+    for label, a, b in pairs:
+        if a is None or b is None:
+            continue
+        out.append(f"| {label} | " + " | ".join(_diff_text(paired_diff(boot[d], a, b, "A", seeds=seeds))
+                                                 for d, _ in DIRS) + " |")
+    if not out:
+        return []
+    return ["", "## Paired differences", "",
+            "Δ𝒜 [95 % interval], paired over the same seeds and queries as the cells above (≈0: the interval "
+            "holds zero). Claim 5's verdicts (verdicts.md) take STELLA − DER++ over every seed both ran.", "",
+            "| difference | Δ𝒜 A→V | Δ𝒜 V→A |", "|---|---|---|", *out]
+
+
+def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: Path,
+                boot: dict[str, BS.BootstrapResult] | None = None) -> str:
+    """Write ``mem_sweep.md`` from :func:`sweep_rows` (with ``boot``, also the paired differences)."""
+    seeds = next((r["seeds"] for r in rows), None)
     lines = ["# Memory-size sweep", "",
              "Avg 𝒜 (mean of R@1/5/10, %) against the replay memory M (items per rank): mean ± std over seeds "
              "[95 % bootstrap interval]. The last row gives STELLA+ as many items as fit the bytes of M DER++ "
              "items (items in parentheses)."]
+    if seeds is not None:
+        lines[-1] += (" Every cell is taken over the seeds all the sweep's runs share (" + ", ".join(map(str, seeds))
+                      + "), so a curve compares one seed set across memory sizes; the main table's rows of "
+                        "the preset's memory use all their seeds.")
     if sizes:
         lines.append("Buffer bytes per item: " + ", ".join(f"{PRETTY.get(k, k)} {v:,}" for k, v in sorted(sizes.items())
                                                           if k in SWEEP_STRATEGIES) + ".")
@@ -760,7 +806,9 @@ def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: P
     if any(r.get("gpu_runs") for r in rows):
         lines += ["", "† trained on a GPU (results.json `environment`); the other cells' runs on the CPU. "
                   "The same seed does not reproduce across platforms, so a † cell is another draw of its seeds."]
-    md = "\n".join(lines) + "\n"
+    if boot is not None:
+        lines += _sweep_differences(boot, rows, mems)
+    md = "\n".join(lines).replace("≈0", "**≈0**") + "\n"
     with atomic_write(out / "mem_sweep.md") as fh:
         fh.write(md)
     return md
@@ -786,7 +834,9 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
         ax.set_xticks(sorted({r["mem"] for r in rows}), [str(m) for m in sorted({r["mem"] for r in rows})])
         ax.set_xlabel("memory M (items; dashed: bytes of M DER++ items)")
         ax.set_ylabel("Avg A: final recall (%)")
-        ax.set_title(f"{dn}: A against memory (95 % intervals)")
+        seeds = next((r["seeds"] for r in rows), None)
+        over = "" if seeds is None else f"seeds {', '.join(map(str, seeds))}; "
+        ax.set_title(f"{dn}: A against memory ({over}95 % intervals)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "mem_sweep.png", dpi=120)
@@ -1061,7 +1111,7 @@ def write_statistics(out: Path, runs: dict[str, list[dict]], keys: list[str], *,
     sizes = item_bytes(out)
     if mems:
         srows = sweep_rows(runs, boot, mems, default_mem, sizes)
-        print(write_sweep(srows, mems, sizes, out))
+        print(write_sweep(srows, mems, sizes, out, boot))
         plot_sweep(srows, out)
     comps, left_out = claim_comparisons(keys, default_mem=default_mem, mems=mems, sizes=sizes)
     print(write_verdicts(verdict_rows(boot, comps, left_out, set(runs), runs), out))
