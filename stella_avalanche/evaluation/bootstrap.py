@@ -205,15 +205,8 @@ class BootstrapResult:
             shared = [] if la is None or lb is None or la == lb else sorted(set(la) & set(lb))
         if (seeds is None and len(shared) < 2) or a not in self.run_replicates or b not in self.run_replicates:
             return pa - pb, self.samples[a][m] - self.samples[b][m]
-        idx = (_seed_draws("", shared, len(shared), self.n_boot, self.rng_seed) if self.resample_seeds
-               else np.broadcast_to(np.arange(len(shared)), (self.n_boot, len(shared))))
-        cols = np.arange(self.n_boot)[:, None]
-        point, reps = 0.0, np.zeros(self.n_boot)
-        for sign, key, lab in ((1.0, a, la), (-1.0, b, lb)):
-            rows = [lab.index(x) for x in shared]
-            point += sign * float(self.run_points[key][m][rows].mean())
-            reps += sign * self.run_replicates[key][m][rows][idx, cols].mean(axis=1)
-        return point, reps
+        (qa, _, ra), (qb, _, rb) = self.over_seeds(a, m, shared), self.over_seeds(b, m, shared)
+        return qa - qb, ra - rb
 
 
 def _check_same_queries(runs: Mapping[str, Sequence[RunRanks]]) -> Optional[tuple[np.ndarray, np.ndarray]]:

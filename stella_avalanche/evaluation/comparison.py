@@ -725,36 +725,41 @@ def sweep_rows(runs: dict[str, list[dict]], boot: dict[str, BS.BootstrapResult],
     they all ran the same seeds), so a curve compares one seed set across memory sizes even where the
     preset's memory is a main-table key with more seeds.
     """
-    present = [mem_key(s, m, default_mem) for s in SWEEP_STRATEGIES for m in mems]
-    present += [mem_key("stella_plus", e, default_mem) for e in (equal_bytes_items(m, sizes) for m in mems)
-                if e is not None]
-    present = [k for k in dict.fromkeys(present) if k in boot[DIRS[0][0]].point]
-    common = _common_seeds(boot[DIRS[0][0]], present) if present else None
     rows = []
     for label, strategy in (("DER++", "derpp"), ("STELLA", "stella"), ("STELLA+", "stella_plus"),
                             ("STELLA+ at DER++ bytes", "stella_plus")):
         for mem in mems:
             items = mem if not label.endswith("bytes") else equal_bytes_items(mem, sizes)
             key = None if items is None else mem_key(strategy, items, default_mem)
-            row = {"curve": label, "mem": mem, "items": items, "key": key, "seeds": common,
-                   "gpu_runs": sum(1 for r in runs.get(key or "", [])
-                                   if _trained_on_gpu(r) and (common is None or r.get("seed") in common))}
-            for d, _ in DIRS:
-                b = boot[d]
-                if key is not None and key in b.point and b.point[key]["A"] is not None:
-                    if common is None:
-                        row[d] = (b.point[key]["A"], b.std[key]["A"], BS.interval(b.samples[key]["A"]), b.seeds[key])
-                    else:
-                        point, std, reps = b.over_seeds(key, "A", common)
-                        row[d] = (point, std, BS.interval(reps), len(common))
-            rows.append(row)
+            rows.append({"curve": label, "mem": mem, "items": items, "key": key})
+    ref = boot[DIRS[0][0]]
+    present = [k for k in dict.fromkeys(r["key"] for r in rows) if k is not None and k in ref.point]
+    common = _common_seeds(ref, present) if present else None
+    for row in rows:
+        key = row["key"]
+        row["seeds"] = common
+        row["gpu_runs"] = sum(1 for r in runs.get(key or "", [])
+                              if _trained_on_gpu(r) and (common is None or r.get("seed") in common))
+        for d, _ in DIRS:
+            b = boot[d]
+            if key is None or key not in b.point or b.point[key]["A"] is None:
+                continue
+            if common is None:
+                row[d] = (b.point[key]["A"], b.std[key]["A"], BS.interval(b.samples[key]["A"]), b.seeds[key])
+            else:
+                point, std, reps = b.over_seeds(key, "A", common)
+                row[d] = (point, std, BS.interval(reps), len(common))
     return rows
+
+def _sweep_seeds(rows: list[dict]) -> list[int] | None:
+    """The seed set of :func:`sweep_rows`' cells (None: every run's own seeds)."""
+    return rows[0]["seeds"] if rows else None
 
 def _sweep_differences(boot: dict[str, BS.BootstrapResult], rows: list[dict], mems: list[int]) -> list[str]:
     """Paired Δ𝒜 rows of the sweep over its seeds: STELLA − DER++ at each M, and for each curve its
     largest memory minus its smallest (what more memory buys)."""
     key = {(r["curve"], r["mem"]): r["key"] for r in rows if r["key"] is not None and DIRS[0][0] in r}
-    seeds = next((r["seeds"] for r in rows), None)
+    seeds = _sweep_seeds(rows)
     pairs = [(f"STELLA − DER++ (M = {m})", key.get(("STELLA", m)), key.get(("DER++", m))) for m in mems]
     if len(mems) > 1:
         lo, hi = min(mems), max(mems)
@@ -777,7 +782,7 @@ def _sweep_differences(boot: dict[str, BS.BootstrapResult], rows: list[dict], me
 def write_sweep(rows: list[dict], mems: list[int], sizes: dict[str, int], out: Path,
                 boot: dict[str, BS.BootstrapResult] | None = None) -> str:
     """Write ``mem_sweep.md`` from :func:`sweep_rows` (with ``boot``, also the paired differences)."""
-    seeds = next((r["seeds"] for r in rows), None)
+    seeds = _sweep_seeds(rows)
     lines = ["# Memory-size sweep", "",
              "Avg 𝒜 (mean of R@1/5/10, %) against the replay memory M (items per rank): mean ± std over seeds "
              "[95 % bootstrap interval]. The last row gives STELLA+ as many items as fit the bytes of M DER++ "
@@ -834,7 +839,7 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
         ax.set_xticks(sorted({r["mem"] for r in rows}), [str(m) for m in sorted({r["mem"] for r in rows})])
         ax.set_xlabel("memory M (items; dashed: bytes of M DER++ items)")
         ax.set_ylabel("Avg A: final recall (%)")
-        seeds = next((r["seeds"] for r in rows), None)
+        seeds = _sweep_seeds(rows)
         over = "" if seeds is None else f"seeds {', '.join(map(str, seeds))}; "
         ax.set_title(f"{dn}: A against memory ({over}95 % intervals)", fontsize=9)
         ax.legend(fontsize=7)
