@@ -54,11 +54,12 @@ def _downstream(skill: int, wobble: float) -> dict:
 
 #: run key -> (strategy, skill, forget, buffer bytes per item): STELLA clearly ahead of the baselines in 𝒜
 #: and ℱ, STELLA+ clearly behind STELLA, LPIS only and random patches alike (and alike to STELLA);
-#: RCA only and the equal-bytes STELLA+ run are missing; a memory sweep at M = 100
+#: RCA only and the equal-bytes STELLA+ run at the preset's memory are missing; a memory sweep at M = 100
+#: whose equal-bytes STELLA+ run (100 x 1000 / 400 = 250 items) is clearly ahead of DER++ at 100
 RUNS = {"finetune": ("finetune", 10, 10, 0), "derpp": ("derpp", 4, 6, 1000), "stella": ("stella", 12, 0, 0),
         "stella_plus": ("stella_plus", 0, 0, 400), "stella_random": ("stella_random", 12, 0, 0),
         "stella_lpis": ("stella_lpis", 12, 0, 0), "derpp-mem100": ("derpp", 4, 6, 1000),
-        "stella-mem100": ("stella", 4, 6, 0)}
+        "stella-mem100": ("stella", 4, 6, 0), "stella_plus-mem250": ("stella_plus", 12, 0, 400)}
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +118,12 @@ def test_a_claim_without_its_runs_names_them(written):
     assert len(rca) == 2 and all(r["verdict"] == BS.MISSING_RUNS and r["missing"] == "stella_rca"
                                  and r["direction"] == "" and r["diff"] == "" for r in rca)
     # claim 6: the equal-bytes key follows from the item sizes (200 x 1000 / 400 = 500), its runs are missing
-    (eq,) = [r for r in rows if r["claim"] == "6"]
+    # at the swept M = 100 it compares that size's own runs (250 items against DER++ with 100) and decides
+    eq100, eq = [r for r in rows if r["claim"] == "6" and r["direction"] != "v2a"]
     assert (eq["a"], eq["b"], eq["verdict"], eq["missing"]) == ("stella_plus-mem500", "derpp", BS.MISSING_RUNS,
                                                                 "stella_plus-mem500")
+    assert (eq100["a"], eq100["b"]) == ("stella_plus-mem250", "derpp-mem100")
+    assert _verdicts(rows, "stella_plus-mem250", "derpp-mem100") == dict.fromkeys(("a2v", "v2a"), BS.SUPPORTED)
     md = (written / "verdicts.md").read_text(encoding="utf-8")
     assert "missing runs: stella_rca" in md and "missing runs: stella_plus-mem500" in md
 

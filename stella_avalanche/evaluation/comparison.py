@@ -991,7 +991,8 @@ def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], siz
     :param keys: main-table keys (:func:`main_table_keys`): the baselines of claims 1-2 are those other
         than :data:`_NOT_BASELINES`, DER++ always first (the paper's reference, listed even when missing).
     :param default_mem: the preset's memory. :param mems: the sweep's sizes (claim 5; none: left out).
-    :param sizes: buffer bytes per item (:func:`item_bytes`; claim 6 needs DER++'s and STELLA+'s).
+    :param sizes: buffer bytes per item (:func:`item_bytes`; claim 6 needs DER++'s and STELLA+'s; it is
+        decided at the preset's memory and at each swept size).
     """
     base = ["derpp", *(k for k in keys if k not in (*_NOT_BASELINES, "derpp"))]
     comps = [Comparison(n, "stella", x, m, side, f"STELLA − {_short(x)}")
@@ -1003,10 +1004,14 @@ def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], siz
     comps += [Comparison(7, "stella", x, "D", 1, f"STELLA − {_short(x)}") for x in base]
     comps += [Comparison(5, mem_key("stella", m, default_mem), mem_key("derpp", m, default_mem), "A", 1,
                          f"STELLA − DER++ (M = {m})") for m in mems]
+    # claim 6 at the preset's memory and at every swept size: STELLA+ with the items that fit the bytes of
+    # M DER++ items against DER++ with M items (the swept DER++ runs are that size's own keys)
+    for m in sorted({default_mem, *mems}):
+        eq_m = equal_bytes_items(m, sizes)
+        if eq_m is not None:
+            comps.append(Comparison(6, mem_key("stella_plus", eq_m, default_mem), mem_key("derpp", m, default_mem),
+                                    "A", 1, f"STELLA+ at DER++ bytes ({eq_m} items) − DER++ (M = {m})"))
     eq = equal_bytes_items(default_mem, sizes)
-    if eq is not None:
-        comps.append(Comparison(6, mem_key("stella_plus", eq, default_mem), "derpp", "A", 1,
-                                f"STELLA+ at DER++ bytes ({eq} items) − DER++ (M = {default_mem})"))
     # no angle brackets in these texts: markdown would take "<M>" for an HTML tag
     left_out = {} if mems else {5: "memory-sweep runs (keys such as derpp-mem100, stella-mem100; compare.py "
                                    "--mem-sizes)"}
