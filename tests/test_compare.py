@@ -232,6 +232,14 @@ def test_aggregate_writes_intervals_power_ablation_and_sweep(tmp_path, monkeypat
     assert keep not in ab.split("## Where STELLA's")[0]   # not a row of the paper's ablation table
     sw = (tmp_path / "mem_sweep.md").read_text()
     assert "(237 items)" in sw and "(474 items)" in sw and "| STELLA+ at DER++ bytes |" in sw
+    # what DER++'s bytes of 100 clips buy STELLA+ (237 items) over 100 items: the paired row is the cells' gap
+    a2v = sw.split("## A→V")[1].split("## V→A")[0]
+    cell = {c: float(next(line for line in a2v.splitlines() if line.startswith(f"| {c} |")).split(" | ")[1].split()[0])
+            for c in ("STELLA+", "STELLA+ at DER++ bytes")}
+    more = next(line for line in sw.split("## Paired differences")[1].splitlines()
+                if line.startswith("| STELLA+ at DER++ bytes − STELLA+ (M = 100) |")).split(" | ")
+    assert float(more[1].split()[0]) == pytest.approx(cell["STELLA+ at DER++ bytes"] - cell["STELLA+"], abs=0.011)
+    assert float(more[1].split()[0]) > 0
     marked = [line for line in sw.splitlines() if line.startswith("| ") and "†" in line]
     assert marked and all(line.startswith("| DER++ |") for line in marked) and "† trained on a GPU" in sw
     assert all(line.count("†") == 1 for line in marked)   # M = 100 only, not the CPU runs at 200

@@ -756,15 +756,18 @@ def _sweep_seeds(rows: list[dict]) -> list[int] | None:
     return rows[0]["seeds"] if rows else None
 
 def _sweep_differences(boot: dict[str, BS.BootstrapResult], rows: list[dict], mems: list[int]) -> list[str]:
-    """Paired Δ𝒜 rows of the sweep over its seeds: STELLA − DER++ at each M, and for each curve its
-    largest memory minus its smallest (what more memory buys)."""
+    """Paired Δ𝒜 rows of the sweep over its seeds: STELLA − DER++ and STELLA+ at DER++'s bytes − STELLA+
+    at each M, and for each curve its largest memory minus its smallest (what more memory buys)."""
     key = {(r["curve"], r["mem"]): r["key"] for r in rows if r["key"] is not None and DIRS[0][0] in r}
     seeds = _sweep_seeds(rows)
     pairs = [(f"STELLA − DER++ (M = {m})", key.get(("STELLA", m)), key.get(("DER++", m))) for m in mems]
+    # what STELLA+ gains by spending DER++'s bytes of M clips on more, smaller items instead of M items
+    pairs += [(f"STELLA+ at DER++ bytes − STELLA+ (M = {m})", key.get(("STELLA+ at DER++ bytes", m)),
+               key.get(("STELLA+", m))) for m in mems]
     if len(mems) > 1:
         lo, hi = min(mems), max(mems)
         pairs += [(f"{c} M = {hi} − M = {lo}", key.get((c, hi)), key.get((c, lo)))
-                  for c in ("DER++", "STELLA", "STELLA+")]
+                  for c in ("DER++", "STELLA", "STELLA+", "STELLA+ at DER++ bytes")]
     out = []
     for label, a, b in pairs:
         if a is None or b is None:
