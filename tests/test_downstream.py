@@ -322,3 +322,19 @@ def test_pixel_score_of_patch_maps_bounds_the_pixel_column():
         return torch.logit(patch_coverage(m, 8).reshape(len(m), -1).clamp(0.02, 0.98))
 
     assert pixel_score_of_patch_maps(graded(fit), graded(test), fit, test)["miou_pixel"] > coarse + 5   # about 43
+
+
+def test_the_quoted_localisation_rank_correlation_is_the_published_one():
+    """docs/downstream.md quotes the pixel-vs-patch rank correlation of the published runs; it must be the
+    figure and run count that ``localisation_ceiling.json`` holds (it goes stale as runs are added)."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = json.loads((root / "docs/results/synthetic_v5/localisation_ceiling.json").read_text())["runs"]
+    text = " ".join((root / "docs/downstream.md").read_text(encoding="utf-8").split())
+    quoted = re.search(r"Spearman (−?[0-9.]+) over ([0-9]+) runs", text)
+    assert quoted, "docs/downstream.md no longer quotes the rank correlation"
+    assert float(quoted.group(1).replace("−", "-")) == runs["spearman_patch_vs_pixel"]
+    assert int(quoted.group(2)) == runs["count"]
