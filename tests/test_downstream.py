@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,7 +281,6 @@ def test_compare_downstream_columns(tmp_path):
                                            (["--benchmark", "vggsound", "--data-root", "/x", "--downstream"], True)])
 def test_run_stella_downstream_flag(monkeypatch, tmp_path, argv, enabled):
     import importlib.util
-    from pathlib import Path
 
     import stella_avalanche.evaluation.report as report
     import stella_avalanche.experiment as experiment
@@ -327,10 +328,6 @@ def test_pixel_score_of_patch_maps_bounds_the_pixel_column():
 def test_the_quoted_localisation_rank_correlation_is_the_published_one():
     """docs/downstream.md quotes the pixel-vs-patch rank correlation of the published runs; it must be the
     figure and run count that ``localisation_ceiling.json`` holds (it goes stale as runs are added)."""
-    import json
-    import re
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     runs = json.loads((root / "docs/results/synthetic_v5/localisation_ceiling.json").read_text())["runs"]
     text = " ".join((root / "docs/downstream.md").read_text(encoding="utf-8").split())

@@ -1008,20 +1008,19 @@ def claim_comparisons(keys: list[str], *, default_mem: int, mems: list[int], siz
     comps += [Comparison(5, mem_key("stella", m, default_mem), mem_key("derpp", m, default_mem), "A", 1,
                          f"STELLA − DER++ (M = {m})") for m in mems]
     # claim 6 at the preset's memory and at every swept size: STELLA+ with the items that fit the bytes of
-    # M DER++ items against DER++ with M items (the swept DER++ runs are that size's own keys)
-    for m in sorted({default_mem, *mems}):
+    # M DER++ items against DER++ with M items (the swept DER++ runs are that size's own keys); the
+    # equal-bytes run key needs both item sizes, read from complete runs
+    need = [k for k in ("derpp", "stella_plus") if k not in sizes]
+    for m in sorted({default_mem, *mems}) if not need else ():
         eq_m = equal_bytes_items(m, sizes)
-        if eq_m is not None:
-            comps.append(Comparison(6, mem_key("stella_plus", eq_m, default_mem), mem_key("derpp", m, default_mem),
-                                    "A", 1, f"STELLA+ at DER++ bytes ({eq_m} items) − DER++ (M = {m})"))
-    eq = equal_bytes_items(default_mem, sizes)
+        comps.append(Comparison(6, mem_key("stella_plus", eq_m, default_mem), mem_key("derpp", m, default_mem),
+                                "A", 1, f"STELLA+ at DER++ bytes ({eq_m} items) − DER++ (M = {m})"))
     # no angle brackets in these texts: markdown would take "<M>" for an HTML tag
     left_out = {} if mems else {5: "memory-sweep runs (keys such as derpp-mem100, stella-mem100; compare.py "
                                    "--mem-sizes)"}
-    if eq is None:   # the equal-bytes run key needs both item sizes, read from complete runs
-        need = " and ".join(k for k in ("derpp", "stella_plus") if k not in sizes)
-        left_out[6] = (f"{need} runs (their bytes per item give the equal-bytes run key, whose runs compare.py "
-                       "--mem-sizes then plans)")
+    if need:
+        left_out[6] = (f"{' and '.join(need)} runs (their bytes per item give the equal-bytes run key, whose runs "
+                       "compare.py --mem-sizes then plans)")
     return comps, left_out
 
 
