@@ -417,6 +417,25 @@ def test_published_runs_of_one_seed_start_from_one_initialisation():
     assert initial and all(len(v) == 1 for v in initial.values()), {k: len(v) for k, v in initial.items()}
 
 
+def test_the_published_comparisons_command_plans_exactly_its_published_runs():
+    """synthetic_v5/README.md shows the command that made the comparison; it must plan every published
+    run and nothing else (it went stale once when seeds were added and the command was not)."""
+    import re
+    import shlex
+
+    page = (ROOT / "docs" / "results" / "synthetic_v5" / "README.md").read_text(encoding="utf-8")
+    block = page.split("```bash\n", 1)[1].split("```", 1)[0]
+    command = re.sub(r"\\\n\s*", " ", block).splitlines()[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "experiments/compare.py"], command
+    args = compare.build_parser().parse_args(argv[2:])
+    args.out = ROOT / args.out
+    planned = {(key, seed) for key, _, seed, _ in compare.planned_runs(args)}
+    published = {(f.parent.parent.name, int(f.parent.name.removeprefix("seed")))
+                 for f in (ROOT / "docs" / "results" / "synthetic_v5" / "runs").glob("*/seed*/results.json")}
+    assert planned == published, (sorted(planned - published), sorted(published - planned))
+
+
 def test_keys_with_more_seeds_are_compared_on_the_seeds_both_ran(tmp_path, monkeypatch):
     """The issue's design: 5 seeds for some strategies, 3 for the rest (here 3 against 2). A difference
     between the two groups is over the shared seeds (its point is the shared-seed mean difference, not
