@@ -6,7 +6,8 @@ built with training seed s. This report reads, for every seed of a comparison fo
 runs name (results.json ``init``, resolved in ``$STELLA_CACHE``) and gives
 
 - stage 1: the InfoNCE loss over the last logged steps, against its chance value ln(batch) (a loss at
-  ln(batch) means audio and video are not aligned at all);
+  ln(batch) means audio and video are not aligned at all), and where the build records it (builds
+  made since the ``stage1`` summary was added) the InfoNCE at the end of the InfoNCE-only phase;
 - stage 2: the AVM's held-out matching accuracy at its last check, and whether it met its target;
 - the zero-shot Avg 𝒜 of the runs of that seed (identical for every strategy of a seed), and the
   mean final Avg 𝒜 of those runs.
@@ -41,7 +42,8 @@ def build_record(backbone: Optional[Path], avm: Optional[Path]) -> dict[str, Any
     batch = int((meta.get("schedule") or {}).get("batch_size") or 0)
     rec: dict[str, Any] = {"found": True, "train_seed": (meta.get("schedule") or {}).get("train_seed"),
                            "nce_last": float(sum(h["loss_nce"] for h in hist) / len(hist)) if hist else None,
-                           "nce_steps": len(hist), "nce_chance": math.log(batch) if batch > 1 else None}
+                           "nce_steps": len(hist), "nce_chance": math.log(batch) if batch > 1 else None,
+                           "nce_contrastive_end": (meta.get("stage1") or {}).get("nce_contrastive_end")}
     if avm is not None and avm.is_file():
         stage2 = (torch.load(avm, map_location="cpu", weights_only=False).get("meta") or {}).get("stage2") or {}
         held = stage2.get("heldout") or []
@@ -99,15 +101,17 @@ def markdown(rows: list[dict[str, Any]], runs_dir: str) -> str:
              f"Written by `python experiments/init_builds.py --runs {runs_dir} --out <this file>` from the runs' "
              "results.json and the builds they name in `$STELLA_CACHE` (– where a build is not in the cache "
              "of the machine that wrote it). Stage-1 InfoNCE: mean of the last logged steps; chance is ln(batch), "
-             "the loss of audio and video that are not aligned at all. AVM: held-out matching accuracy at "
+             "the loss of audio and video that are not aligned at all; a → b: the InfoNCE-only phase ended at a "
+             "and the whole stage at b (where the build records a). AVM: held-out matching accuracy at "
              "stage 2's last check. Zero-shot: Avg 𝒜 of the initialisation before the first task (the same for "
              "every run of a seed); final: mean Avg 𝒜 after the last task over the strategies that ran every seed ("
              + ", ".join(rows[0]["final_keys"] if rows else []) + ").", "",
              "| seed | runs | stage-1 InfoNCE (chance) | AVM accuracy (target met) | zero-shot A→V / V→A | "
              "final A→V / V→A |", "|---|---|---|---|---|---|"]
     for r in rows:
+        phase = "" if r.get("nce_contrastive_end") is None else f"{r['nce_contrastive_end']:.3f} → "
         nce = ("–" if not r.get("found") or r.get("nce_last") is None
-               else f"{r['nce_last']:.3f} ({_num(r.get('nce_chance'), '{:.3f}')})")
+               else f"{phase}{r['nce_last']:.3f} ({_num(r.get('nce_chance'), '{:.3f}')})")
         avm = ("–" if r.get("avm_accuracy") is None
                else f"{r['avm_accuracy']:.3f} ({'yes' if r.get('avm_target_met') else 'no'})")
         lines.append(f"| {r['seed']} | {r['runs']} | {nce} | {avm} | {_num(r['zero_shot_a2v'])} / "

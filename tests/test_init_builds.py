@@ -29,12 +29,14 @@ def _put(runs: Path, key: str, res: dict) -> None:
     (d / "results.json").write_text(json.dumps(res))
 
 
-def _build(cache: Path, seed: int, nce: float, acc: float) -> None:
+def _build(cache: Path, seed: int, nce: float, acc: float, phase_end: float | None = None) -> None:
     d = cache / "init" / f"synthetic-default-k{seed}"
     d.mkdir(parents=True)
     hist = [{"loss": 4.0, "loss_nce": nce + 0.01 * (i % 2)} for i in range(10)]
-    torch.save({"model": {}, "meta": {"schedule": {"batch_size": 32, "train_seed": seed}, "history": hist}},
-               d / "backbone.pt")
+    meta = {"schedule": {"batch_size": 32, "train_seed": seed}, "history": hist}
+    if phase_end is not None:  # builds made since the stage-1 summary was recorded
+        meta["stage1"] = {"nce_contrastive_end": phase_end}
+    torch.save({"model": {}, "meta": meta}, d / "backbone.pt")
     torch.save({"avm": {}, "meta": {"stage2": {"heldout": [{"accuracy": 0.5}, {"accuracy": acc}],
                                                "criterion_met": acc >= 0.85}}}, d / "avm-x.pt")
 
@@ -43,7 +45,7 @@ def test_rows_from_builds_and_runs(tmp_path, monkeypatch, capsys):
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     monkeypatch.setenv("STELLA_CACHE", str(cache))
     _build(cache, 0, 3.1, 0.9)
-    _build(cache, 1, 3.46, 0.55)            # seed 2's build is not in this cache
+    _build(cache, 1, 3.46, 0.55, phase_end=2.0)   # aligned, then lost it; seed 2's build is not here
     for seed, zero in ((0, 12.0), (1, 5.0), (2, 13.0)):
         _put(runs, "derpp", _res("derpp", seed, 30.0 + seed, zero))
         _put(runs, "finetune", _res("finetune", seed, 10.0 + seed, zero))
@@ -54,7 +56,7 @@ def test_rows_from_builds_and_runs(tmp_path, monkeypatch, capsys):
     assert text == capsys.readouterr().out
     chance = f"{math.log(32):.3f}"
     assert f"| 0 | 3 | 3.105 ({chance}) | 0.900 (yes) | 12.00 / 12.00 | 20.00 / 20.00 |" in text
-    assert f"| 1 | 2 | 3.465 ({chance}) | 0.550 (no) | 5.00 / 5.00 | 21.00 / 21.00 |" in text
+    assert f"| 1 | 2 | 2.000 → 3.465 ({chance}) | 0.550 (no) | 5.00 / 5.00 | 21.00 / 21.00 |" in text
     assert "| 2 | 2 | – | – | 13.00 / 13.00 | 22.00 / 22.00 |" in text
     assert "ran every seed (derpp, finetune)" in text
 

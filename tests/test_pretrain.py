@@ -1,6 +1,8 @@
 """Stages 1 and 2: the contrastive-only warm phase, the held-out stopping rule of the AVM, metadata."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -57,6 +59,33 @@ def test_initialisation_checkpoint_records_stage2(tmp_path) -> None:
     meta = torch.load(paths["avm"], weights_only=False)["meta"]
     assert set(meta["stage2"]) >= {"heldout", "steps_run", "criterion_met", "target_accuracy"}
     assert meta["stage2"]["target_accuracy"] == sched.avm_target_accuracy
+
+
+def test_stage1_summary_tells_an_aligned_build_from_one_at_chance() -> None:
+    chance = math.log(32)
+    aligned_then_lost = [{"loss_nce": 2.0}] * 4 + [{"loss_nce": chance - 0.01}] * 4
+    s = P.stage1_summary(aligned_then_lost, batch_size=32, contrastive_only_steps=4, window=3)
+    assert s["nce_contrastive_end"] == pytest.approx(2.0) and s["nce_end"] == pytest.approx(chance - 0.01)
+    assert s["nce_chance"] == pytest.approx(chance) and s["aligned"] is False
+    s = P.stage1_summary([{"loss_nce": chance - 0.3}] * 5, batch_size=32)
+    assert s["aligned"] is True and s["nce_contrastive_end"] is None
+    assert P.stage1_summary([{"loss": 1.0}], batch_size=32)["aligned"] is None       # no InfoNCE logged
+
+
+def test_a_build_whose_stage1_ends_at_chance_warns_and_records_it(tmp_path, monkeypatch, caplog) -> None:
+    """The build records the stage-1 summary in the backbone's meta; at chance it also warns (on
+    synthetic_v5, training seeds 4 and 5 of the default recipe ended there)."""
+    def at_chance(model, loader, *, steps, contrastive_only_steps, **kw):
+        at = math.log(_TINY_SCHEDULE.batch_size)       # aligned in the InfoNCE-only phase, then lost
+        return [{"loss_nce": 0.5}] * contrastive_only_steps + [{"loss_nce": at}] * (steps - contrastive_only_steps)
+
+    monkeypatch.setattr(P, "pretrain_backbone", at_chance)
+    with caplog.at_level("WARNING", logger=P.__name__):
+        paths = _tiny_init(tmp_path)
+    meta = torch.load(paths["backbone"], weights_only=False)["meta"]
+    assert meta["stage1"]["aligned"] is False and meta["stage1"]["nce_contrastive_end"] == pytest.approx(0.5)
+    assert any("stage 1: the InfoNCE ended at" in r.getMessage() and "had ended at 0.500" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_stage2_only_changes_reuse_the_stage1_backbone(tmp_path, monkeypatch) -> None:

@@ -191,6 +191,33 @@ def pretrain_backbone(model: nn.Module, loader: Iterable[dict], *, steps: int, l
     return history
 
 
+#: a stage-1 InfoNCE that ends within this many nats of its chance value ln(batch) counts as "not
+#: aligned": on synthetic_v5 the builds that aligned ended 0.27-0.42 below chance, the two that did
+#: not 0.009-0.014 below (docs/results/synthetic_v5/init_builds.md)
+STAGE1_ALIGNED_MARGIN = 0.05
+
+
+def stage1_summary(history: list[dict], *, batch_size: int, contrastive_only_steps: int = 0,
+                   window: int = 50) -> dict:
+    """The InfoNCE figures of a stage-1 loss history, against its chance value ln(batch).
+
+    ``nce_contrastive_end``: mean over the last ``window`` steps of the InfoNCE-only phase (None
+    without one); ``nce_end``: mean over the last ``window`` steps of the phase after it (of the whole
+    history when there is none); ``aligned``: whether ``nce_end``
+    is more than :data:`STAGE1_ALIGNED_MARGIN` below chance (None without a chance value or a loss).
+    The phase-end figure is kept because the masked phase can undo what the InfoNCE-only phase aligned.
+    """
+    def mean(part: list[dict]) -> Optional[float]:
+        vals = [float(h["loss_nce"]) for h in part[-window:] if "loss_nce" in h]
+        return sum(vals) / len(vals) if vals else None
+
+    chance = math.log(batch_size) if batch_size > 1 else None
+    end = mean(history[contrastive_only_steps:] or history)
+    return {"nce_chance": chance, "nce_end": end,
+            "nce_contrastive_end": mean(history[:contrastive_only_steps]) if contrastive_only_steps > 0 else None,
+            "aligned": None if chance is None or end is None else end < chance - STAGE1_ALIGNED_MARGIN}
+
+
 def avm_training_step(model: nn.Module, avm: nn.Module, batch: dict, opt: torch.optim.Optimizer, *,
                       generator: Optional[torch.Generator] = None) -> float:
     """One stage-2 step: codes of the unmasked clips (frozen backbone), the matching loss, an optimizer
@@ -357,8 +384,17 @@ def _build_initialisation(model_cfg: object, *, preset: str, seed: int, schedule
                                      warmup_steps=schedule.warmup_steps, device=device, progress=progress,
                                      contrastive_only_steps=schedule.contrastive_only_steps,
                                      decoder_only_after_contrastive=schedule.decoder_only_after_contrastive)
-        atomic_torch_save({"model": model.state_dict(), "meta": {**meta, "history": hist[-50:]}},
-                          paths["backbone"])
+        stage1 = stage1_summary(hist, batch_size=schedule.batch_size,
+                                contrastive_only_steps=schedule.contrastive_only_steps)
+        if stage1["aligned"] is False:
+            phase = stage1["nce_contrastive_end"]
+            log.warning("stage 1: the InfoNCE ended at %.3f, at its chance value ln(%d) = %.3f, so audio and "
+                        "video are not aligned%s; zero-shot retrieval from this build will be near chance "
+                        "(train seed %d; docs/synthetic.md, \"When stage 1 does not align\")", stage1["nce_end"],
+                        schedule.batch_size, stage1["nce_chance"],
+                        "" if phase is None else f" (the InfoNCE-only phase had ended at {phase:.3f})", train_seed)
+        atomic_torch_save({"model": model.state_dict(),
+                           "meta": {**meta, "history": hist[-50:], "stage1": stage1}}, paths["backbone"])
     else:
         load_backbone_weights(model, paths["backbone"])
     # stage 2 stops on the matching accuracy of held-out init clips (never the benchmark's clips)
