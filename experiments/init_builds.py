@@ -21,7 +21,6 @@ report can be written on a machine that built only some seeds.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,12 +36,16 @@ def build_record(backbone: Optional[Path], avm: Optional[Path]) -> dict[str, Any
 
     if backbone is None or not backbone.is_file():
         return {"found": False}
+    from stella_avalanche.training.pretrain import stage1_summary
+
     meta = torch.load(backbone, map_location="cpu", weights_only=False).get("meta") or {}
     hist = [h for h in meta.get("history") or [] if isinstance(h, dict) and "loss_nce" in h]
-    batch = int((meta.get("schedule") or {}).get("batch_size") or 0)
-    rec: dict[str, Any] = {"found": True, "train_seed": (meta.get("schedule") or {}).get("train_seed"),
-                           "nce_last": float(sum(h["loss_nce"] for h in hist) / len(hist)) if hist else None,
-                           "nce_steps": len(hist), "nce_chance": math.log(batch) if batch > 1 else None,
+    schedule = meta.get("schedule") or {}
+    # the stored history is the last logged steps only; builds made since the stage-1 summary was added
+    # also record the InfoNCE-only phase's end, which that history no longer holds
+    summary = stage1_summary(hist, batch_size=int(schedule.get("batch_size") or 0), window=len(hist) or 1)
+    rec: dict[str, Any] = {"found": True, "train_seed": schedule.get("train_seed"),
+                           "nce_last": summary["nce_end"], "nce_steps": len(hist), "nce_chance": summary["nce_chance"],
                            "nce_contrastive_end": (meta.get("stage1") or {}).get("nce_contrastive_end")}
     if avm is not None and avm.is_file():
         stage2 = (torch.load(avm, map_location="cpu", weights_only=False).get("meta") or {}).get("stage2") or {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import shutil
 import sys
 import threading
@@ -420,9 +422,6 @@ def test_published_runs_of_one_seed_start_from_one_initialisation():
 def test_the_published_comparisons_command_plans_exactly_its_published_runs():
     """synthetic_v5/README.md shows the command that made the comparison; it must plan every published
     run and nothing else (it went stale once when seeds were added and the command was not)."""
-    import re
-    import shlex
-
     page = (ROOT / "docs" / "results" / "synthetic_v5" / "README.md").read_text(encoding="utf-8")
     block = page.split("```bash\n", 1)[1].split("```", 1)[0]
     command = re.sub(r"\\\n\s*", " ", block).splitlines()[0]
